@@ -1,0 +1,294 @@
+"""The main job: facts -> known-fact filter -> attacks before -> deletion -> attacks and metrics after.
+
+This module (with :mod:`probe.cli`) is where :mod:`attacks` and :mod:`defenses` meet; the rest of
+:mod:`probe` knows nothing about either. Results are appended to ``per_fact.jsonl`` as each fact
+(or batch) finishes, so an interrupted run loses no finished work and ``resume=True`` continues
+without recomputing it; ``results.json`` and ``report.html`` are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import InputError, ProbeAttackError
+from .facts import Fact, check_lengths
+from .results import FactResult, LayerReadout, RunResult
+
+PER_FACT = "per_fact.jsonl"
+RUN_STAMP = "run.json"
+RESULTS = "results.json"
+REPORT = "report.html"
+
+
+@dataclass
+class RunConfig:
+    """Settings of one run (the CLI flags). Defaults follow the papers where they apply."""
+
+    attacks: list[str] = field(default_factory=lambda: ["head-projection", "probability-delta", "pd2"])
+    defense: str = "fact-erasure"
+    editor: str = "constrained-ft"
+    editor_config: dict = field(default_factory=dict)
+    protocol: str = "one-at-a-time"
+    known_rank: int = 1
+    max_facts: int | None = None
+    retain_size: int = 8
+    acc_tokens: int = 8
+    batch_size: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+class RunError(ProbeAttackError):
+    """A run cannot start (e.g. an output folder that already holds another run)."""
+
+
+# ----------------------------------------------------------------------------------------
+# output folder
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_finished(path: Path) -> dict[str, FactResult]:
+    """Finished facts from a ``per_fact.jsonl`` (a torn last line from a kill is ignored)."""
+    done: dict[str, FactResult] = {}
+    if not path.is_file():
+        return done
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break  # torn write
+            try:
+                rec = FactResult.from_json(json.loads(line))
+            except (json.JSONDecodeError, TypeError, KeyError):
+                break
+            done[rec.id] = rec
+    return done
+
+
+class _Appender:
+    """Appends records to ``per_fact.jsonl``, fsync'd, after truncating any torn tail."""
+
+    def __init__(self, path: Path, keep: dict[str, FactResult]):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # rewrite the intact prefix so a torn line from an earlier kill is dropped
+        _atomic_write(path, "".join(json.dumps(r.to_json()) + "\n" for r in keep.values()))
+
+    def append(self, records: Sequence[FactResult]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r.to_json()) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _prepare_out(out: Path, stamp: dict, resume: bool) -> dict[str, FactResult]:
+    per_fact = out / PER_FACT
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out}: exists and is not a directory")
+    if per_fact.exists() and not resume:
+        raise RunError(f"{out}: already holds results ({PER_FACT}); pass --resume to continue that run "
+                       "or choose another --out")
+    if resume and (out / RUN_STAMP).is_file():
+        old = json.loads((out / RUN_STAMP).read_text())
+        diff = [k for k in stamp if k != "started" and old.get(k) != stamp[k]]
+        if diff:
+            raise RunError(f"{out / RUN_STAMP}: cannot resume, settings differ from the earlier run in: "
+                           f"{', '.join(diff)}")
+    return read_finished(per_fact) if resume else {}
+
+
+# ----------------------------------------------------------------------------------------
+# the jobs
+
+
+def _attacks(names: Sequence[str]):
+    from attacks import make_attack
+
+    return [make_attack(n) for n in names]
+
+
+def _stamp(model, facts_label: str, cfg: RunConfig, command: str) -> dict:
+    d = asdict(cfg)
+    d.pop("progress")
+    return {"command": command, "model": model.name, "model_fingerprint": model.fingerprint,
+            "facts": facts_label, **d}
+
+
+def _summarize(model, facts_results: list[FactResult], attack_objs, defense: dict | None, meta: dict) -> RunResult:
+    from attacks import summarize_attacks
+
+    pre = [f.pre for f in facts_results]
+    post = [f.post for f in facts_results] if facts_results and all(f.post for f in facts_results) else None
+    summaries = summarize_attacks(attack_objs, model.n_layers, pre, post)
+    return RunResult(model=model.name, n_layers=model.n_layers, n_facts=len(facts_results), facts=facts_results,
+                     attacks=summaries, defense=defense, meta=meta)
+
+
+def _finish(result: RunResult, out: Path) -> RunResult:
+    from viz.report import write_report
+
+    _atomic_write(out / RESULTS, result.to_json() + "\n")
+    write_report(result, out / REPORT)
+    return result
+
+
+def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, facts_label: str = "",
+               resume: bool = False) -> RunResult:
+    """``probe-attack attack``: whitebox attacks on every fact, no filter, no deletion.
+
+    The model may be one the user already edited, so facts it no longer answers are kept.
+    Per-fact results are appended as each batch ends.
+    """
+    out = Path(out)
+    attack_objs = _attacks(cfg.attacks)
+    facts = list(facts)[: cfg.max_facts] if cfg.max_facts else list(facts)
+    check_lengths(model, facts)
+    stamp = _stamp(model, facts_label, cfg, "attack")
+    done = _prepare_out(out, stamp, resume)
+    _atomic_write(out / RUN_STAMP, json.dumps(stamp, indent=2))
+    appender = _Appender(out / PER_FACT, {k: v for k, v in done.items() if k in {f.id for f in facts}})
+    todo = [f for f in facts if f.id not in done]
+    from attacks import attack_readout
+    from probe.readout import auto_batch_size, teacher_forced_inputs
+
+    bs = cfg.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
+    for start in tqdm(range(0, len(todo), bs), desc="attacks", disable=not cfg.progress):
+        chunk = todo[start:start + bs]
+        reads = attack_readout(model, [f.prompt for f in chunk], [f.answer for f in chunk], attack_objs,
+                               batch_size=bs)
+        _, a_ids, _ = teacher_forced_inputs(model.tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk])
+        appender.append([FactResult(f.id, f.prompt, f.answer, a, r) for f, a, r in zip(chunk, a_ids, reads)])
+    results = read_finished(out / PER_FACT)
+    ordered = [results[f.id] for f in facts if f.id in results]
+    return _finish(_summarize(model, ordered, attack_objs, None, {"command": "attack", "facts_file": facts_label}), out)
+
+
+def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, facts_label: str = "",
+             resume: bool = False) -> RunResult:
+    """``probe-attack run``: the main job.
+
+    1. known-fact filter: keep facts whose answer's first token is at rank <= ``known_rank`` at
+       the model's output (before any deletion);
+    2. whitebox attacks before deletion (logit-lens readout, every layer);
+    3. delete with ``cfg.defense`` through ``cfg.editor`` -- one fact at a time from a fresh copy
+       (the papers' protocol) or all facts at once;
+    4. attacks and defense metrics after deletion; results appended per fact;
+    5. ``results.json`` + ``report.html``.
+
+    Raises:
+        RunError: the output folder holds another run; ValueError: unknown defense/attack/editor.
+    """
+    from attacks import attack_readout
+    from defenses import DefenseDiverged, DeletionRequest, make_editor, make_objective
+    from defenses.evaluate import deletion_scores, fact_probs
+    from defenses.metrics import mean
+
+    out = Path(out)
+    if cfg.protocol not in ("one-at-a-time", "all-at-once"):
+        raise InputError(f"unknown protocol {cfg.protocol!r}; use one-at-a-time or all-at-once", field="protocol")
+    attack_objs = _attacks(cfg.attacks)
+    objective = make_objective(cfg.defense)
+    editor = make_editor(cfg.editor, **cfg.editor_config)
+    facts = list(facts)
+    check_lengths(model, facts)
+    stamp = _stamp(model, facts_label, cfg, "run")
+    done = _prepare_out(out, stamp, resume)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+
+    # 1-2. known-fact filter and attacks before deletion (one lens sweep)
+    pre_reads = attack_readout(model, [f.prompt for f in facts], [f.answer for f in facts], attack_objs,
+                               batch_size=cfg.batch_size, progress=cfg.progress, desc="filter + attacks (pre)")
+    known = [(f, r) for f, r in zip(facts, pre_reads) if r.rank[-1] <= cfg.known_rank]
+    if cfg.max_facts:
+        known = known[: cfg.max_facts]
+    if not known:
+        raise RunError(f"none of the {len(facts)} facts is known by the model (answer's first token at rank "
+                       f"<= {cfg.known_rank}); nothing to delete")
+    _atomic_write(out / RUN_STAMP, json.dumps(stamp, indent=2))
+    appender = _Appender(out / PER_FACT, {k: v for k, v in done.items() if k in {f.id for f, _ in known}})
+    todo = [(f, r) for f, r in known if f.id not in done]
+
+    session = editor.session(model)
+    from probe.readout import teacher_forced_inputs
+
+    if todo:
+        pre_probs = fact_probs(model, [f for f, _ in todo], max_new_tokens=cfg.acc_tokens)
+    known_ids = {f.id for f, _ in known}
+    pool_all = [f for f in facts]
+
+    def retain_for(fact: Fact) -> list[str]:
+        banned = {fact.prompt, *fact.paraphrases, *(n["prompt"] for n in fact.neighborhood)}
+        pool = [g.prompt for g in pool_all if g.id != fact.id and g.prompt not in banned]
+        rng = random.Random(f"{cfg.seed}:{fact.id}")
+        return rng.sample(pool, min(cfg.retain_size, len(pool)))
+
+    def record(fact: Fact, pre: LayerReadout, post: LayerReadout, scores: dict) -> FactResult:
+        _, a_ids, _ = teacher_forced_inputs(model.tokenizer, [fact.prompt], [fact.answer])
+        return FactResult(fact.id, fact.prompt, fact.answer, a_ids[0], pre, post, scores)
+
+    if cfg.protocol == "one-at-a-time":
+        for (fact, pre), probs in tqdm(list(zip(todo, pre_probs if todo else [])), desc=f"{cfg.defense} (per fact)",
+                                       disable=not cfg.progress):
+            try:
+                info = editor.edit(session, objective, DeletionRequest([fact.prompt], [fact.answer], retain_for(fact)))
+            except DefenseDiverged as exc:
+                tqdm.write(f"probe-attack: fact {fact.id}: {exc}; skipped")
+                continue
+            post = attack_readout(session.model, [fact.prompt], [fact.answer], attack_objs)[0]
+            post_probs = fact_probs(session.model, [fact], max_new_tokens=cfg.acc_tokens)[0]
+            scores = {**deletion_scores(probs, post_probs), "edit_steps": info["steps"],
+                      "max_abs_change": info["max_abs_change"], "final_loss": info["losses"][-1]}
+            session.restore()
+            appender.append([record(fact, pre, post, scores)])
+    elif todo:
+        req_facts = [f for f, _ in todo]
+        pool = [g.prompt for g in pool_all if g.id not in known_ids]
+        rng = random.Random(cfg.seed)
+        retain = rng.sample(pool, min(cfg.retain_size, len(pool)))
+        info = editor.edit(session, objective, DeletionRequest([f.prompt for f in req_facts],
+                                                               [f.answer for f in req_facts], retain))
+        posts = attack_readout(session.model, [f.prompt for f in req_facts], [f.answer for f in req_facts],
+                               attack_objs, batch_size=cfg.batch_size, progress=cfg.progress, desc="attacks (post)")
+        post_probs = fact_probs(session.model, req_facts, max_new_tokens=cfg.acc_tokens)
+        session.restore()
+        appender.append([record(f, r, p, {**deletion_scores(a, b), "edit_steps": info["steps"],
+                                          "max_abs_change": info["max_abs_change"]})
+                         for (f, r), p, a, b in zip(todo, posts, pre_probs, post_probs)])
+
+    finished = read_finished(out / PER_FACT)
+    ordered = [finished[f.id] for f, _ in known if f.id in finished]
+    keys = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_acc_pre",
+            "neighborhood_acc_post", "neighborhood_delta_acc")
+    defense = {"name": cfg.defense, "editor": cfg.editor, "editor_config": editor.config(),
+               "protocol": cfg.protocol,
+               **{k: mean([r.defense.get(k) for r in ordered if r.defense]) for k in keys},
+               "efficacy": mean([float(r.post.rank[-1] > 1) for r in ordered if r.post]),
+               "n_deleted": len(ordered)}
+    meta = {"command": "run", "facts_file": facts_label, "n_facts_input": len(facts),
+            "known_filter": {"max_rank": cfg.known_rank, "n_known": len(known)}, "seed": cfg.seed,
+            "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT}}
+    return _finish(_summarize(model, ordered, attack_objs, defense, meta), out)

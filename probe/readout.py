@@ -1,0 +1,192 @@
+"""The layer-wise lens sweep: where is the answer decodable, and how well does the model say it?
+
+:func:`lens_readout` runs one nnsight trace per batch over ``prompt + answer`` (teacher forcing),
+reads the residual stream of every layer at the last prompt token, decodes it with the logit lens
+(fp32, one stacked unembedding matmul) and reduces it at once to per-layer answer ranks and
+probabilities, plus any extra per-fact scores (the whitebox attacks plug in here), so nothing of
+size ``layers x vocab`` outlives its batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import nnsight
+import torch
+from tqdm.auto import tqdm
+
+from .lens import LogitLens
+from .residual import get_resid
+from .results import LayerReadout
+from .tokens import answer_ids as _answer_ids
+from .tokens import encode_ids, tokenize
+
+#: A scorer maps lens logits ``[batch, n_layers, vocab]`` (fp32) and answer first-token ids
+#: ``[batch]`` to one integer per fact (e.g. the best rank of the answer over an attack's
+#: candidate lists).
+Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def answer_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1-based rank of ``target`` in ``logits`` along the last axis (ties count in its favour).
+
+    Args:
+        logits: ``[..., vocab]`` scores (logits, log-probs or probabilities: any monotone score).
+        target: ``[...]`` token ids, broadcastable to ``logits.shape[:-1]``.
+
+    Returns:
+        ``[...]`` long tensor, 1 = the highest score.
+    """
+    t = logits.gather(-1, target.unsqueeze(-1).expand(*logits.shape[:-1], 1))
+    return (logits > t).sum(-1) + 1
+
+
+def auto_batch_size(n_layers: int, vocab: int, budget_bytes: int = 256 << 20) -> int:
+    """Prompts per batch so that the fp32 lens logits ``[batch, layers, vocab]`` fit ``budget_bytes``."""
+    return int(max(1, min(64, budget_bytes // max(1, 4 * n_layers * vocab))))
+
+
+def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
+                 scorers: Mapping[str, Scorer] | None = None, batch_size: int | None = None,
+                 progress: bool = False, desc: str = "lens sweep") -> list[LayerReadout]:
+    """Logit-lens readout of the answer at every layer, for each (prompt, answer).
+
+    Args:
+        model: a :class:`~probe.model.ProbeModel`.
+        prompts, answers: parallel lists; answer ids are taken in context (see
+            :func:`probe.answer_ids`).
+        scorers: name -> :data:`Scorer`, evaluated on each batch's lens logits; results go to
+            ``LayerReadout.attack_ranks[name]``.
+        batch_size: prompts per trace (default: sized so the lens logits stay under 256 MB).
+        progress: show a tqdm bar.
+
+    Returns:
+        One :class:`~probe.results.LayerReadout` per prompt: per-layer rank (1-based) and lens
+        probability of the first answer token at the last prompt token, the model's own
+        first-token probability, the teacher-forced full-answer log-probability (nats), exact
+        match and the scorers' values.
+
+    Raises:
+        InputError / PromptTooLongError: bad prompt or answer.
+    """
+    scorers = dict(scorers or {})
+    if len(prompts) != len(answers):
+        raise ValueError("prompts and answers must have the same length")
+    n_layers, vocab = model.n_layers, model.vocab_size
+    batch_size = batch_size or auto_batch_size(n_layers, vocab)
+    lens = LogitLens.from_model(model)
+    out: list[LayerReadout] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        rows, a_ids, _ = teacher_forced_inputs(model.tokenizer, prompts[start:start + batch_size],
+                                                   answers[start:start + batch_size])
+        B = len(rows)
+        with torch.no_grad():
+            resid, tok_lps, greedy_ok = teacher_forced(model, rows, a_ids, layers=range(n_layers))
+            lens_logits = lens(resid)  # [B, L, V] fp32, one stacked matmul
+            first = torch.tensor([a[0] for a in a_ids], device=lens_logits.device)
+            ranks = answer_rank(lens_logits, first[:, None].expand(B, n_layers))
+            tgt = lens_logits.gather(-1, first[:, None, None].expand(B, n_layers, 1)).squeeze(-1)
+            probs = (tgt - torch.logsumexp(lens_logits, -1)).exp()
+            extra = {name: fn(lens_logits, first).tolist() for name, fn in scorers.items()}
+            del lens_logits
+        ranks, probs = ranks.tolist(), probs.tolist()
+        for i in range(B):
+            out.append(LayerReadout(
+                rank=[int(r) for r in ranks[i]],
+                prob=[float(p) for p in probs[i]],
+                first_token_prob=float(tok_lps[i][0].exp()),
+                answer_logprob=float(tok_lps[i].sum()),
+                token_logprobs=[float(x) for x in tok_lps[i]],
+                exact_match=greedy_ok[i] == 1.0,
+                token_acc=greedy_ok[i],
+                attack_ranks={name: int(v[i]) for name, v in extra.items()},
+            ))
+    return out
+
+
+def teacher_forced_inputs(tokenizer, prompts: Sequence[str], answers: Sequence[str]):
+    """Token rows ``prompt + answer[:-1]`` and each row's answer ids and prompt length.
+
+    Returns:
+        ``(rows, answer_ids, prompt_lengths)``: lists of id lists, id lists and ints.
+    """
+    p_ids = [tokenize(tokenizer, p) for p in prompts]
+    a_ids = [_answer_ids(tokenizer, p, a) for p, a in zip(prompts, answers)]
+    rows = [p + a[:-1] for p, a in zip(p_ids, a_ids)]
+    return rows, a_ids, [len(p) for p in p_ids]
+
+
+def teacher_forced(model, rows, a_ids, *, layers: Sequence[int] = ()) -> tuple[torch.Tensor | None, list[torch.Tensor], list[bool]]:
+    """One nnsight trace over teacher-forced rows ``prompt + answer[:-1]``.
+
+    Only the logits of the answer positions are computed (``logits_to_keep``), so the
+    unembedding costs ``batch x answer_len`` rows, not ``batch x seq``. Gradients flow if enabled
+    by the caller.
+
+    Args:
+        rows, a_ids: from :func:`teacher_forced_inputs`.
+        layers: decoder layers whose residual at the last prompt token to return.
+
+    Returns:
+        ``(resid, token_logprobs, token_acc)``: resid ``[batch, len(layers), d_model]`` (model
+        dtype; None if no layers); per row the answer tokens' log-probabilities ``[n_tokens]``
+        (fp32, nats); per row the fraction of answer tokens that are the greedy choice (1.0 =
+        greedy decoding reproduces the whole answer).
+    """
+    layers = list(layers)
+    batch = encode_ids(model, rows)
+    T, B = batch.seq_len, len(rows)
+    a_len = torch.tensor([len(a) for a in a_ids], device=batch.lengths.device)
+    max_a = int(a_len.max())
+    last = T - a_len  # column of the last prompt token (rows end with answer[:-1])
+    rows_idx = torch.arange(B, device=last.device)
+    with model.nn.trace(**batch.model_inputs(), logits_to_keep=max_a):
+        saved = nnsight.save([get_resid(model.layer_envoy(i).output, B)[rows_idx, last].save() for i in layers])
+        logits = model.nn.output.logits.save()  # [B, max_a, V]: positions T - max_a .. T - 1
+    lp = torch.log_softmax(logits.float(), -1)
+    tok_lps, greedy_ok = [], []
+    for i, a in enumerate(a_ids):
+        off = max_a - len(a)
+        tgt = torch.tensor(a, device=lp.device)
+        rows_lp = lp[i, off:off + len(a)]
+        tok_lps.append(rows_lp.gather(-1, tgt[:, None]).squeeze(-1))
+        greedy_ok.append((rows_lp.argmax(-1) == tgt).float().mean().item())
+    resid = torch.stack(list(saved), 1) if layers else None
+    return resid, tok_lps, greedy_ok
+
+
+def sequence_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, grad: bool = False,
+                      batch_size: int = 32) -> list[torch.Tensor]:
+    """Teacher-forced per-token log-probabilities (nats, fp32) of each answer after its prompt.
+
+    Args:
+        grad: keep the autograd graph (defense losses); else runs under no_grad.
+
+    Returns:
+        A list with one ``[n_answer_tokens]`` tensor per (prompt, answer); ``.sum()`` is
+        log p(answer | prompt).
+    """
+    out: list[torch.Tensor] = []
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    for start in range(0, len(prompts), batch_size):
+        rows, a_ids, _ = teacher_forced_inputs(model.tokenizer, prompts[start:start + batch_size],
+                                                   answers[start:start + batch_size])
+        with ctx:
+            _, lps, _ = teacher_forced(model, rows, a_ids)
+        out.extend(lps)
+    return out
+
+
+def last_token_logprobs(model, prompts: Sequence[str], *, grad: bool = False, batch_size: int = 32) -> torch.Tensor:
+    """Next-token log-probabilities (fp32, nats) at the last prompt token: ``[n_prompts, vocab]``."""
+    from .tokens import encode
+
+    outs = []
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    for start in range(0, len(prompts), batch_size):
+        batch = encode(model, prompts[start:start + batch_size])
+        with ctx:
+            with model.nn.trace(**batch.model_inputs(), logits_to_keep=1):
+                logits = model.nn.output.logits[:, -1].save()
+            outs.append(torch.log_softmax(logits.float(), -1))
+    return torch.cat(outs, 0)

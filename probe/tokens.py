@@ -1,0 +1,155 @@
+"""Tokenisation: left-padded batches with correct positions, and answer ids taken in context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .errors import InputError, PromptTooLongError
+
+
+@dataclass
+class Batch:
+    """A left-padded batch of prompts.
+
+    Attributes:
+        input_ids: ``[batch, seq]`` token ids, padded on the left.
+        attention_mask: ``[batch, seq]``, 1 for real tokens.
+        position_ids: ``[batch, seq]``, ``cumsum(mask) - 1`` (0 at pads), so absolute-position
+            models (GPT-2) give the same result batched as unbatched (nnsight issue #672).
+        lengths: ``[batch]`` number of real tokens per row.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    lengths: torch.Tensor
+    padding_side: str = "left"
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def positions(self, positions: int | Sequence[int]) -> torch.Tensor:
+        """Absolute column indices ``[batch, n_positions]`` for per-row token positions.
+
+        ``positions`` index each row's real tokens: ``-1`` is the last prompt token, ``0`` the
+        first real token (after any left padding).
+
+        Raises:
+            IndexError: a position is outside some row's real tokens.
+        """
+        pos = torch.as_tensor([positions] if isinstance(positions, int) else list(positions), dtype=torch.long)
+        lengths = self.lengths[:, None]
+        rel = torch.where(pos[None, :] < 0, lengths + pos[None, :], pos[None, :].expand(len(self.lengths), -1))
+        bad = (rel < 0) | (rel >= lengths)
+        if bad.any():
+            row = int(bad.any(1).nonzero()[0])
+            raise IndexError(f"position(s) {list(pos.tolist())} out of range for prompt {row} "
+                             f"with {int(self.lengths[row])} tokens")
+        return rel + (self.seq_len - lengths) if self.padding_side == "left" else rel
+
+    def last_index(self) -> torch.Tensor:
+        """``[batch]`` column of each row's last real token (``T - 1`` under left padding,
+        ``length - 1`` under right padding)."""
+        return self.positions(-1)[:, 0]
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.lengths)),
+                     padding_side=self.padding_side)
+
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        val = getattr(tokenizer, attr, None)
+        if isinstance(val, int):
+            return val
+    return 0
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` as the model reads a prompt (the tokenizer's own special tokens, e.g. a
+    BOS for Gemma, none for SmolLM2)."""
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def encode(model, prompts: Sequence[str], *, check_length: bool = True, padding_side: str = "left") -> Batch:
+    """Tokenise ``prompts`` into a left-padded :class:`Batch` on the model's device.
+
+    Raises:
+        InputError: an empty or whitespace-only prompt (nnsight issue #608).
+        PromptTooLongError: a prompt longer than the model's context window (never truncated
+            silently; pitfall R4).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    rows = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            raise InputError(f"prompt {i} is empty or whitespace-only", field="prompt")
+        ids = tokenize(model.tokenizer, p)
+        if not ids:
+            raise InputError(f"prompt {i} tokenises to zero tokens", field="prompt")
+        rows.append(ids)
+    return encode_ids(model, rows, check_length=check_length, padding_side=padding_side)
+
+
+def encode_ids(model, rows: Sequence[Sequence[int]], *, check_length: bool = True,
+               padding_side: str = "left") -> Batch:
+    """Pad token-id rows (on the left by default) into a :class:`Batch` on the model's device.
+
+    Raises:
+        PromptTooLongError: a row longer than the model's context window.
+    """
+    limit = model.context_length if check_length else None
+    for i, r in enumerate(rows):
+        if limit is not None and len(r) > limit:
+            raise PromptTooLongError(f"prompt {i} has {len(r)} tokens, more than the model's context of {limit}",
+                                     field="prompt")
+    T = max(len(r) for r in rows)
+    pid = pad_id(model.tokenizer)
+    input_ids = torch.full((len(rows), T), pid, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    if padding_side not in ("left", "right"):
+        raise ValueError("padding_side must be 'left' or 'right'")
+    for i, r in enumerate(rows):
+        cols = slice(T - len(r), T) if padding_side == "left" else slice(0, len(r))
+        input_ids[i, cols] = torch.as_tensor(list(r), dtype=torch.long)
+        mask[i, cols] = 1
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    lengths = mask.sum(1)
+    return Batch(input_ids, mask, position_ids, lengths, padding_side).to(model.device)
+
+
+def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:
+    """Token ids of ``answer`` as the model would produce it right after ``prompt``.
+
+    The ids are taken *in context* (EasyEdit issues #390/#247): ``prompt + " " + answer`` is
+    tokenised and the ids after the prompt's ids are returned, so the first id carries the
+    leading space (``" Paris"``) and no BOS/EOS is inserted. If the tokenizer merges across the
+    boundary (the prompt ids are not a prefix), the answer is tokenised on its own with a leading
+    space and no special tokens.
+
+    Raises:
+        InputError: the answer is empty or whitespace-only.
+    """
+    if not isinstance(answer, str) or not answer.strip():
+        raise InputError("answer is empty or whitespace-only", field="answer")
+    answer = answer.strip()
+    sep = "" if prompt.endswith((" ", "\n")) else " "
+    p_ids = tokenize(tokenizer, prompt)
+    full = tokenize(tokenizer, prompt + sep + answer)
+    if full[: len(p_ids)] == p_ids and len(full) > len(p_ids):
+        ids = full[len(p_ids):]
+    else:
+        ids = list(tokenizer(sep + answer, add_special_tokens=False)["input_ids"])
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids = [i for i in ids if i not in specials] or ids
+    if not ids:
+        raise InputError("answer tokenises to zero tokens", field="answer")
+    return ids

@@ -1,0 +1,144 @@
+"""Shared fixtures: tiny random models built from configs, a tiny trained tokenizer, and the real
+SmolLM2 / Gemma-3 models (session-scoped) for integration tests.
+
+Nothing here downloads anything, and nothing may install packages: ``PIP_NO_INDEX`` is set for
+the whole session and TransformerLens' run-time ``pip install torchvision`` is disabled.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+COUNTERFACT = SHARED / "data" / "counterfact_filtered.json"
+
+os.environ["PIP_NO_INDEX"] = "1"  # any surprise `pip install` fails loudly
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+CORPUS = [
+    "The capital of France is Paris.", "The capital of Japan is Tokyo.", "Water is made of hydrogen and oxygen.",
+    "Paris is the capital of France.", "The Eiffel Tower is located in the city of Paris.",
+    "The city famous for its Carnival in Brazil is Rio de Janeiro.", "Ça va ? 東京は日本の首都です。",
+    "The Colosseum is in Rome. Berlin is in Germany. Madrid is in Spain.",
+]
+
+
+def block_transformer_lens_installs() -> None:
+    """TransformerLens may run ``pip install torchvision`` for multimodal models: disable it."""
+    try:
+        import transformer_lens.model_bridge.sources.transformers.helpers as tl_helpers  # noqa: PLC0415
+    except ImportError:  # older/newer layout: PIP_NO_INDEX still makes any install fail
+        return
+    tl_helpers._ensure_torchvision = lambda *a, **k: False
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer (~300 tokens) trained on a few sentences, offline, GPT-2 style."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def _tiny(kind: str, vocab: int, **over):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, **over)
+        return tf.LlamaForCausalLM(cfg)
+    if kind == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
+                            eos_token_id=2, **over)
+        return tf.GPT2LMHeadModel(cfg)
+    if kind == "gemma3":
+        cfg = tf.Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                  max_position_embeddings=128, **over)
+        return tf.Gemma3ForCausalLM(cfg)
+    if kind == "gptj":
+        cfg = tf.GPTJConfig(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
+                            bos_token_id=1, eos_token_id=2, **over)
+        return tf.GPTJForCausalLM(cfg)
+    if kind == "neox":
+        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=128, **over)
+        return tf.GPTNeoXForCausalLM(cfg)
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="session")
+def make_tiny(tiny_tokenizer):
+    """Factory: ``make_tiny("llama"|"gpt2"|"gemma3"|"gptj"|"neox", **config_overrides)`` -> ProbeModel
+    (random weights, seed 0, fp32, eval)."""
+    import probe
+
+    def _make(kind: str = "llama", **over):
+        hf = _tiny(kind, len(tiny_tokenizer), **over).eval()
+        return probe.wrap_model(hf, tiny_tokenizer, name=f"tiny-{kind}")
+
+    return _make
+
+
+@pytest.fixture
+def tiny_llama(make_tiny):
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_tokenizer):
+    """A random tiny LLaVA (CLIP 1 layer, d=32, 64 px; Llama 2 layers, d=64) and its ProbeModel."""
+    import transformers as tf
+
+    import probe
+
+    torch.manual_seed(0)
+    vocab = len(tiny_tokenizer) + 1
+    cfg = tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, image_size=64, patch_size=32),
+        text_config=tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
+        image_token_id=vocab - 1)
+    hf = tf.LlavaForConditionalGeneration(cfg).eval()
+    return probe.wrap_model(hf, tiny_tokenizer, name="tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real embedded default model (SmolLM2-135M-Instruct, fp32), loaded once per session."""
+    import probe
+
+    return probe.load_model()
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The real Gemma-3-270M (optional extra; the README's test command installs it)."""
+    import probe
+
+    return probe.load_model("gemma-3-270m")
+
+
+@pytest.fixture(scope="session")
+def counterfact_path():
+    if not COUNTERFACT.is_file():
+        pytest.fail(f"{COUNTERFACT} is missing: tests read CounterFact from ../shared/data")
+    return COUNTERFACT

@@ -1,0 +1,161 @@
+"""Self-contained, offline HTML report of a :class:`probe.results.RunResult`.
+
+The report is ONE file: plotly.js is embedded exactly once (a ``<script>`` in ``<head>``, from
+:func:`plotly.offline.get_plotlyjs`) and every figure of :func:`viz.figures.all_figures` is added
+with ``include_plotlyjs=False``, so it opens without network access. All text taken from the
+result (model name, defense name, attack names, meta values) is HTML-escaped; fact ids only
+reach the page inside plotly's JSON, which escapes ``<``/``>``/``/``.
+
+:func:`write_report` writes atomically: the HTML goes to a temporary file in the destination
+directory which is then ``os.replace``-d onto the target path, so an interrupted run leaves
+either the previous report or none, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import plotly.offline
+
+if TYPE_CHECKING:
+    from probe.results import RunResult
+
+from .figures import DEFENSE_KEYS, all_figures
+
+__all__ = ["report_html", "write_report"]
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 1.5em auto;
+       max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; margin-bottom: 0.2em; }
+h2 { font-size: 1.25em; margin-top: 1.6em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.6em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.8em; text-align: right; }
+th { background: #f3f3f3; }
+td:first-child, th:first-child { text-align: left; }
+dl.meta { display: grid; grid-template-columns: max-content auto; gap: 0.1em 1em; }
+dl.meta dt { font-weight: 600; }
+dl.meta dd { margin: 0; }
+.figure { margin: 1em 0 2em 0; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _is_num(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _header(result: RunResult, title: str) -> str:
+    dfn = result.defense.get("name") if result.defense else None
+    n_post = sum(1 for f in result.facts if f.post is not None)
+    items = [
+        ("model", result.model),
+        ("facts", result.n_facts),
+        ("layers", result.n_layers),
+        ("defense", dfn if dfn is not None else ("none (attack-only run)" if n_post == 0 else "—")),
+        ("facts with post-deletion readout", n_post),
+    ]
+    for k, v in result.meta.items():
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            items.append((k, v))
+    rows = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in items)
+    return f"<h1>{_esc(title)}</h1>\n<dl class=\"meta\" id=\"run-meta\">{rows}</dl>\n"
+
+
+def _attack_table(result: RunResult) -> str:
+    if not result.attacks:
+        return "<p class=\"note\">No attacks in this run.</p>\n"
+    rows = []
+    for name, a in result.attacks.items():
+        rows.append(
+            f"<tr><td>{_esc(name)}</td><td>{a.budget}</td><td>{a.k}</td>"
+            f"<td>{_esc(', '.join(str(layer) for layer in a.layers))}</td>"
+            f"<td>{_pct(a.success_pre)}</td><td>{_pct(a.success_post)}</td></tr>")
+    return ("<table id=\"attack-table\"><thead><tr><th>attack</th><th>budget B</th><th>k per list</th>"
+            "<th>layers</th><th>success pre</th><th>success post</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>\n")
+
+
+def _defense_table(result: RunResult) -> str:
+    d = result.defense
+    if not d:
+        return ""
+    rows = [f"<tr><td>{_esc(k)}</td><td>{float(d[k]):.4f}</td></tr>" for k in DEFENSE_KEYS if _is_num(d.get(k))]
+    others = [k for k, v in d.items() if k not in DEFENSE_KEYS and k != "name" and (_is_num(v) or isinstance(v, str))]
+    rows += [f"<tr><td>{_esc(k)}</td><td>{_esc(d[k] if not isinstance(d[k], float) else f'{d[k]:.4g}')}</td></tr>"
+             for k in others]
+    caption = f"<caption>defense: {_esc(d.get('name', '—'))}</caption>"
+    return ("<table id=\"defense-table\">" + caption + "<thead><tr><th>metric</th><th>value</th></tr></thead><tbody>"
+            + "".join(rows) + "</tbody></table>\n")
+
+
+def report_html(result: RunResult, title: str | None = None) -> str:
+    """The complete HTML document of the report for ``result`` (see the module docstring).
+
+    ``title`` defaults to ``"probe-attack report: <model>"``.
+    """
+    title = title or f"probe-attack report: {result.model}"
+    figs = all_figures(result)
+    parts = [
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n",
+        # plotly.js, embedded exactly once; figures below use include_plotlyjs=False.
+        "<script type=\"text/javascript\">", plotly.offline.get_plotlyjs(), "</script>\n",
+        "</head>\n<body>\n",
+        _header(result, title),
+        "<h2>Results</h2>\n",
+        _attack_table(result),
+        _defense_table(result),
+        "<p class=\"note\">Success = fraction of facts whose answer's first token is among the attack's B "
+        "candidate tokens. Ranks are 1-based; layer ℓ = logit lens on the residual stream after block ℓ.</p>\n",
+        "<h2>Figures</h2>\n",
+    ]
+    config = {"responsive": True, "displaylogo": False}
+    for i, (ftitle, fig) in enumerate(figs):
+        div = fig.to_html(full_html=False, include_plotlyjs=False, config=config, div_id=f"figure-{i}")
+        parts.append(f"<section class=\"figure\"><h3>{_esc(ftitle)}</h3>\n{div}\n</section>\n")
+    if not figs:
+        parts.append("<p class=\"note\">Nothing to plot.</p>\n")
+    parts.append("</body>\n</html>\n")
+    return "".join(parts)
+
+
+def write_report(result: RunResult, path: str | os.PathLike, title: str | None = None) -> Path:
+    """Write the HTML report of ``result`` to ``path`` atomically and return the path.
+
+    Parent directories are created. The document is written to a temporary file next to
+    ``path``, flushed and fsync-ed, then moved into place with :func:`os.replace`; on any error the
+    temporary file is removed and an existing report at ``path`` is left untouched.
+    """
+    path = Path(path)
+    text = report_html(result, title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the report normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
