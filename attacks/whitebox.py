@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from probe.readout import answer_rank
+from probe.readout import LensBatch, answer_rank, answer_rank_two_sided
 
 
 def default_layers(n_layers: int, count: int, span_frac: float) -> list[int]:
@@ -85,12 +85,13 @@ class WhiteboxAttack:
     def budget(self, n_layers: int, k: int | None = None) -> int:
         return (self.k if k is None else k) * self.n_lists(n_layers)
 
-    def best_rank(self, lens_logits: torch.Tensor, answer: torch.Tensor, n_layers: int) -> torch.Tensor:
+    def best_rank(self, lens: LensBatch, n_layers: int) -> torch.Tensor:
         """Smallest 1-based rank of the answer over the candidate lists.
 
         Args:
-            lens_logits: ``[batch, n_layers, vocab]`` fp32 logit-lens logits of all layers.
-            answer: ``[batch]`` first-token ids.
+            lens: the batch's logit lens (:class:`probe.readout.LensBatch`): ``lens.logits``
+                ``[batch, n_layers, vocab]`` fp32, ``lens.answer`` ``[batch]`` first-token ids,
+                ``lens.probs(layers)`` cached softmax probabilities.
 
         Returns:
             ``[batch]`` long tensor.
@@ -98,7 +99,7 @@ class WhiteboxAttack:
         raise NotImplementedError
 
     def scorer(self, n_layers: int):
-        return lambda logits, answer: self.best_rank(logits, answer, n_layers)
+        return lambda lens: self.best_rank(lens, n_layers)
 
 
 @dataclass
@@ -114,18 +115,16 @@ class HeadProjection(WhiteboxAttack):
     def n_lists(self, n_layers: int) -> int:
         return len(self.resolve_layers(n_layers))
 
-    def best_rank(self, lens_logits, answer, n_layers):
-        idx = torch.tensor(self.resolve_layers(n_layers), device=lens_logits.device)
-        sel = lens_logits.index_select(1, idx)
-        return answer_rank(sel, answer[:, None].expand(-1, len(idx))).min(1).values
+    def best_rank(self, lens, n_layers):
+        idx = torch.tensor(self.resolve_layers(n_layers), device=lens.logits.device)
+        sel = lens.logits.index_select(1, idx)
+        return answer_rank(sel, lens.answer[:, None].expand(-1, len(idx))).min(1).values
 
 
 def _delta_rank(delta: torch.Tensor, answer: torch.Tensor, sides: str) -> torch.Tensor:
     """Best rank of the answer in top-k (and bottom-k) of each row of ``delta`` ``[b, m, V]``."""
     a = answer[:, None].expand(-1, delta.shape[1])
-    r = answer_rank(delta, a)
-    if sides == "both":
-        r = torch.minimum(r, answer_rank(-delta, a))
+    r = answer_rank_two_sided(delta, a) if sides == "both" else answer_rank(delta, a)
     return r.min(1).values
 
 
@@ -144,13 +143,12 @@ class ProbabilityDelta(WhiteboxAttack):
     def n_lists(self, n_layers: int) -> int:
         return max(0, len(self.resolve_layers(n_layers)) - 1) * (2 if self.sides == "both" else 1)
 
-    def best_rank(self, lens_logits, answer, n_layers):
+    def best_rank(self, lens, n_layers):
         layers = self.resolve_layers(n_layers)
         if len(layers) < 2:
-            return torch.full_like(answer, torch.iinfo(torch.long).max)
-        idx = torch.tensor(layers, device=lens_logits.device)
-        p = torch.softmax(lens_logits.index_select(1, idx), -1)
-        return _delta_rank(p[:, 1:] - p[:, :-1], answer, self.sides)
+            return torch.full_like(lens.answer, torch.iinfo(torch.long).max)
+        p = lens.probs(layers)
+        return _delta_rank(p[:, 1:] - p[:, :-1], lens.answer, self.sides)
 
 
 @dataclass
@@ -168,13 +166,12 @@ class PD2(WhiteboxAttack):
     def n_lists(self, n_layers: int) -> int:
         return max(0, len(self.resolve_layers(n_layers)) - 2) * (2 if self.sides == "both" else 1)
 
-    def best_rank(self, lens_logits, answer, n_layers):
+    def best_rank(self, lens, n_layers):
         layers = self.resolve_layers(n_layers)
         if len(layers) < 3:
-            return torch.full_like(answer, torch.iinfo(torch.long).max)
-        idx = torch.tensor(layers, device=lens_logits.device)
-        p = torch.softmax(lens_logits.index_select(1, idx), -1)
-        return _delta_rank(p[:, 2:] - 2 * p[:, 1:-1] + p[:, :-2], answer, self.sides)
+            return torch.full_like(lens.answer, torch.iinfo(torch.long).max)
+        p = lens.probs(layers)
+        return _delta_rank(p[:, 2:] - 2 * p[:, 1:-1] + p[:, :-2], lens.answer, self.sides)
 
 
 #: CLI name -> attack class. Add a new whitebox attack by subclassing WhiteboxAttack and

@@ -11,6 +11,7 @@ Public API (shapes in each docstring):
 - :mod:`probe.facts` -- the facts format and loaders
 """
 
+from . import facts  # noqa: F401  (probe.facts.load_facts, ...)
 from .arch import Architecture, UnsupportedArchitectureError, register_architecture, supported_model_types
 from .edit import edit_residual
 from .errors import InputError, ModelLoadError, ProbeAttackError, PromptTooLongError

@@ -146,7 +146,8 @@ def resolve_architecture(hf_model: nn.Module) -> Architecture:
         except AttributeError as exc:
             raise UnsupportedArchitectureError(
                 f"{type(hf_model).__name__} (model_type {model_type!r}) has no {field} module at {path!r}: {exc}. "
-                f"Register a matching adapter: {_HOW_TO_REGISTER}") from None
+                f"Supported model types: {', '.join(supported_model_types())}; for a custom layout, "
+                f"{_HOW_TO_REGISTER} with overwrite=True") from None
     if not isinstance(get_attr_path(hf_model, arch.layers), (nn.ModuleList, list, tuple)):
         raise UnsupportedArchitectureError(f"{arch.layers!r} of {type(hf_model).__name__} is not a ModuleList")
     return arch

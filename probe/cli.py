@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=None, help="learning rate of the edit")
     run.add_argument("--norm-bound", type=float, default=None, help="element-wise bound |W - W0| of the edit")
     run.add_argument("--retain-weight", type=float, default=None, help="weight of the KL retain loss")
-    run.add_argument("--retain-size", type=int, default=8, help="retain prompts per edit (other facts)")
+    run.add_argument("--retain-size", type=int, default=4,
+                     help="retain prompts per edit: other facts' prompts most similar to the deleted one (default 4)")
     run.add_argument("--acc-tokens", type=int, default=8,
                      help="greedy tokens generated for neighborhood accuracy (paper: 36)")
     att = sub.add_parser("attack", help="attacks only (no filter, no deletion) on every fact, e.g. of a model "

@@ -425,7 +425,7 @@ def _from_object(obj: Any, tokenizer: Any) -> ProbeModel:
     from nnsight import NNsight
 
     if isinstance(obj, NNsight):
-        hf = getattr(obj, "_model", None)
+        hf = getattr(obj, "_module", None) or getattr(obj, "_model", None)
         tok = tokenizer or getattr(obj, "tokenizer", None)
         name = getattr(getattr(hf, "config", None), "_name_or_path", "") or type(hf).__name__
         proc = getattr(obj, "processor", None)

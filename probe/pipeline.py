@@ -41,7 +41,8 @@ class RunConfig:
     protocol: str = "one-at-a-time"
     known_rank: int = 1
     max_facts: int | None = None
-    retain_size: int = 8
+    retain_size: int = 4
+    retain_similar: float = 1.0
     acc_tokens: int = 8
     batch_size: int | None = None
     seed: int = 0
@@ -238,13 +239,10 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     if todo:
         pre_probs = fact_probs(model, [f for f, _ in todo], max_new_tokens=cfg.acc_tokens)
     known_ids = {f.id for f, _ in known}
-    pool_all = [f for f in facts]
+    from defenses.retain import retain_prompts
 
     def retain_for(fact: Fact) -> list[str]:
-        banned = {fact.prompt, *fact.paraphrases, *(n["prompt"] for n in fact.neighborhood)}
-        pool = [g.prompt for g in pool_all if g.id != fact.id and g.prompt not in banned]
-        rng = random.Random(f"{cfg.seed}:{fact.id}")
-        return rng.sample(pool, min(cfg.retain_size, len(pool)))
+        return retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
 
     def record(fact: Fact, pre: LayerReadout, post: LayerReadout, scores: dict) -> FactResult:
         _, a_ids, _ = teacher_forced_inputs(model.tokenizer, [fact.prompt], [fact.answer])
@@ -266,7 +264,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             appender.append([record(fact, pre, post, scores)])
     elif todo:
         req_facts = [f for f, _ in todo]
-        pool = [g.prompt for g in pool_all if g.id not in known_ids]
+        pool = sorted({g.prompt for g in facts if g.id not in known_ids})
         rng = random.Random(cfg.seed)
         retain = rng.sample(pool, min(cfg.retain_size, len(pool)))
         info = editor.edit(session, objective, DeletionRequest([f.prompt for f in req_facts],

@@ -21,10 +21,40 @@ from .results import LayerReadout
 from .tokens import answer_ids as _answer_ids
 from .tokens import encode_ids, tokenize
 
-#: A scorer maps lens logits ``[batch, n_layers, vocab]`` (fp32) and answer first-token ids
-#: ``[batch]`` to one integer per fact (e.g. the best rank of the answer over an attack's
-#: candidate lists).
-Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LensBatch:
+    """One batch of logit-lens outputs, shared by every scorer so common work is done once.
+
+    Attributes:
+        logits: ``[batch, n_layers, vocab]`` fp32 lens logits of every layer.
+        answer: ``[batch]`` first-token ids of the answers.
+    """
+
+    def __init__(self, logits: torch.Tensor, answer: torch.Tensor):
+        self.logits = logits
+        self.answer = answer
+        self._lse: torch.Tensor | None = None
+        self._probs: dict[int, torch.Tensor] = {}
+
+    @property
+    def lse(self) -> torch.Tensor:
+        """``[batch, n_layers, 1]`` logsumexp of the lens logits (computed once)."""
+        if self._lse is None:
+            self._lse = torch.logsumexp(self.logits, -1, keepdim=True)
+        return self._lse
+
+    def probs(self, layers: Sequence[int]) -> torch.Tensor:
+        """Lens probabilities ``[batch, len(layers), vocab]`` (softmax of each layer, cached per layer)."""
+        for layer in layers:
+            if layer not in self._probs:
+                self._probs[layer] = (self.logits[:, layer] - self.lse[:, layer]).exp()
+        return torch.stack([self._probs[layer] for layer in layers], 1)
+
+
+#: A scorer maps a :class:`LensBatch` to one integer per fact (e.g. the best rank of the answer
+#: over an attack's candidate lists): ``[batch]``.
+Scorer = Callable[[LensBatch], torch.Tensor]
 
 
 def answer_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -38,10 +68,23 @@ def answer_rank(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         ``[...]`` long tensor, 1 = the highest score.
     """
     t = logits.gather(-1, target.unsqueeze(-1).expand(*logits.shape[:-1], 1))
-    return (logits > t).sum(-1) + 1
+    # counting a uint8 view is ~3x faster than summing a bool tensor on CPU
+    return (logits > t).view(torch.uint8).sum(-1, dtype=torch.int64) + 1
 
 
-def auto_batch_size(n_layers: int, vocab: int, budget_bytes: int = 256 << 20) -> int:
+def answer_rank_two_sided(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Best of the answer's 1-based rank from the top and from the bottom of ``scores``.
+
+    ``min(1 + #{scores > s_a}, 1 + #{scores < s_a})``: the answer is in top-k or bottom-k iff
+    this is ``<= k``. Shapes as :func:`answer_rank`.
+    """
+    t = scores.gather(-1, target.unsqueeze(-1).expand(*scores.shape[:-1], 1))
+    above = (scores > t).view(torch.uint8).sum(-1, dtype=torch.int64)
+    below = (scores < t).view(torch.uint8).sum(-1, dtype=torch.int64)
+    return torch.minimum(above, below) + 1
+
+
+def auto_batch_size(n_layers: int, vocab: int, budget_bytes: int = 96 << 20) -> int:
     """Prompts per batch so that the fp32 lens logits ``[batch, layers, vocab]`` fit ``budget_bytes``."""
     return int(max(1, min(64, budget_bytes // max(1, 4 * n_layers * vocab))))
 
@@ -57,7 +100,7 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
             :func:`probe.answer_ids`).
         scorers: name -> :data:`Scorer`, evaluated on each batch's lens logits; results go to
             ``LayerReadout.attack_ranks[name]``.
-        batch_size: prompts per trace (default: sized so the lens logits stay under 256 MB).
+        batch_size: prompts per trace (default: sized so the lens logits stay under 96 MB).
         progress: show a tqdm bar.
 
     Returns:
@@ -85,10 +128,11 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
             lens_logits = lens(resid)  # [B, L, V] fp32, one stacked matmul
             first = torch.tensor([a[0] for a in a_ids], device=lens_logits.device)
             ranks = answer_rank(lens_logits, first[:, None].expand(B, n_layers))
-            tgt = lens_logits.gather(-1, first[:, None, None].expand(B, n_layers, 1)).squeeze(-1)
-            probs = (tgt - torch.logsumexp(lens_logits, -1)).exp()
-            extra = {name: fn(lens_logits, first).tolist() for name, fn in scorers.items()}
-            del lens_logits
+            shared = LensBatch(lens_logits, first)
+            tgt = lens_logits.gather(-1, first[:, None, None].expand(B, n_layers, 1))
+            probs = (tgt - shared.lse).exp().squeeze(-1)
+            extra = {name: fn(shared).tolist() for name, fn in scorers.items()}
+            del lens_logits, shared
         ranks, probs = ranks.tolist(), probs.tolist()
         for i in range(B):
             out.append(LayerReadout(
