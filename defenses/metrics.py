@@ -50,9 +50,10 @@ def neighborhood_score(p_pre: float, p_post: float) -> float:
     return 1.0 - abs(p_post - p_pre) / (abs(p_pre - 0.5) + 0.5)
 
 
-def mean(xs: Sequence[float]) -> float:
+def mean(xs: Sequence[float | None]) -> float | None:
+    """Mean of the defined values; None (JSON ``null``) when there are none, never NaN."""
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else float("nan")
+    return sum(xs) / len(xs) if xs else None
 
 
 def answer_in_text(text: str, label: str) -> bool:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 EXIT_INPUT = 2
+BUILTIN_DEFAULT_MAX = 40
 EXIT_INTERRUPTED = 130
 
 
@@ -28,7 +29,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
     p.add_argument("--attacks", default="head-projection,probability-delta,pd2",
                    help="comma-separated whitebox attacks (head-projection, probability-delta, pd2)")
-    p.add_argument("--max-facts", type=int, default=None, help="use at most N facts (after the known filter)")
+    p.add_argument("--max-facts", type=int, default=None,
+                   help="use at most N facts, evenly spaced over the (known) facts; default: all facts of a "
+                        f"--facts file, {BUILTIN_DEFAULT_MAX} of the built-in set (so the default job takes a few "
+                        "minutes on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: auto)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, float16; lens "
@@ -145,7 +149,13 @@ def _run(args) -> int:
     if progress:
         print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
-    cfg = RunConfig(attacks=attacks, max_facts=args.max_facts, batch_size=args.batch_size, seed=args.seed,
+    max_facts = args.max_facts
+    if max_facts is None and args.facts is None and args.command == "run":
+        max_facts = BUILTIN_DEFAULT_MAX
+        if progress:
+            print(f"using {max_facts} of the {len(facts)} built-in facts (evenly spaced); --max-facts N for more",
+                  file=sys.stderr)
+    cfg = RunConfig(attacks=attacks, max_facts=max_facts, batch_size=args.batch_size, seed=args.seed,
                     progress=progress)
     if args.command == "run":
         cfg.defense, cfg.editor, cfg.editor_config = args.defense, args.editor, editor_config

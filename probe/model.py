@@ -225,12 +225,16 @@ def _load_pretrained(src: str | Path, *, dtype: torch.dtype, gguf_file: str | No
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(src, **kwargs)
         model, info = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, output_loading_info=True, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
     if missing and not getattr(model.config, "tie_word_embeddings", False):
         raise ModelLoadError(f"{src}: the checkpoint has no output layer ({', '.join(missing)}) and the config does "

@@ -65,6 +65,9 @@ def _atomic_write(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -125,6 +128,14 @@ def _prepare_out(out: Path, stamp: dict, resume: bool) -> dict[str, FactResult]:
 # the jobs
 
 
+def evenly_spaced(items: list, n: int) -> list:
+    """At most ``n`` items spread evenly over ``items`` (keeps order; all of them if ``n >= len``),
+    so a subset of a file sorted by relation still covers every relation."""
+    if n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
 def _attacks(names: Sequence[str]):
     from attacks import make_attack
 
@@ -165,7 +176,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     """
     out = Path(out)
     attack_objs = _attacks(cfg.attacks)
-    facts = list(facts)[: cfg.max_facts] if cfg.max_facts else list(facts)
+    facts = evenly_spaced(list(facts), cfg.max_facts) if cfg.max_facts else list(facts)
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "attack")
     done = _prepare_out(out, stamp, resume)
@@ -213,6 +224,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     attack_objs = _attacks(cfg.attacks)
     objective = make_objective(cfg.defense)
     editor = make_editor(cfg.editor, **cfg.editor_config)
+    editor.param_name(model)  # validates the edit layer before anything is written
     facts = list(facts)
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "run")
@@ -224,8 +236,9 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     pre_reads = attack_readout(model, [f.prompt for f in facts], [f.answer for f in facts], attack_objs,
                                batch_size=cfg.batch_size, progress=cfg.progress, desc="filter + attacks (pre)")
     known = [(f, r) for f, r in zip(facts, pre_reads) if r.rank[-1] <= cfg.known_rank]
+    n_known = len(known)
     if cfg.max_facts:
-        known = known[: cfg.max_facts]
+        known = evenly_spaced(known, cfg.max_facts)
     if not known:
         raise RunError(f"none of the {len(facts)} facts is known by the model (answer's first token at rank "
                        f"<= {cfg.known_rank}); nothing to delete")
@@ -236,8 +249,6 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     session = editor.session(model)
     from probe.readout import teacher_forced_inputs
 
-    if todo:
-        pre_probs = fact_probs(model, [f for f, _ in todo], max_new_tokens=cfg.acc_tokens)
     known_ids = {f.id for f, _ in known}
     from defenses.retain import retain_prompts
 
@@ -249,8 +260,9 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
         return FactResult(fact.id, fact.prompt, fact.answer, a_ids[0], pre, post, scores)
 
     if cfg.protocol == "one-at-a-time":
-        for (fact, pre), probs in tqdm(list(zip(todo, pre_probs if todo else [])), desc=f"{cfg.defense} (per fact)",
-                                       disable=not cfg.progress):
+        for fact, pre in tqdm(todo, desc=f"{cfg.defense} (per fact)", disable=not cfg.progress):
+            # measured per fact, batched exactly like the post measurement (resume-invariant)
+            probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
             try:
                 info = editor.edit(session, objective, DeletionRequest([fact.prompt], [fact.answer], retain_for(fact)))
             except DefenseDiverged as exc:
@@ -264,6 +276,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             appender.append([record(fact, pre, post, scores)])
     elif todo:
         req_facts = [f for f, _ in todo]
+        pre_probs = fact_probs(model, req_facts, max_new_tokens=cfg.acc_tokens)
         pool = sorted({g.prompt for g in facts if g.id not in known_ids})
         rng = random.Random(cfg.seed)
         retain = rng.sample(pool, min(cfg.retain_size, len(pool)))
@@ -287,6 +300,6 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                "efficacy": mean([float(r.post.rank[-1] > 1) for r in ordered if r.post]),
                "n_deleted": len(ordered)}
     meta = {"command": "run", "facts_file": facts_label, "n_facts_input": len(facts),
-            "known_filter": {"max_rank": cfg.known_rank, "n_known": len(known)}, "seed": cfg.seed,
+            "known_filter": {"max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known)}, "seed": cfg.seed,
             "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT}}
     return _finish(_summarize(model, ordered, attack_objs, defense, meta), out)
