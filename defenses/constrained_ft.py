@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from probe.arch import get_attr_path
+from probe.interrupt import check as check_interrupt
 from probe.model import ProbeModel, clone_model
 from probe.readout import teacher_forced_inputs
 from probe.tokens import encode_ids, tokenize
@@ -148,6 +149,7 @@ class ConstrainedFineTune:
         losses: list[float] = []
         with only_trainable(model, [param]):
             for _ in range(self.steps):
+                check_interrupt()
                 opt.zero_grad(set_to_none=True)
                 lps, retain_lp = _forward(model, all_rows, a_ids, n_del)
                 loss = objective.loss(lps)

@@ -101,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:16s} {v}")
         print("architectures: " + ", ".join(supported_model_types()))
         return 0
+    from .interrupt import graceful_interrupts
+
     try:
-        return _run(args)
+        with graceful_interrupts():
+            return _run(args)
     except ProbeAttackError as exc:
         return _fail(str(exc))
     except ValueError as exc:  # unknown attack/defense/editor names, bad layer indices

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import InputError, ProbeAttackError
+from .interrupt import check as check_interrupt
 from .facts import Fact, check_lengths
 from .results import FactResult, LayerReadout, RunResult
 
@@ -188,6 +189,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
 
     bs = cfg.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
     for start in tqdm(range(0, len(todo), bs), desc="attacks", disable=not cfg.progress):
+        check_interrupt()
         chunk = todo[start:start + bs]
         reads = attack_readout(model, [f.prompt for f in chunk], [f.answer for f in chunk], attack_objs,
                                batch_size=bs)
@@ -261,6 +263,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
 
     if cfg.protocol == "one-at-a-time":
         for fact, pre in tqdm(todo, desc=f"{cfg.defense} (per fact)", disable=not cfg.progress):
+            check_interrupt()
             # measured per fact, batched exactly like the post measurement (resume-invariant)
             probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
             try:

@@ -15,6 +15,7 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
+from .interrupt import check as check_interrupt
 from .lens import LogitLens
 from .residual import get_resid
 from .results import LayerReadout
@@ -120,6 +121,7 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
     lens = LogitLens.from_model(model)
     out: list[LayerReadout] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        check_interrupt()
         rows, a_ids, _ = teacher_forced_inputs(model.tokenizer, prompts[start:start + batch_size],
                                                    answers[start:start + batch_size])
         B = len(rows)

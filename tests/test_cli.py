@@ -627,3 +627,41 @@ def test_subprocess_bad_input_and_attack(model_dir, tmp_path):
     assert f"report:  {out_dir / 'report.html'}" in p.stdout
     assert strict_json((out_dir / "results.json").read_text())["n_facts"] == 2
     assert len(read_jsonl(out_dir / "per_fact.jsonl")) == 2
+
+
+def test_real_sigint_stops_cleanly_and_resume_finishes(model_dir, tmp_path):
+    """A real Ctrl-C (SIGINT) during the per-fact loop: exit 130 within seconds, every finished fact
+    intact on disk, and --resume completes the run (nnsight can swallow a KeyboardInterrupt raised
+    mid-trace, so the CLI handles the signal cooperatively)."""
+    import signal
+    import time
+
+    facts = [dict(f, id=f"{f['id']}-{i}") for i in range(40) for f in FACTS]
+    facts_path = write_jsonl(tmp_path / "many.jsonl", facts)
+    out = tmp_path / "out"
+    args = [*probe_attack_exe(), "run", "--model", str(model_dir), "--facts", str(facts_path), "--out", str(out),
+            "--known-rank", "100000", "--steps", "2", "--acc-tokens", "2", "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
+    per_fact = out / "per_fact.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if per_fact.is_file() and per_fact.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError("SIGINT did not stop the run within 30 s")
+    assert proc.returncode == 130
+    assert "--resume" in err and "Traceback" not in err
+    done = read_jsonl(per_fact)
+    assert 2 <= len(done) < len(facts)
+    assert not (out / "results.json").exists()
+    rc = subprocess.run(args + ["--resume"], capture_output=True, text=True, env=subprocess_env()).returncode
+    assert rc == 0
+    final = read_jsonl(per_fact)
+    assert [r["id"] for r in final] == [f["id"] for f in facts]
+    assert final[: len(done)] == done
