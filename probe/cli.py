@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 EXIT_INPUT = 2
-BUILTIN_DEFAULT_MAX = 40
+BUILTIN_DEFAULT_MAX = 30
 EXIT_INTERRUPTED = 130
 
 
@@ -147,7 +147,7 @@ def _run(args) -> int:
                                            "retain_weight": args.retain_weight}.items() if v is not None}
     torch.manual_seed(args.seed)
     facts = load_facts(args.facts, args.format)  # validates before anything is written
-    facts_label = str(args.facts) if args.facts else "built-in"
+    facts_label = str(Path(args.facts).resolve()) if args.facts else "built-in"
     progress = not args.quiet
     if progress:
         print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)

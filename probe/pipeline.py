@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, ProbeAttackError
 from .interrupt import check as check_interrupt
 from .facts import Fact, check_lengths
+from .readout import auto_batch_size, teacher_forced_inputs
 from .results import FactResult, LayerReadout, RunResult
 
 PER_FACT = "per_fact.jsonl"
@@ -185,7 +186,6 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     appender = _Appender(out / PER_FACT, {k: v for k, v in done.items() if k in {f.id for f in facts}})
     todo = [f for f in facts if f.id not in done]
     from attacks import attack_readout
-    from probe.readout import auto_batch_size, teacher_forced_inputs
 
     bs = cfg.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
     for start in tqdm(range(0, len(todo), bs), desc="attacks", disable=not cfg.progress):
@@ -219,6 +219,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     from defenses import DefenseDiverged, DeletionRequest, make_editor, make_objective
     from defenses.evaluate import deletion_scores, fact_probs
     from defenses.metrics import mean
+    from defenses.retain import retain_prompts
 
     out = Path(out)
     if cfg.protocol not in ("one-at-a-time", "all-at-once"):
@@ -249,10 +250,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     todo = [(f, r) for f, r in known if f.id not in done]
 
     session = editor.session(model)
-    from probe.readout import teacher_forced_inputs
-
     known_ids = {f.id for f, _ in known}
-    from defenses.retain import retain_prompts
 
     def retain_for(fact: Fact) -> list[str]:
         return retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
