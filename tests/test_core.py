@@ -357,3 +357,22 @@ def test_encode_batch(tiny_llama):
     with pytest.raises(ValueError):
         probe.encode(tiny_llama, [P1], padding_side="middle")
     assert probe.encode(tiny_llama, P1).input_ids.shape[0] == 1
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    """$PROBE_ATTACK_CACHE overrides $XDG_CACHE_HOME/probe-attack, which overrides ~/.cache/probe-attack."""
+    from probe.model import cache_dir
+
+    monkeypatch.delenv("PROBE_ATTACK_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "probe-attack"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "probe-attack"
+    monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+
+
+def test_gguf_path_that_does_not_exist():
+    with pytest.raises(probe.ModelLoadError, match="GGUF file not found"):
+        probe.load_model("/nonexistent/model.gguf")
