@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import html
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import plotly.offline
+
+from probe.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     from probe.results import RunResult
@@ -139,23 +140,4 @@ def write_report(result: RunResult, path: str | os.PathLike, title: str | None =
     ``path``, flushed and fsync-ed, then moved into place with :func:`os.replace`; on any error the
     temporary file is removed and an existing report at ``path`` is left untouched.
     """
-    path = Path(path)
-    text = report_html(result, title=title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the report normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_text_atomic(path, report_html(result, title=title))
