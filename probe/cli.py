@@ -26,7 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "Hugging Face directory, or a Hugging Face id already in the local cache")
     p.add_argument("--facts", default=None, help="facts file (JSONL, or CounterFact JSON); built-in set if omitted")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "counterfact"], help="facts file format")
-    p.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: a new runs/<date-time>; an existing run is never overwritten)")
     p.add_argument("--attacks", default="head-projection,probability-delta,pd2",
                    help="comma-separated whitebox attacks (head-projection, probability-delta, pd2)")
     p.add_argument("--max-facts", type=int, default=None,
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # unknown attack/defense/editor names, bad layer indices
         return _fail(str(exc))
     except KeyboardInterrupt:
-        out = getattr(args, "out", "runs/latest")
+        out = getattr(args, "out", None) or "the output folder"
         print(f"\nprobe-attack: interrupted; finished facts are saved in {out}/per_fact.jsonl -- "
               f"rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -124,6 +125,12 @@ def _run(args) -> int:
     from .model import load_model
     from .pipeline import RunConfig, run_attack, run_main
 
+    if args.out is None:
+        if args.resume:
+            return _fail("--resume needs the --out folder of the run to continue")
+        import time
+
+        args.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if args.max_facts is not None and args.max_facts < 1:
         return _fail("--max-facts must be >= 1")
     attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]

@@ -665,3 +665,15 @@ def test_real_sigint_stops_cleanly_and_resume_finishes(model_dir, tmp_path):
     final = read_jsonl(per_fact)
     assert [r["id"] for r in final] == [f["id"] for f in facts]
     assert final[: len(done)] == done
+
+
+def test_default_out_is_a_new_timestamped_folder(cli, facts_file, tmp_path, monkeypatch):
+    """Without --out each run gets its own runs/<date-time>/ (running the README command twice works)."""
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = cli("attack", "--facts", str(facts_file), "--quiet")
+    assert rc == 0
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "results.json").is_file()
+    assert str(Path("runs") / runs[0].name / "report.html") in out
+    rc, _, err = cli("attack", "--facts", str(facts_file), "--quiet", "--resume")
+    assert rc == 2 and "--resume needs the --out folder" in err
