@@ -183,7 +183,9 @@ def load_counterfact(path: str | Path) -> list[Fact]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=str(path), line=exc.lineno) from None
+        hint = "; is it a JSONL file? use --format jsonl" if exc.msg == "Extra data" else ""
+        raise InputError(f"not valid CounterFact JSON ({exc.msg} at column {exc.colno}){hint}", file=str(path),
+                         line=exc.lineno) from None
     if not isinstance(data, list):
         raise InputError("CounterFact format expects a JSON list of records", file=str(path), line=1)
     line_starts = _record_lines(text, len(data))

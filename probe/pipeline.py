@@ -283,6 +283,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     keys = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_acc_pre",
             "neighborhood_acc_post", "neighborhood_delta_acc")
     defense = {"name": cfg.defense, "editor": cfg.editor, "editor_config": editor.config(),
+               "edit_parameter": editor.param_name(model),
                "protocol": cfg.protocol,
                **{k: mean([r.defense.get(k) for r in ordered if r.defense]) for k in keys},
                "efficacy": mean([float(r.post.rank[-1] > 1) for r in ordered if r.post]),
