@@ -102,23 +102,29 @@ def tiny_llama(make_tiny):
     return make_tiny("llama")
 
 
-@pytest.fixture(scope="session")
-def tiny_llava(tiny_tokenizer):
-    """A random tiny LLaVA (CLIP 1 layer, d=32, 64 px; Llama 2 layers, d=64) and its ProbeModel."""
+def build_tiny_llava(tokenizer, **text_over):
+    """A random tiny LLaVA (CLIP 1 layer, d=32, 64 px; Llama 2 layers, d=64), seed 0, eval mode;
+    ``text_over`` overrides the language model's config."""
     import transformers as tf
 
-    import probe
-
     torch.manual_seed(0)
-    vocab = len(tiny_tokenizer) + 1
+    vocab = len(tokenizer) + 1
     cfg = tf.LlavaConfig(
         vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                           num_attention_heads=4, image_size=64, patch_size=32),
         text_config=tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+                                   **text_over),
         image_token_id=vocab - 1)
-    hf = tf.LlavaForConditionalGeneration(cfg).eval()
-    return probe.wrap_model(hf, tiny_tokenizer, name="tiny-llava")
+    return tf.LlavaForConditionalGeneration(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_tokenizer):
+    """The tiny LLaVA of :func:`build_tiny_llava` as a ProbeModel."""
+    import probe
+
+    return probe.wrap_model(build_tiny_llava(tiny_tokenizer), tiny_tokenizer, name="tiny-llava")
 
 
 @pytest.fixture(scope="session")

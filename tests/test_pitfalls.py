@@ -7,7 +7,6 @@ Everything runs on tiny random models (no network); the SmolLM2 tokenizer checks
 
 from __future__ import annotations
 
-import copy
 import json
 
 import pytest
@@ -235,18 +234,9 @@ def test_4_tied_config_with_separate_head_is_refused(tiny_tokenizer):
 def test_4_llava_text_config_tie(tiny_tokenizer):
     """transformers PR #43429: the tie flag may live only in ``text_config`` of a VLM. A tiny LLaVA
     with ``text_config.tie_word_embeddings=True`` must decode with the shared embedding."""
-    import transformers as tf
+    import conftest
 
-    torch.manual_seed(0)
-    vocab = len(tiny_tokenizer) + 1
-    cfg = tf.LlavaConfig(
-        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=4, image_size=64, patch_size=32),
-        text_config=tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                                   tie_word_embeddings=True),
-        image_token_id=vocab - 1)
-    hf = tf.LlavaForConditionalGeneration(cfg).eval()
+    hf = conftest.build_tiny_llava(tiny_tokenizer, tie_word_embeddings=True)
     model = probe.wrap_model(hf, tiny_tokenizer)
     assert model.unembed.weight.data_ptr() == hf.model.language_model.embed_tokens.weight.data_ptr()
     assert_lens_final(model)
