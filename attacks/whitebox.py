@@ -117,8 +117,7 @@ class HeadProjection(WhiteboxAttack):
 
     def best_rank(self, lens, n_layers):
         idx = torch.tensor(self.resolve_layers(n_layers), device=lens.logits.device)
-        sel = lens.logits.index_select(1, idx)
-        return answer_rank(sel, lens.answer[:, None].expand(-1, len(idx))).min(1).values
+        return lens.ranks.index_select(1, idx).min(1).values
 
 
 def _delta_rank(delta: torch.Tensor, answer: torch.Tensor, sides: str) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 from probe.arch import get_attr_path
 from probe.interrupt import check as check_interrupt
 from probe.model import ProbeModel, clone_model
-from probe.readout import teacher_forced_inputs
+from probe.readout import answer_logprobs, teacher_forced_inputs
 from probe.tokens import encode_ids, tokenize
 
 from .base import DeletionRequest, Objective, register_editor
@@ -184,10 +184,6 @@ def _forward(model: ProbeModel, rows: list[list[int]], a_ids: list[list[int]], n
     with model.nn.trace(**batch.model_inputs(), logits_to_keep=max_a):
         logits = model.nn.output.logits.save()  # positions T - max_a .. T - 1
     lp = torch.log_softmax(logits.float(), -1)
-    answer_lps = []
-    for i, a in enumerate(a_ids):
-        off = max_a - len(a)
-        tgt = torch.tensor(a, device=lp.device)
-        answer_lps.append(lp[i, off:off + len(a)].gather(-1, tgt[:, None]).squeeze(-1))
+    answer_lps, _ = answer_logprobs(lp, a_ids)
     retain_lp = lp[n_del:, -1] if len(rows) > n_del else None
     return answer_lps, retain_lp

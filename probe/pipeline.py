@@ -59,10 +59,6 @@ class RunError(ProbeAttackError):
 # output folder
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_text_atomic(path, text)
-
-
 def read_finished(path: Path) -> dict[str, FactResult]:
     """Finished facts from a ``per_fact.jsonl`` (a torn last line from a kill is ignored)."""
     done: dict[str, FactResult] = {}
@@ -87,7 +83,7 @@ class _Appender:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         # rewrite the intact prefix so a torn line from an earlier kill is dropped
-        _atomic_write(path, "".join(json.dumps(r.to_json()) + "\n" for r in keep.values()))
+        write_text_atomic(path, "".join(json.dumps(r.to_json()) + "\n" for r in keep.values()))
 
     def append(self, records: Sequence[FactResult]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -151,7 +147,7 @@ def _summarize(model, facts_results: list[FactResult], attack_objs, defense: dic
 def _finish(result: RunResult, out: Path) -> RunResult:
     from viz.report import write_report
 
-    _atomic_write(out / RESULTS, result.to_json() + "\n")
+    write_text_atomic(out / RESULTS, result.to_json() + "\n")
     write_report(result, out / REPORT)
     return result
 
@@ -169,7 +165,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "attack")
     done = _prepare_out(out, stamp, resume)
-    _atomic_write(out / RUN_STAMP, json.dumps(stamp, indent=2))
+    write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
     appender = _Appender(out / PER_FACT, {k: v for k, v in done.items() if k in {f.id for f in facts}})
     todo = [f for f in facts if f.id not in done]
     from attacks import attack_readout
@@ -232,7 +228,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     if not known:
         raise RunError(f"none of the {len(facts)} facts is known by the model (answer's first token at rank "
                        f"<= {cfg.known_rank}); nothing to delete")
-    _atomic_write(out / RUN_STAMP, json.dumps(stamp, indent=2))
+    write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
     appender = _Appender(out / PER_FACT, {k: v for k, v in done.items() if k in {f.id for f, _ in known}})
     todo = [(f, r) for f, r in known if f.id not in done]
 

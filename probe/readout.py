@@ -23,7 +23,6 @@ from .tokens import answer_ids as _answer_ids
 from .tokens import encode_ids, tokenize
 
 
-
 class LensBatch:
     """One batch of logit-lens outputs, shared by every scorer so common work is done once.
 
@@ -36,7 +35,15 @@ class LensBatch:
         self.logits = logits
         self.answer = answer
         self._lse: torch.Tensor | None = None
+        self._ranks: torch.Tensor | None = None
         self._probs: dict[int, torch.Tensor] = {}
+
+    @property
+    def ranks(self) -> torch.Tensor:
+        """``[batch, n_layers]`` 1-based rank of the answer at every layer (computed once)."""
+        if self._ranks is None:
+            self._ranks = answer_rank(self.logits, self.answer[:, None].expand(-1, self.logits.shape[1]))
+        return self._ranks
 
     @property
     def lse(self) -> torch.Tensor:
@@ -129,8 +136,8 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
             resid, tok_lps, greedy_ok = teacher_forced(model, rows, a_ids, layers=range(n_layers))
             lens_logits = lens(resid)  # [B, L, V] fp32, one stacked matmul
             first = torch.tensor([a[0] for a in a_ids], device=lens_logits.device)
-            ranks = answer_rank(lens_logits, first[:, None].expand(B, n_layers))
             shared = LensBatch(lens_logits, first)
+            ranks = shared.ranks
             tgt = lens_logits.gather(-1, first[:, None, None].expand(B, n_layers, 1))
             probs = (tgt - shared.lse).exp().squeeze(-1)
             extra = {name: fn(shared).tolist() for name, fn in scorers.items()}
@@ -189,16 +196,31 @@ def teacher_forced(model, rows, a_ids, *, layers: Sequence[int] = ()) -> tuple[t
     with model.nn.trace(**batch.model_inputs(), logits_to_keep=max_a):
         saved = nnsight.save([get_resid(model.layer_envoy(i).output, B)[rows_idx, last].save() for i in layers])
         logits = model.nn.output.logits.save()  # [B, max_a, V]: positions T - max_a .. T - 1
-    lp = torch.log_softmax(logits.float(), -1)
-    tok_lps, greedy_ok = [], []
-    for i, a in enumerate(a_ids):
-        off = max_a - len(a)
-        tgt = torch.tensor(a, device=lp.device)
-        rows_lp = lp[i, off:off + len(a)]
-        tok_lps.append(rows_lp.gather(-1, tgt[:, None]).squeeze(-1))
-        greedy_ok.append((rows_lp.argmax(-1) == tgt).float().mean().item())
+    tok_lps, greedy_ok = answer_logprobs(torch.log_softmax(logits.float(), -1), a_ids)
     resid = torch.stack(list(saved), 1) if layers else None
     return resid, tok_lps, greedy_ok
+
+
+def answer_logprobs(logprobs: torch.Tensor, a_ids: Sequence[Sequence[int]]) -> tuple[list[torch.Tensor], list[float]]:
+    """Gather each row's answer-token log-probabilities from right-aligned kept positions.
+
+    Args:
+        logprobs: ``[batch, max_answer_len, vocab]`` log-probabilities of the last
+            ``max_answer_len`` positions of rows ``prompt + answer[:-1]`` (``logits_to_keep``).
+        a_ids: the answer ids of the first ``len(a_ids)`` rows.
+
+    Returns:
+        ``(token_logprobs, token_acc)``: per row ``[n_tokens]`` log-probabilities (keeps the
+        autograd graph), and the fraction of answer tokens that are the greedy choice.
+    """
+    max_a = logprobs.shape[1]
+    tok_lps, token_acc = [], []
+    for i, a in enumerate(a_ids):
+        tgt = torch.tensor(a, device=logprobs.device)
+        row = logprobs[i, max_a - len(a):]
+        tok_lps.append(row.gather(-1, tgt[:, None]).squeeze(-1))
+        token_acc.append((row.argmax(-1) == tgt).float().mean().item())
+    return tok_lps, token_acc
 
 
 def sequence_logprobs(model, prompts: Sequence[str], answers: Sequence[str], *, grad: bool = False,
