@@ -67,27 +67,80 @@ class DeletionRequest:
     """What to delete: prompts with the answer to remove, and prompts whose behaviour to keep.
 
     Attributes:
-        prompts: prompts (one per fact for the one-at-a-time protocol; all facts at once otherwise).
+        prompts: prompts (one per fact for the one-at-a-time protocol; all facts at once
+            otherwise; several per fact for the input-rephrasing defense).
         answers: the answers to delete, parallel to ``prompts``.
         retain_prompts: prompts whose next-token distribution must not change (KL retain loss):
             other facts' prompts of the same kind, never the evaluated neighbours.
+        targets: for target objectives (empty response, error injection), the sequence to
+            make likely after each prompt; None for erasure objectives.
+        subjects: the subject string of each prompt (ROME edits at its last token); None entries
+            fall back to the prompt's last token.
     """
 
     prompts: list[str]
     answers: list[str]
     retain_prompts: list[str] = field(default_factory=list)
+    targets: list[str] | None = None
+    subjects: list[str | None] | None = None
+
+    @property
+    def supervised(self) -> list[str]:
+        """The sequences teacher-forced after each prompt: the targets if set, else the answers."""
+        return list(self.targets) if self.targets is not None else list(self.answers)
+
+
+@dataclass
+class ObjectiveInputs:
+    """What an objective's loss sees, all from one forward pass with gradients.
+
+    Attributes:
+        seq_logprobs: per deletion prompt, teacher-forced log-probabilities (nats, fp32)
+            ``[n_tokens]`` of the supervised sequence (the answer, or the objective's target).
+        lens_logits: logit-lens logits (fp32) at the last prompt token of every deletion prompt
+            at the objective's defense layers, ``[n_prompts, n_defense_layers, vocab]``; None when
+            the objective reads no hidden states.
+        answer_first: ``[n_prompts]`` first-token id of the true answer (what must not be
+            decodable), long.
+        layers: the defense layers (decoder-layer indices) of ``lens_logits``.
+    """
+
+    seq_logprobs: list[torch.Tensor]
+    lens_logits: torch.Tensor | None
+    answer_first: torch.Tensor
+    layers: list[int] = field(default_factory=list)
 
 
 class Objective:
-    """A deletion objective: ``loss(answer_logprobs) -> scalar`` to minimise.
+    """A deletion objective: ``loss(ObjectiveInputs) -> scalar`` to minimise.
 
-    ``answer_logprobs`` is a list, one per deletion prompt, of per-token teacher-forced
-    log-probabilities ``[n_answer_tokens]`` (nats, fp32, with gradients).
+    Class attributes:
+        cli_name: the registered name.
+        target_kind: ``None`` (erasure of the answer) or ``"target"`` (make ``request.targets``
+            likely: empty response, error injection).
+        stop_below: default early-stopping threshold on the loss (None: run every step).
     """
 
     cli_name = "objective"
+    target_kind: str | None = None
+    stop_below: float | None = None
 
-    def loss(self, answer_logprobs: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover - abstract
+    def layers(self, n_layers: int) -> list[int]:
+        """Defense layers whose logit lens the loss reads (empty: output only)."""
+        return []
+
+    def request(self, fact, facts, retain: list[str]) -> DeletionRequest:
+        """The :class:`DeletionRequest` deleting ``fact`` (``facts``: the run's pool, e.g. for
+        another fact's answer)."""
+        return DeletionRequest([fact.prompt], [fact.answer], list(retain),
+                               subjects=[getattr(fact, "subject", None)])
+
+    def target_for(self, fact, facts) -> str | None:
+        """The target sequence whose probability the target rewrite score measures (None for
+        erasure objectives)."""
+        return None
+
+    def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def config(self) -> dict:

@@ -22,10 +22,9 @@ import torch
 from probe.arch import get_attr_path
 from probe.interrupt import check as check_interrupt
 from probe.model import ProbeModel, clone_model
-from probe.readout import answer_logprobs, teacher_forced_inputs
-from probe.tokens import encode_ids, tokenize
 
 from .base import DeletionRequest, Objective, register_editor
+from .forward import objective_forward, prepare, retain_kl, stop_threshold
 
 
 class DefenseDiverged(RuntimeError):
@@ -85,7 +84,8 @@ class ConstrainedFineTune:
         lr: Adam learning rate.
         norm_bound: element-wise bound on ``|W - W0|`` (the papers' ``norm_constraint``).
         retain_weight: weight of the KL retain loss (0 disables it).
-        early_stop: stop once the objective's loss is below this value (None: run all steps).
+        early_stop: stop once the objective's loss is below this value; ``"auto"`` (default) uses
+            the objective's own threshold (fact erasure: p < 0.01); None runs every step.
         optimizer: ``"adam"`` or ``"sgd"`` (the multimodal reference code uses SGD; plain SGD keeps
             the update of a single prompt low-rank, i.e. keyed on that prompt's MLP activations).
     """
@@ -96,7 +96,7 @@ class ConstrainedFineTune:
     lr: float = 1e-3
     norm_bound: float = 2e-3
     retain_weight: float = 1.0
-    early_stop: float | None = 0.01
+    early_stop: float | str | None = "auto"
     optimizer: str = "adam"
     cli_name: str = field(default="constrained-ft", repr=False)
 
@@ -126,6 +126,9 @@ class ConstrainedFineTune:
     def edit(self, session: EditSession, objective: Objective, request: DeletionRequest) -> dict:
         """Optimise ``objective`` on ``session.model`` in place (restore with ``session.restore()``).
 
+        Every step is one nnsight trace (:func:`defenses.forward.objective_forward`): the
+        deletion rows, the lens at the objective's defense layers and the retain prompts.
+
         Returns:
             ``{"losses": [...], "steps": n, "max_abs_change": float}``.
 
@@ -135,55 +138,34 @@ class ConstrainedFineTune:
         model = session.model
         param = session.param
         w0 = session.original
-        rows, a_ids, _ = teacher_forced_inputs(model.tokenizer, request.prompts, request.answers)
-        retain = [tokenize(model.tokenizer, p) for p in request.retain_prompts] if self.retain_weight else []
-        n_del = len(rows)
-        all_rows = rows + retain
-        retain_ref = None
-        if retain:
-            with torch.no_grad():
-                _, retain_ref = _forward(model, all_rows, a_ids, n_del)
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use adam or sgd")
+        prep = prepare(model, objective, request, retain=bool(self.retain_weight))
+        retain_ref = None
+        if len(prep.rows) > prep.n_del:
+            with torch.no_grad():
+                _, retain_ref = objective_forward(model, prep)
+        stop = stop_threshold(self.early_stop, objective)
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([param], lr=self.lr)
         losses: list[float] = []
-        with only_trainable(model, [param]):
+        with only_trainable(model, [param]), torch.enable_grad():
             for _ in range(self.steps):
                 check_interrupt()
                 opt.zero_grad(set_to_none=True)
-                lps, retain_lp = _forward(model, all_rows, a_ids, n_del)
-                loss = objective.loss(lps)
+                inputs, retain_lp = objective_forward(model, prep)
+                loss = objective.loss(inputs)
                 obj_val = float(loss.detach())
                 if retain_ref is not None:
-                    kl = torch.nn.functional.kl_div(retain_lp, retain_ref, log_target=True, reduction="batchmean")
-                    loss = loss + self.retain_weight * kl
+                    loss = loss + self.retain_weight * retain_kl(retain_lp, retain_ref)
                 val = float(loss.detach())
                 if not math.isfinite(val):
                     session.restore()
                     raise DefenseDiverged(f"defense loss became {val} after {len(losses)} steps")
                 losses.append(val)
-                if self.early_stop is not None and obj_val < self.early_stop:
+                if stop is not None and obj_val < stop:
                     break
                 loss.backward()
                 opt.step()
                 with torch.no_grad():
                     param.copy_(torch.clamp(param, w0 - self.norm_bound, w0 + self.norm_bound))
         return {"losses": losses, "steps": len(losses), "max_abs_change": session.max_abs_change()}
-
-
-def _forward(model: ProbeModel, rows: list[list[int]], a_ids: list[list[int]], n_del: int):
-    """One nnsight trace over deletion rows (``prompt + answer[:-1]``) followed by retain prompts.
-
-    Returns:
-        ``(answer_logprobs, retain_logprobs)``: per deletion row the answer tokens'
-        log-probabilities ``[n_tokens]``; the retain rows' next-token log-probabilities at their
-        last token ``[n_retain, vocab]`` (or None). fp32, nats.
-    """
-    batch = encode_ids(model, rows)
-    max_a = max(len(a) for a in a_ids)
-    with model.nn.trace(**batch.model_inputs(), logits_to_keep=max_a):
-        logits = model.nn.output.logits.save()  # positions T - max_a .. T - 1
-    lp = torch.log_softmax(logits.float(), -1)
-    answer_lps, _ = answer_logprobs(lp, a_ids)
-    retain_lp = lp[n_del:, -1] if len(rows) > n_del else None
-    return answer_lps, retain_lp

@@ -12,13 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Objective, register_objective
+from .base import Objective, ObjectiveInputs, register_objective
 
 
 @register_objective("fact-erasure")
 @dataclass
 class FactErasure(Objective):
-    """Minimise mean_i p(y_i | x_i) over the deletion prompts (probability, 0..1)."""
+    """Minimise mean_i p(y_i | x_i) over the deletion prompts (probability, 0..1).
 
-    def loss(self, answer_logprobs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([lp.sum().exp() for lp in answer_logprobs]).mean()
+    Stops early (editor ``early_stop="auto"``) once the mean probability is below 0.01.
+    """
+
+    stop_below = 0.01
+
+    def loss(self, inputs: ObjectiveInputs) -> torch.Tensor:
+        lps = inputs.seq_logprobs if isinstance(inputs, ObjectiveInputs) else inputs
+        return torch.stack([lp.sum().exp() for lp in lps]).mean()

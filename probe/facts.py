@@ -38,6 +38,8 @@ class Fact:
         alt_answer: a wrong answer (error-injection target), optional.
         image: image path for multimodal facts, optional.
         source: ``"file:line"`` the fact was read from (for error messages).
+        subject: the entity the fact is about, a substring of ``prompt`` (ROME edits at its
+            last token); optional.
     """
 
     id: str
@@ -48,6 +50,7 @@ class Fact:
     alt_answer: str | None = None
     image: str | None = None
     source: str = ""
+    subject: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -110,8 +113,14 @@ def fact_from_dict(obj: Any, *, file: str = "<input>", line: int = 1) -> Fact:
     image = obj.get("image")
     if image is not None:
         image = _check_text(image, file=file, line=line, fld="image")
+    subject = obj.get("subject")
+    if subject is not None:
+        subject = _check_text(subject, file=file, line=line, fld="subject").strip()
+        if subject not in prompt:
+            raise InputError(f"subject {subject!r} does not occur in the prompt", file=file, line=line,
+                             field="subject")
     return Fact(id=str(fid), prompt=prompt, answer=answer, paraphrases=list(paraphrases), neighborhood=neigh,
-                alt_answer=alt, image=image, source=f"{file}:{line}")
+                alt_answer=alt, image=image, source=f"{file}:{line}", subject=subject)
 
 
 def _read_text(path: Path) -> str:
@@ -217,6 +226,7 @@ def load_counterfact(path: str | Path) -> list[Fact]:
             "neighborhood": [{"prompt": p, "answer": answer} for p in rec.get("neighborhood_prompts", [])
                              if _is_text(p)],
             "alt_answer": (rw.get("target_new") or {}).get("str") or None,
+            "subject": subject if isinstance(subject, str) and subject.strip() else None,
         }
         facts.append(fact_from_dict(obj, file=str(path), line=line))
     if not facts:

@@ -1,0 +1,185 @@
+"""The five deletion objectives beyond fact erasure.
+
+Patil, Hase & Bansal (ICLR 2024, section 4) and UnLOK-VQA (TMLR 2025, section 5); formulas as in
+the reference code (method.md section 4.1). Notation: x the prompt, y the true answer, D^(l) the
+logit-lens distribution (probabilities) at the last prompt token of decoder layer l.
+
+* ``empty-response`` -- maximise p("I don't know" | x) (mean NLL of the target, nats).
+* ``error-injection`` -- maximise p(y* | x), y* = the fact's ``alt_answer``, else another fact's
+  answer (deterministic per fact).
+* ``head-projection`` -- max-margin on the logit lens at the defense layers L:
+  mean_{l, prompts} [max(0, D_y - D_(k) + m) + max(0, D_(k-th smallest) - D_y + m)], pushing the
+  answer out of the top-k *and* out of the bottom-k (the code form; the paper writes only the
+  first hinge). ``k`` = 4, ``m`` = 0 as in the code. The fact-erasure term is dropped.
+* ``max-entropy`` -- maximise mean_l H(D^(l)) at the defense layers; the loss is the normalised
+  entropy gap mean_l (log V - H(D^(l))) / log V in [0, 1].
+* ``input-rephrasing`` -- fact erasure on the prompt and its rephrasings (the prompt with each of
+  :data:`probe.rephrase.DEFENSE_PREFIXES` inserted; disjoint from the attack's prefixes).
+
+Defense layers default to the last 30% of depth including the output layer (LLaVA-7B: 23-32 of
+32 in the papers' hidden-state indexing), see :func:`defenses.forward.defense_layers_default`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from probe.rephrase import DEFENSE_PREFIXES, insert_prefix
+
+from .base import DeletionRequest, Objective, ObjectiveInputs, register_objective
+from .forward import defense_layers_default
+
+
+def _resolve_layers(layers: Sequence[int] | None, frac: float, n_layers: int) -> list[int]:
+    if layers is None:
+        return defense_layers_default(n_layers, frac)
+    out = []
+    for layer in layers:
+        if not -n_layers <= int(layer) < n_layers:
+            raise ValueError(f"defense layer {layer} out of range for {n_layers} layers")
+        out.append(int(layer) % n_layers)
+    return sorted(set(out))
+
+
+def _target_nll(inputs: ObjectiveInputs) -> torch.Tensor:
+    return torch.stack([-lp.mean() for lp in inputs.seq_logprobs]).mean()
+
+
+@register_objective("empty-response")
+@dataclass
+class EmptyResponse(Objective):
+    """Make the model answer ``target`` ("I don't know" as in UnLOK-VQA; the text paper used
+    "dummy"). Loss: mean per-token NLL of the target (nats). Stops early below 0.1 nats."""
+
+    target: str = "I don't know"
+    target_kind = "target"
+    stop_below = 0.1
+
+    def request(self, fact, facts, retain):
+        return DeletionRequest([fact.prompt], [fact.answer], list(retain), targets=[self.target],
+                               subjects=[getattr(fact, "subject", None)])
+
+    def target_for(self, fact, facts):
+        return self.target
+
+    def loss(self, inputs):
+        return _target_nll(inputs)
+
+
+def other_answer(fact, facts, seed: int = 0) -> str:
+    """``fact.alt_answer`` if set, else another fact's answer (seeded per fact id; never the fact's
+    own answer). Raises ValueError when no other answer exists."""
+    if getattr(fact, "alt_answer", None):
+        return fact.alt_answer
+    pool = sorted({f.answer for f in facts if f.answer.strip().lower() != fact.answer.strip().lower()})
+    if not pool:
+        raise ValueError(f"fact {fact.id}: no alt_answer and no other fact's answer to inject")
+    return random.Random(f"{seed}:{fact.id}").choice(pool)
+
+
+@register_objective("error-injection")
+@dataclass
+class ErrorInjection(Objective):
+    """Make the model answer a wrong answer y* (``alt_answer``, else another fact's answer).
+    Loss: mean per-token NLL of y* (nats). Stops early below 0.1 nats."""
+
+    seed: int = 0
+    target_kind = "target"
+    stop_below = 0.1
+
+    def request(self, fact, facts, retain):
+        return DeletionRequest([fact.prompt], [fact.answer], list(retain), targets=[other_answer(fact, facts, self.seed)],
+                               subjects=[getattr(fact, "subject", None)])
+
+    def target_for(self, fact, facts):
+        return other_answer(fact, facts, self.seed)
+
+    def loss(self, inputs):
+        return _target_nll(inputs)
+
+
+def head_projection_loss(lens_logits: torch.Tensor, answer: torch.Tensor, k: int, margin: float = 0.0,
+                         bottom: bool = True) -> torch.Tensor:
+    """Max-margin head-projection loss on lens logits ``[n, L, V]`` (fp32) for answers ``[n]``.
+
+    mean over prompts and layers of ``max(0, D_y - D_(k) + m)`` (+ ``max(0, D_(k, bottom) - D_y + m)``
+    with ``bottom``), D the softmax probabilities. Zero iff the answer is outside the top-k (and
+    the bottom-k) at every layer by at least ``m``.
+    """
+    p = torch.softmax(lens_logits, -1)
+    d_y = p.gather(-1, answer[:, None, None].expand(-1, p.shape[1], 1)).squeeze(-1)  # [n, L]
+    kth = p.topk(k, -1).values[..., -1]
+    loss = torch.relu(d_y - kth + margin).mean()
+    if bottom:
+        kth_small = p.topk(k, -1, largest=False).values[..., -1]
+        loss = loss + torch.relu(kth_small - d_y + margin).mean()
+    return loss
+
+
+@register_objective("head-projection")
+@dataclass
+class HeadProjectionDefense(Objective):
+    """Head Projection defense: push the answer out of the logit lens's top-k (and bottom-k) at the
+    defense layers (probability hinges, margin ``margin``). Stops once every hinge is zero."""
+
+    k: int = 4
+    margin: float = 0.0
+    bottom: bool = True
+    defense_layers: list[int] | None = None
+    layer_frac: float = 0.3
+    stop_below = 1e-9
+
+    def layers(self, n_layers):
+        return _resolve_layers(self.defense_layers, self.layer_frac, n_layers)
+
+    def loss(self, inputs):
+        return head_projection_loss(inputs.lens_logits, inputs.answer_first, self.k, self.margin, self.bottom)
+
+
+def normalized_entropy_gap(lens_logits: torch.Tensor) -> torch.Tensor:
+    """mean over prompts and layers of ``(log V - H(D)) / log V`` for lens logits ``[n, L, V]``;
+    0 = uniform, 1 = one-hot. H in nats."""
+    lp = torch.log_softmax(lens_logits, -1)
+    h = -(lp.exp() * lp).sum(-1)
+    log_v = math.log(lens_logits.shape[-1])
+    return ((log_v - h) / log_v).mean()
+
+
+@register_objective("max-entropy")
+@dataclass
+class MaxEntropy(Objective):
+    """Max-Entropy defense: maximise the logit lens's entropy at the defense layers (no separate
+    erasure term, the output layer is among the defense layers). Runs every step."""
+
+    defense_layers: list[int] | None = None
+    layer_frac: float = 0.3
+    stop_below = None
+
+    def layers(self, n_layers):
+        return _resolve_layers(self.defense_layers, self.layer_frac, n_layers)
+
+    def loss(self, inputs):
+        return normalized_entropy_gap(inputs.lens_logits)
+
+
+@register_objective("input-rephrasing")
+@dataclass
+class InputRephrasing(Objective):
+    """Input Rephrasing defense: fact erasure on the prompt and its rephrasings (the prompt with
+    each defense prefix inserted before the question). Stops early below mean probability 0.01."""
+
+    prefixes: tuple[str, ...] = DEFENSE_PREFIXES
+    stop_below = 0.01
+
+    def request(self, fact, facts, retain):
+        prompts = [fact.prompt] + [insert_prefix(fact.prompt, p) for p in self.prefixes]
+        subj = getattr(fact, "subject", None)
+        return DeletionRequest(prompts, [fact.answer] * len(prompts), list(retain), subjects=[subj] * len(prompts))
+
+    def loss(self, inputs):
+        return torch.stack([lp.sum().exp() for lp in inputs.seq_logprobs]).mean()
