@@ -187,15 +187,29 @@ def register_attack(name: str, cls: type[WhiteboxAttack]) -> None:
     WHITEBOX_ATTACKS[name] = cls
 
 
-def make_attack(name: str, **config) -> WhiteboxAttack:
-    """Instantiate a registered attack by CLI name.
+def make_attack(name: str, **config):
+    """Instantiate a registered attack by CLI name: a logit-lens attack of
+    :data:`WHITEBOX_ATTACKS` or any attack registered with :func:`attacks.base.register`
+    (blackbox, relearning, tuned lens, linear probe).
 
     Raises:
         ValueError: unknown name (the message lists the valid ones).
     """
-    if name not in WHITEBOX_ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(WHITEBOX_ATTACKS)}")
-    return WHITEBOX_ATTACKS[name](**{k: v for k, v in config.items() if v is not None})
+    from .base import ATTACKS
+
+    if name in WHITEBOX_ATTACKS:
+        return WHITEBOX_ATTACKS[name](**{k: v for k, v in config.items() if v is not None})
+    if name in ATTACKS:
+        return ATTACKS[name](**{k: v for k, v in config.items() if v is not None})
+    valid = list(WHITEBOX_ATTACKS) + [n for n in ATTACKS if n not in WHITEBOX_ATTACKS]
+    raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(valid)}")
+
+
+def all_attack_names() -> list[str]:
+    """Every registered attack name (logit-lens attacks first)."""
+    from .base import ATTACKS
+
+    return list(WHITEBOX_ATTACKS) + [n for n in ATTACKS if n not in WHITEBOX_ATTACKS]
 
 
 def success_at(best_ranks: Sequence[int], k: int) -> float:

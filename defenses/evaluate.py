@@ -8,7 +8,7 @@ from typing import Sequence
 from probe.facts import Fact
 from probe.readout import sequence_logprobs
 
-from .metrics import generation_accuracy, mean, neighborhood_score, rewrite_score_erasure
+from .metrics import generation_accuracy, mean, neighborhood_score, rewrite_score_erasure, rewrite_score_target
 
 
 @dataclass
@@ -57,6 +57,30 @@ def fact_probs(model, facts: Sequence[Fact], *, accuracy: bool = True, max_new_t
             out[i].neighbor_acc = acc[pos:pos + len(f.neighborhood)]
             pos += len(f.neighborhood)
     return out
+
+
+def target_probs(model, fact: Fact, target: str) -> list[float]:
+    """p(target | x) (0..1, full sequence, teacher-forced) for the fact's prompt then each
+    paraphrase: the quantity the target-form rewrite/paraphrase scores compare."""
+    prompts = [fact.prompt, *fact.paraphrases]
+    return [float(lp.sum().exp()) for lp in sequence_logprobs(model, prompts, [target] * len(prompts))]
+
+
+def target_scores(pre: list[float], post: list[float]) -> dict:
+    """Target-form scores (empty response, error injection): rewrite on the prompt, paraphrase
+    averaged over paraphrases, ``max(2e-8, (p_post - p_pre) / (1 - p_pre))`` with p = p(target)."""
+    return {"target_p_pre": pre[0], "target_p_post": post[0],
+            "target_rewrite_score": rewrite_score_target(pre[0], post[0]),
+            "target_paraphrase_score": mean([rewrite_score_target(a, b) for a, b in zip(pre[1:], post[1:])])}
+
+
+def random_accuracy(model, facts: Sequence[Fact], *, max_new_tokens: int = 8) -> list[bool]:
+    """Greedy-generation correctness on other facts' prompts (random Δ-Acc; UnLOK-VQA draws 10
+    random items per edit, method.md section 5)."""
+    if not facts:
+        return []
+    return generation_accuracy(model, [f.prompt for f in facts], [f.answer for f in facts],
+                               max_new_tokens=max_new_tokens)
 
 
 def deletion_scores(pre: FactProbs, post: FactProbs) -> dict:

@@ -11,6 +11,8 @@ probability (0..1) of the *full* answer, p(y | x) = exp(sum_t log p(y_t | x, y_<
   the first paraphrase; we average over all of them (report says so).
 * Neighborhood score: ``1 - |p_post - p_pre| / (|p_pre - 0.5| + 0.5)`` on each neighbourhood
   prompt's own answer, averaged (1 = untouched).
+* Random Δ-Acc: the same on the prompts of 10 other facts not being deleted, drawn per edit
+  (seeded by the fact id).
 * Δ-Acc: ``Acc_pre - Acc_post`` (fractions) of greedy generation accuracy on the neighbourhood
   prompts: the greedy continuation (``max_new_tokens``, 8 by default; 36 in the paper) contains
   the label as whole words, case-insensitively (:func:`probe.matching.answer_matches`).

@@ -2,6 +2,7 @@
 
     probe-attack run    [--model M] [--facts F] [--defense fact-erasure] [--attacks ...] [--out DIR]
     probe-attack attack [--model M] [--facts F] [--attacks ...] [--out DIR]
+    probe-attack grid   [--model M] [--facts F] [--defenses all] [--attacks all] [--editor constrained-ft] [--out DIR]
     probe-attack models
 
 Bad input gets one line on stderr naming the file, line and field, exit status 2, no traceback,
@@ -29,7 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None,
                    help="output folder (default: a new runs/<date-time>; an existing run is never overwritten)")
     p.add_argument("--attacks", default="head-projection,probability-delta,pd2",
-                   help="comma-separated whitebox attacks (head-projection, probability-delta, pd2)")
+                   help="comma-separated attacks, or 'all': logit-lens head-projection, probability-delta, pd2; "
+                        "blackbox question-rephrase, jailbreak; relearning; tuned-lens; linear-probe "
+                        "(default: the three logit-lens attacks)")
     p.add_argument("--max-facts", type=int, default=None,
                    help="use at most N facts, evenly spaced over the (known) facts; default: all facts of a "
                         f"--facts file, {BUILTIN_DEFAULT_MAX} of the built-in set (so the default job takes a few "
@@ -54,21 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
                                      "attack again and measure the deletion; writes results.json, per_fact.jsonl "
                                      "and report.html in --out.")
     _common(run)
-    run.add_argument("--defense", default="fact-erasure", help="deletion objective (default fact-erasure)")
-    run.add_argument("--editor", default="constrained-ft", help="editor (default constrained-ft)")
+    run.add_argument("--defense", default="fact-erasure",
+                     help="deletion objective: fact-erasure (default), empty-response, error-injection, "
+                          "head-projection, max-entropy, input-rephrasing")
+    _editor_flags(run)
     run.add_argument("--protocol", default="one-at-a-time", choices=["one-at-a-time", "all-at-once"],
                      help="delete each fact from a fresh copy (papers' protocol) or all facts in one edit")
     run.add_argument("--known-rank", type=int, default=1,
                      help="keep facts whose answer's first token has rank <= N before deletion (default 1)")
-    run.add_argument("--edit-layer", type=int, default=None, help="decoder layer whose MLP is edited")
-    run.add_argument("--steps", type=int, default=None, help="optimisation steps per edit")
-    run.add_argument("--lr", type=float, default=None, help="learning rate of the edit")
-    run.add_argument("--norm-bound", type=float, default=None, help="element-wise bound |W - W0| of the edit")
-    run.add_argument("--retain-weight", type=float, default=None, help="weight of the KL retain loss")
     run.add_argument("--retain-size", type=int, default=4,
                      help="retain prompts per edit: other facts' prompts most similar to the deleted one (default 4)")
     run.add_argument("--acc-tokens", type=int, default=8,
                      help="greedy tokens generated for neighborhood accuracy (paper: 36)")
+    grid = sub.add_parser("grid", help="every defense x attack on the known facts: grid.json + report.html",
+                          description="Delete each known fact with each selected defense (one at a time, fresh copy), "
+                                      "run every selected attack before and after, and write grid.json (one record "
+                                      "per defense x attack cell), pre.jsonl/units.jsonl (per fact) and report.html "
+                                      "in --out. --resume skips finished facts and cells.")
+    _common(grid)
+    grid.set_defaults(attacks=",".join(["head-projection", "probability-delta", "pd2", "question-rephrase",
+                                        "jailbreak", "relearning"]))
+    grid.add_argument("--defenses", default="all",
+                      help="comma-separated defenses or 'all' (fact-erasure, empty-response, error-injection, "
+                           "head-projection, max-entropy, input-rephrasing)")
+    _editor_flags(grid)
+    grid.add_argument("--known-rank", type=int, default=1, help="known-fact filter rank (default 1)")
+    grid.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
+    grid.add_argument("--random-n", type=int, default=10, help="other facts per edit for the random Δ-Acc (default 10)")
+    grid.add_argument("--acc-tokens", type=int, default=8, help="greedy tokens for the accuracy metrics (default 8)")
     att = sub.add_parser("attack", help="attacks only (no filter, no deletion) on every fact, e.g. of a model "
                                         "you already edited",
                          description="Run the whitebox attacks on every given fact, without filtering or "
@@ -76,6 +92,42 @@ def build_parser() -> argparse.ArgumentParser:
     _common(att)
     sub.add_parser("models", help="list model short names and supported architectures")
     return parser
+
+
+def _editor_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--editor", default="constrained-ft", help="editor: constrained-ft (default), lora, rome")
+    p.add_argument("--edit-layer", type=int, default=None, help="decoder layer whose MLP is edited")
+    p.add_argument("--steps", type=int, default=None, help="optimisation steps per edit")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the edit")
+    p.add_argument("--norm-bound", type=float, default=None,
+                   help="constrained-ft: element-wise bound |W - W0| of the edit")
+    p.add_argument("--retain-weight", type=float, default=None, help="weight of the KL retain loss")
+
+
+def _editor_config(args) -> dict:
+    """Editor settings from the flags, checked against the chosen editor's fields.
+
+    Raises:
+        ValueError: unknown editor, or a flag the editor does not have.
+    """
+    import dataclasses
+
+    from defenses import EDITORS
+
+    if args.editor not in EDITORS:
+        raise ValueError(f"unknown editor {args.editor!r}; valid editors: {', '.join(EDITORS)}")
+    flags = {"layer": ("--edit-layer", args.edit_layer), "steps": ("--steps", args.steps), "lr": ("--lr", args.lr),
+             "norm_bound": ("--norm-bound", args.norm_bound), "retain_weight": ("--retain-weight", args.retain_weight)}
+    cls = EDITORS[args.editor]
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    out = {}
+    for key, (flag, value) in flags.items():
+        if value is None:
+            continue
+        if key not in names:
+            raise ValueError(f"{flag} does not apply to editor {args.editor}")
+        out[key] = value
+    return out
 
 
 def _fail(msg: str, code: int = EXIT_INPUT) -> int:
@@ -133,25 +185,19 @@ def _run(args) -> int:
         args.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if args.max_facts is not None and args.max_facts < 1:
         return _fail("--max-facts must be >= 1")
-    attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    if not attacks:
+    from .grid import resolve_names
+
+    if not [a for a in args.attacks.split(",") if a.strip()]:
         return _fail("--attacks is empty")
-    from attacks import WHITEBOX_ATTACKS
-
-    unknown = [a for a in attacks if a not in WHITEBOX_ATTACKS]
-    if unknown:
-        return _fail(f"unknown attack {unknown[0]!r}; valid attacks: {', '.join(WHITEBOX_ATTACKS)}")
+    attacks = resolve_names(args.attacks, "attack")  # ValueError lists the valid names
     editor_config = {}
-    if args.command == "run":
-        from defenses import EDITORS, OBJECTIVES
+    if args.command in ("run", "grid"):
+        from defenses import OBJECTIVES
 
-        if args.defense not in OBJECTIVES:
+        if args.command == "run" and args.defense not in OBJECTIVES:
             return _fail(f"unknown defense {args.defense!r}; valid defenses: {', '.join(OBJECTIVES)}")
-        if args.editor not in EDITORS:
-            return _fail(f"unknown editor {args.editor!r}; valid editors: {', '.join(EDITORS)}")
-        editor_config = {k: v for k, v in {"layer": args.edit_layer, "steps": args.steps, "lr": args.lr,
-                                           "norm_bound": args.norm_bound,
-                                           "retain_weight": args.retain_weight}.items() if v is not None}
+        defenses = resolve_names(args.defenses, "defense") if args.command == "grid" else [args.defense]
+        editor_config = _editor_config(args)
     torch.manual_seed(args.seed)
     facts = load_facts(args.facts, args.format)  # validates before anything is written
     facts_label = str(Path(args.facts).resolve()) if args.facts else "built-in"
@@ -160,11 +206,23 @@ def _run(args) -> int:
         print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     max_facts = args.max_facts
-    if max_facts is None and args.facts is None and args.command == "run":
+    if max_facts is None and args.facts is None and args.command in ("run", "grid"):
         max_facts = BUILTIN_DEFAULT_MAX
         if progress:
             print(f"using {max_facts} of the {len(facts)} built-in facts (evenly spaced); --max-facts N for more",
                   file=sys.stderr)
+    if args.command == "grid":
+        from .grid import GridConfig, run_grid
+
+        gcfg = GridConfig(defenses=defenses, attacks=attacks, editor=args.editor, editor_config=editor_config,
+                          known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
+                          random_n=args.random_n, acc_tokens=args.acc_tokens, batch_size=args.batch_size,
+                          seed=args.seed, progress=progress)
+        grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume)
+        print(format_grid(grid))
+        print(f"\ngrid:    {Path(args.out) / 'grid.json'}")
+        print(f"report:  {Path(args.out) / 'report.html'}")
+        return 0
     cfg = RunConfig(attacks=attacks, max_facts=max_facts, batch_size=args.batch_size, seed=args.seed,
                     progress=progress)
     if args.command == "run":
@@ -188,14 +246,56 @@ def format_table(result) -> str:
         post = "" if a.success_post is None else f"{100 * a.success_post:11.1f}%"
         layers = ",".join(str(x) for x in a.layers)
         lines.append(f"{name:20s} {layers:28s} {a.budget:4d} {100 * a.success_pre:11.1f}% {post:>13s}")
+    for name, a in getattr(result, "other_attacks", {}).items():
+        pre = "" if a["success_pre"] is None else f"{100 * a['success_pre']:11.1f}%"
+        post = "" if a["success_post"] is None else f"{100 * a['success_post']:11.1f}%"
+        lines.append(f"{name:20s} {'(' + a['kind'] + ')':28s} {a['budget']:4d} {pre:>12s} {post:>13s}")
     d = result.defense
     if d:
         lines.append("")
         lines.append(f"defense {d['name']} ({d['editor']}, {d['protocol']}), {d.get('n_deleted', 0)} facts deleted:")
-        for k in ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc", "efficacy"):
+        for k in ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc", "efficacy",
+                  "target_rewrite_score"):
             v = d.get(k)
             if isinstance(v, (int, float)):
                 lines.append(f"  {k:24s} {v:.3f}")
+    return "\n".join(lines)
+
+
+def format_grid(grid: dict) -> str:
+    """Plain-text grid: attack success@B (%) before -> after, per defense, then the defense scores."""
+    cells = {(c["defense"], c["attack"]): c for c in grid["cells"]}
+    attacks = grid["attacks"]
+    defenses = [d for d in grid["defenses"] if any((d, a) in cells for a in attacks)]
+    lines = [f"model {grid['model']}, editor {grid['editor']}: {grid['n_facts']} known facts "
+             f"({'complete' if grid['complete'] else 'partial'})", ""]
+    width = max([len(d) for d in defenses] + [8])
+    head = f"{'defense':{width}s} " + " ".join(f"{a[:17]:>17s}" for a in attacks)
+    lines.append(head)
+    budgets = " ".join(f"{'B=' + str(next((cells[(d, a)]['budget'] for d in defenses if (d, a) in cells), '?')):>17s}"
+                       for a in attacks)
+    lines.append(f"{'':{width}s} {budgets}")
+    for d in defenses:
+        row = []
+        for a in attacks:
+            c = cells.get((d, a))
+            if not c or c["success_post"] is None:
+                row.append(f"{'—':>17s}")
+            else:
+                pre = "—" if c["success_pre"] is None else f"{100 * c['success_pre']:.0f}"
+                row.append(f"{pre + ' -> ' + format(100 * c['success_post'], '.1f'):>17s}")
+        lines.append(f"{d:{width}s} " + " ".join(row))
+    lines += ["", f"{'defense':{width}s} {'rewrite':>8s} {'paraphr':>8s} {'neighb':>8s} {'nΔAcc':>8s} {'rΔAcc':>8s} "
+              f"{'target':>8s} {'failed':>7s}"]
+
+    def f(v):
+        return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'—':>8s}"
+
+    for d in defenses:
+        c = next(cells[(d, a)] for a in attacks if (d, a) in cells)
+        lines.append(f"{d:{width}s} {f(c['rewrite_score'])} {f(c['paraphrase_score'])} {f(c['neighborhood_score'])} "
+                     f"{f(c['neighborhood_delta_acc'])} {f(c['random_delta_acc'])} {f(c['target_rewrite_score'])} "
+                     f"{c['n_failed']:7d}")
     return "\n".join(lines)
 
 

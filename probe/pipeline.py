@@ -122,9 +122,36 @@ def evenly_spaced(items: list, n: int) -> list:
 
 
 def _attacks(names: Sequence[str]):
-    from attacks import make_attack
+    """Logit-lens attacks (scored from one lens sweep) and the other registered attacks."""
+    from attacks import WHITEBOX_ATTACKS, make_attack
 
-    return [make_attack(n) for n in names]
+    objs = [make_attack(n) for n in names]
+    return ([a for n, a in zip(names, objs) if n in WHITEBOX_ATTACKS],
+            [a for n, a in zip(names, objs) if n not in WHITEBOX_ATTACKS])
+
+
+def _other_outcomes(model, facts: Sequence[Fact], others, all_facts, deleted, seed: int) -> list[dict]:
+    from attacks import AttackContext
+
+    outs: list[dict] = [{} for _ in facts]
+    ctx = AttackContext(facts=list(all_facts), deleted=frozenset(deleted), seed=seed, cache={})
+    for a in others:
+        for i, o in enumerate(a.run(model, list(facts), ctx)):
+            outs[i][a.name] = o.to_json()
+    return outs
+
+
+def _summarize_others(others, n_layers: int, facts_results: list[FactResult]) -> dict[str, dict]:
+    out = {}
+    for a in others:
+        pre = [f.outcomes[a.name]["pre"] for f in facts_results if f.outcomes and a.name in f.outcomes]
+        post = [f.outcomes[a.name].get("post") for f in facts_results if f.outcomes and a.name in f.outcomes]
+        post = [o for o in post if o]
+        out[a.name] = {"name": a.name, "kind": getattr(a, "kind", "blackbox"), "budget": a.budget(n_layers),
+                       "success_pre": sum(o["success"] for o in pre) / len(pre) if pre else None,
+                       "success_post": sum(o["success"] for o in post) / len(post) if post else None,
+                       "n_facts": len(pre)}
+    return out
 
 
 def _stamp(model, facts_label: str, cfg: RunConfig, command: str) -> dict:
@@ -134,14 +161,16 @@ def _stamp(model, facts_label: str, cfg: RunConfig, command: str) -> dict:
             "facts": facts_label, **d}
 
 
-def _summarize(model, facts_results: list[FactResult], attack_objs, defense: dict | None, meta: dict) -> RunResult:
+def _summarize(model, facts_results: list[FactResult], attack_objs, defense: dict | None, meta: dict,
+               others=()) -> RunResult:
     from attacks import summarize_attacks
 
     pre = [f.pre for f in facts_results]
     post = [f.post for f in facts_results] if facts_results and all(f.post for f in facts_results) else None
     summaries = summarize_attacks(attack_objs, model.n_layers, pre, post)
     return RunResult(model=model.name, n_layers=model.n_layers, n_facts=len(facts_results), facts=facts_results,
-                     attacks=summaries, defense=defense, meta=meta)
+                     attacks=summaries, defense=defense, meta=meta,
+                     other_attacks=_summarize_others(others, model.n_layers, facts_results))
 
 
 def _finish(result: RunResult, out: Path) -> RunResult:
@@ -160,7 +189,8 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     Per-fact results are appended as each batch ends.
     """
     out = Path(out)
-    attack_objs = _attacks(cfg.attacks)
+    attack_objs, others = _attacks(cfg.attacks)
+    all_facts = list(facts)
     facts = evenly_spaced(list(facts), cfg.max_facts) if cfg.max_facts else list(facts)
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "attack")
@@ -177,10 +207,14 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
         reads = attack_readout(model, [f.prompt for f in chunk], [f.answer for f in chunk], attack_objs,
                                batch_size=bs)
         _, a_ids, _ = teacher_forced_inputs(model.tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk])
-        appender.append([FactResult(f.id, f.prompt, f.answer, a, r) for f, a, r in zip(chunk, a_ids, reads)])
+        outs = _other_outcomes(model, chunk, others, all_facts, [f.id for f in facts], cfg.seed) if others else None
+        appender.append([FactResult(f.id, f.prompt, f.answer, a, r,
+                                    outcomes={k: {"pre": v} for k, v in outs[i].items()} if outs else None)
+                         for i, (f, a, r) in enumerate(zip(chunk, a_ids, reads))])
     results = read_finished(out / PER_FACT)
     ordered = [results[f.id] for f in facts if f.id in results]
-    return _finish(_summarize(model, ordered, attack_objs, None, {"command": "attack", "facts_file": facts_label}), out)
+    return _finish(_summarize(model, ordered, attack_objs, None, {"command": "attack", "facts_file": facts_label},
+                              others), out)
 
 
 def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, facts_label: str = "",
@@ -207,10 +241,11 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     out = Path(out)
     if cfg.protocol not in ("one-at-a-time", "all-at-once"):
         raise InputError(f"unknown protocol {cfg.protocol!r}; use one-at-a-time or all-at-once", field="protocol")
-    attack_objs = _attacks(cfg.attacks)
+    attack_objs, others = _attacks(cfg.attacks)
     objective = make_objective(cfg.defense)
     editor = make_editor(cfg.editor, **cfg.editor_config)
     editor.param_name(model)  # validates the edit layer before anything is written
+    objective.layers(model.n_layers)  # validates defense layers
     facts = list(facts)
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "run")
@@ -238,34 +273,48 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     def retain_for(fact: Fact) -> list[str]:
         return retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
 
-    def record(fact: Fact, pre: LayerReadout, post: LayerReadout, scores: dict) -> FactResult:
+    def record(fact: Fact, pre: LayerReadout, post: LayerReadout, scores: dict, outcomes=None) -> FactResult:
         _, a_ids, _ = teacher_forced_inputs(model.tokenizer, [fact.prompt], [fact.answer])
-        return FactResult(fact.id, fact.prompt, fact.answer, a_ids[0], pre, post, scores)
+        return FactResult(fact.id, fact.prompt, fact.answer, a_ids[0], pre, post, scores, outcomes)
+
+    from defenses.evaluate import target_probs, target_scores
+
+    evaluated = [f.id for f, _ in known]
 
     if cfg.protocol == "one-at-a-time":
         for fact, pre in tqdm(todo, desc=f"{cfg.defense} (per fact)", disable=not cfg.progress):
             check_interrupt()
             # measured per fact, batched exactly like the post measurement (resume-invariant)
             probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
+            pre_out = _other_outcomes(model, [fact], others, facts, evaluated, cfg.seed)[0] if others else {}
+            target = objective.target_for(fact, facts)
+            t_pre = target_probs(model, fact, target) if target else None
             try:
-                info = editor.edit(session, objective, DeletionRequest([fact.prompt], [fact.answer], retain_for(fact)))
+                info = editor.edit(session, objective, objective.request(fact, facts, retain_for(fact)))
             except DefenseDiverged as exc:
                 tqdm.write(f"probe-attack: fact {fact.id}: {exc}; skipped")
                 continue
             post = attack_readout(session.model, [fact.prompt], [fact.answer], attack_objs)[0]
+            post_out = _other_outcomes(session.model, [fact], others, facts, evaluated, cfg.seed)[0] if others else {}
             post_probs = fact_probs(session.model, [fact], max_new_tokens=cfg.acc_tokens)[0]
             scores = {**deletion_scores(probs, post_probs), "edit_steps": info["steps"],
                       "max_abs_change": info["max_abs_change"], "final_loss": info["losses"][-1]}
+            if target:
+                scores.update(target_scores(t_pre, target_probs(session.model, fact, target)), target=target)
             session.restore()
-            appender.append([record(fact, pre, post, scores)])
+            outcomes = {k: {"pre": pre_out[k], "post": post_out.get(k)} for k in pre_out} or None
+            appender.append([record(fact, pre, post, scores, outcomes)])
     elif todo:
         req_facts = [f for f, _ in todo]
         pre_probs = fact_probs(model, req_facts, max_new_tokens=cfg.acc_tokens)
         pool = sorted({g.prompt for g in facts if g.id not in known_ids})
         rng = random.Random(cfg.seed)
         retain = rng.sample(pool, min(cfg.retain_size, len(pool)))
-        info = editor.edit(session, objective, DeletionRequest([f.prompt for f in req_facts],
-                                                               [f.answer for f in req_facts], retain))
+        reqs = [objective.request(f, facts, []) for f in req_facts]
+        info = editor.edit(session, objective, DeletionRequest(
+            [p for r in reqs for p in r.prompts], [a for r in reqs for a in r.answers], retain,
+            targets=[t for r in reqs for t in r.targets] if reqs[0].targets is not None else None,
+            subjects=[s for r in reqs for s in (r.subjects or [None] * len(r.prompts))]))
         posts = attack_readout(session.model, [f.prompt for f in req_facts], [f.answer for f in req_facts],
                                attack_objs, batch_size=cfg.batch_size, progress=cfg.progress, desc="attacks (post)")
         post_probs = fact_probs(session.model, req_facts, max_new_tokens=cfg.acc_tokens)
@@ -277,7 +326,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     finished = read_finished(out / PER_FACT)
     ordered = [finished[f.id] for f, _ in known if f.id in finished]
     keys = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_acc_pre",
-            "neighborhood_acc_post", "neighborhood_delta_acc")
+            "neighborhood_acc_post", "neighborhood_delta_acc", "target_rewrite_score", "target_paraphrase_score")
     defense = {"name": cfg.defense, "editor": cfg.editor, "editor_config": editor.config(),
                "edit_parameter": editor.param_name(model),
                "protocol": cfg.protocol,
@@ -287,4 +336,4 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     meta = {"command": "run", "facts_file": facts_label, "n_facts_input": len(facts),
             "known_filter": {"max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known)}, "seed": cfg.seed,
             "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT}}
-    return _finish(_summarize(model, ordered, attack_objs, defense, meta), out)
+    return _finish(_summarize(model, ordered, attack_objs, defense, meta, others), out)

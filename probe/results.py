@@ -54,6 +54,7 @@ class FactResult:
     pre: LayerReadout
     post: LayerReadout | None = None
     defense: dict[str, Any] | None = None
+    outcomes: dict[str, dict] | None = None  # non-lens attacks: {name: {"pre": outcome, "post": outcome}}
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -98,6 +99,7 @@ class RunResult:
     attacks: dict[str, AttackSummary]
     defense: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    other_attacks: dict[str, dict] = field(default_factory=dict)
 
     def summary_json(self) -> dict:
         """The ``results.json`` content (per-fact data lives in ``per_fact.jsonl``)."""
@@ -108,6 +110,7 @@ class RunResult:
                 d.pop("success_post")
                 d.pop("curve_post")
             attacks[name] = d
+        attacks.update(self.other_attacks)
         out = {"model": self.model, "n_layers": self.n_layers, "n_facts": self.n_facts, "attacks": attacks}
         if self.defense is not None:
             out["defense"] = self.defense
