@@ -422,8 +422,47 @@ def test_unknown_defense_and_editor(cli, facts_file, tmp_path):
     out_dir = tmp_path / "out"
     rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--defense", "forget-all", *RUN_FAST)
     assert_input_error(rc, out, err, "'forget-all'", "fact-erasure", out_dir=out_dir)
-    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--editor", "rome", *RUN_FAST)
-    assert_input_error(rc, out, err, "'rome'", "constrained-ft", out_dir=out_dir)
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--editor", "memit", *RUN_FAST)
+    assert_input_error(rc, out, err, "'memit'", "constrained-ft", "lora", "rome", out_dir=out_dir)
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--editor", "lora",
+                       "--norm-bound", "0.1", *RUN_FAST)
+    assert_input_error(rc, out, err, "--norm-bound does not apply to editor lora", out_dir=out_dir)
+
+
+@pytest.mark.parametrize("defense", ["empty-response", "head-projection", "input-rephrasing"])
+def test_run_accepts_every_defense_and_non_lens_attacks(cli, facts_file, tmp_path, defense):
+    out_dir = tmp_path / "out"
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--defense", defense,
+                       "--attacks", "head-projection,question-rephrase,relearning", "--max-facts", "2", *RUN_FAST)
+    assert rc == 0, err
+    assert "question-rephrase" in out and "(blackbox)" in out and "(relearning)" in out
+    res = strict_json((out_dir / "results.json").read_text())
+    qr = res["attacks"]["question-rephrase"]
+    assert qr["budget"] == 20 and qr["n_facts"] == 2 and 0 <= qr["success_pre"] <= 1
+    recs = read_jsonl(out_dir / "per_fact.jsonl")
+    o = recs[0]["outcomes"]["question-rephrase"]
+    assert len(o["pre"]["samples"]) == 20 and len(o["post"]["samples"]) == 20
+    assert o["pre"]["success"] == (o["pre"]["hits"] > 0)
+    if defense == "empty-response":
+        assert recs[0]["defense"]["target"] == "I don't know"
+        assert "target_rewrite_score" in res["defense"]
+
+
+def test_grid_cli_writes_cells_and_report(cli, facts_file, tmp_path):
+    out_dir = tmp_path / "grid"
+    rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(out_dir), "--defenses",
+                       "fact-erasure,max-entropy", "--attacks", "head-projection,pd2,question-rephrase", "--max-facts", "2",
+                       "--random-n", "1", *RUN_FAST)
+    assert rc == 0, err
+    assert "fact-erasure" in out and "max-entropy" in out and "B=20" in out
+    grid = strict_json((out_dir / "grid.json").read_text())
+    assert len(grid["cells"]) == 6 and grid["complete"] and grid["n_facts"] == 2
+    assert {c["attack"] for c in grid["cells"]} == {"head-projection", "pd2", "question-rephrase"}
+    assert (out_dir / "report.html").read_text().count("<script") >= 3
+    rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(out_dir), "--defenses",
+                       "fact-erasure,max-entropy", "--attacks", "head-projection,pd2,question-rephrase", "--max-facts", "2",
+                       "--random-n", "1", *RUN_FAST)
+    assert rc == 2 and "--resume" in err
 
 
 @pytest.mark.parametrize("n", ["0", "-3"])

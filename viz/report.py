@@ -76,7 +76,7 @@ def _header(result: RunResult, title: str) -> str:
 
 
 def _attack_table(result: RunResult) -> str:
-    if not result.attacks:
+    if not result.attacks and not getattr(result, "other_attacks", None):
         return "<p class=\"note\">No attacks in this run.</p>\n"
     rows = []
     for name, a in result.attacks.items():
@@ -84,6 +84,10 @@ def _attack_table(result: RunResult) -> str:
             f"<tr><td>{_esc(name)}</td><td>{a.budget}</td><td>{a.k}</td>"
             f"<td>{_esc(', '.join(str(layer) for layer in a.layers))}</td>"
             f"<td>{_pct(a.success_pre)}</td><td>{_pct(a.success_post)}</td></tr>")
+    for name, a in getattr(result, "other_attacks", {}).items():
+        rows.append(
+            f"<tr><td>{_esc(name)}</td><td>{a['budget']}</td><td>—</td><td>({_esc(a['kind'])})</td>"
+            f"<td>{_pct(a['success_pre'])}</td><td>{_pct(a['success_post'])}</td></tr>")
     return ("<table id=\"attack-table\"><thead><tr><th>attack</th><th>budget B</th><th>k per list</th>"
             "<th>layers</th><th>success pre</th><th>success post</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>\n")
