@@ -10,7 +10,8 @@ logit-lens distribution (probabilities) at the last prompt token of decoder laye
 * ``head-projection`` -- max-margin on the logit lens at the defense layers L:
   mean_{l, prompts} [max(0, D_y - D_(k) + m) + max(0, D_(k-th smallest) - D_y + m)], pushing the
   answer out of the top-k *and* out of the bottom-k (the code form; the paper writes only the
-  first hinge). ``k`` = 4, ``m`` = 0 as in the code. The fact-erasure term is dropped.
+  first hinge), D_(k) taken over the other tokens (see :func:`head_projection_loss`). ``k`` = 4,
+  ``m`` = 0 as in the code. The fact-erasure term is dropped.
 * ``max-entropy`` -- maximise mean_l H(D^(l)) at the defense layers; the loss is the normalised
   entropy gap mean_l (log V - H(D^(l))) / log V in [0, 1].
 * ``input-rephrasing`` -- fact erasure on the prompt and its rephrasings (the prompt with each of
@@ -108,15 +109,23 @@ def head_projection_loss(lens_logits: torch.Tensor, answer: torch.Tensor, k: int
     """Max-margin head-projection loss on lens logits ``[n, L, V]`` (fp32) for answers ``[n]``.
 
     mean over prompts and layers of ``max(0, D_y - D_(k) + m)`` (+ ``max(0, D_(k, bottom) - D_y + m)``
-    with ``bottom``), D the softmax probabilities. Zero iff the answer is outside the top-k (and
-    the bottom-k) at every layer by at least ``m``.
+    with ``bottom``), D the softmax probabilities and D_(k) the k-th largest (D_(k, bottom) the k-th
+    smallest) probability among the *other* tokens. Zero iff at least k other tokens are at least
+    ``m`` more likely than the answer (it is out of the top-k) and, with ``bottom``, at least k
+    are at least ``m`` less likely (out of the bottom-k). Comparing with the other tokens (the
+    papers compare with D_(k) including the answer) makes m = 0 mean "strictly out of the top-k":
+    with D_(k) an answer sitting exactly at rank k would have zero loss while the attack still
+    finds it.
     """
     p = torch.softmax(lens_logits, -1)
-    d_y = p.gather(-1, answer[:, None, None].expand(-1, p.shape[1], 1)).squeeze(-1)  # [n, L]
-    kth = p.topk(k, -1).values[..., -1]
+    idx = answer[:, None, None].expand(-1, p.shape[1], 1)
+    d_y = p.gather(-1, idx).squeeze(-1)  # [n, L]
+    others_hi = p.scatter(-1, idx, -1.0)  # the answer can never be among the others' top-k
+    kth = others_hi.topk(k, -1).values[..., -1]
     loss = torch.relu(d_y - kth + margin).mean()
     if bottom:
-        kth_small = p.topk(k, -1, largest=False).values[..., -1]
+        others_lo = p.scatter(-1, idx, 2.0)
+        kth_small = others_lo.topk(k, -1, largest=False).values[..., -1]
         loss = loss + torch.relu(kth_small - d_y + margin).mean()
     return loss
 

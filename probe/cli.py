@@ -3,6 +3,7 @@
     probe-attack run    [--model M] [--facts F] [--defense fact-erasure] [--attacks ...] [--out DIR]
     probe-attack attack [--model M] [--facts F] [--attacks ...] [--out DIR]
     probe-attack grid   [--model M] [--facts F] [--defenses all] [--attacks all] [--editor constrained-ft] [--out DIR]
+    probe-attack tuned-lens [--model M] [--minutes 8] [--out FILE]
     probe-attack models
 
 Bad input gets one line on stderr naming the file, line and field, exit status 2, no traceback,
@@ -69,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="retain prompts per edit: other facts' prompts most similar to the deleted one (default 4)")
     run.add_argument("--acc-tokens", type=int, default=8,
                      help="greedy tokens generated for neighborhood accuracy (paper: 36)")
+    run.add_argument("--causal-traces", type=int, default=0,
+                     help="causal traces (layer x position, subject corrupted) of the first N deleted facts, with "
+                          "the unedited and the edited model as clean run, in causal_traces.jsonl and the report "
+                          "(~15-30 s per fact on 2 cores; default 0)")
     grid = sub.add_parser("grid", help="every defense x attack on the known facts: grid.json + report.html",
                           description="Delete each known fact with each selected defense (one at a time, fresh copy), "
                                       "run every selected attack before and after, and write grid.json (one record "
@@ -91,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "deletion; writes results.json, per_fact.jsonl and report.html in --out.")
     _common(att)
     sub.add_parser("models", help="list model short names and supported architectures")
+    sub.add_parser("tuned-lens", help="train (or load) the model's tuned lens and print the per-layer KL table",
+                   add_help=False)
     return parser
 
 
@@ -136,6 +143,11 @@ def _fail(msg: str, code: int = EXIT_INPUT) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tuned-lens"]:  # its own parser (probe.tuned_lens)
+        from .tuned_lens import tuned_lens_main
+
+        return tuned_lens_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -229,6 +241,9 @@ def _run(args) -> int:
         cfg.defense, cfg.editor, cfg.editor_config = args.defense, args.editor, editor_config
         cfg.protocol, cfg.known_rank = args.protocol, args.known_rank
         cfg.retain_size, cfg.acc_tokens = args.retain_size, args.acc_tokens
+        if args.causal_traces < 0:
+            return _fail("--causal-traces must be >= 0")
+        cfg.causal_traces = args.causal_traces
         result = run_main(model, facts, args.out, cfg, facts_label=facts_label, resume=args.resume)
     else:
         result = run_attack(model, facts, args.out, cfg, facts_label=facts_label, resume=args.resume)

@@ -280,14 +280,16 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     unit_log = _Log(out / UNITS)
     pre_done = {r["fact_id"]: r for r in pre_log.records}
 
-    def ctx() -> AttackContext:
-        return AttackContext(facts=facts, deleted=evaluated, seed=cfg.seed, cache={})
+    pre_cache: dict = {}  # the unedited model's attack scratch space (e.g. attacker probes), shared
+
+    def ctx(cache: dict | None = None) -> AttackContext:
+        return AttackContext(facts=facts, deleted=evaluated, seed=cfg.seed, cache={} if cache is None else cache)
 
     # 1. the unedited model: every attack and the reference probabilities, per fact
     for fact, read in tqdm([k for k in known if k[0].id not in pre_done], desc="attacks (unedited)",
                            disable=not cfg.progress):
         check_interrupt()
-        _, outs = evaluate_state(model, [fact], [], other_attacks, ctx())
+        _, outs = evaluate_state(model, [fact], [], other_attacks, ctx(pre_cache))
         probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
         rand = random_facts_for(fact, facts, cfg.random_n, cfg.seed)
         rec = {"fact_id": fact.id, "readout": asdict(read), "outcomes": outs[0], "probs": asdict(probs),

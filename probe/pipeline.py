@@ -29,6 +29,7 @@ from .results import FactResult, LayerReadout, RunResult
 PER_FACT = "per_fact.jsonl"
 RUN_STAMP = "run.json"
 RESULTS = "results.json"
+CAUSAL = "causal_traces.jsonl"
 REPORT = "report.html"
 
 
@@ -49,6 +50,7 @@ class RunConfig:
     batch_size: int | None = None
     seed: int = 0
     progress: bool = True
+    causal_traces: int = 0
 
 
 class RunError(ProbeAttackError):
@@ -121,6 +123,25 @@ def evenly_spaced(items: list, n: int) -> list:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
+def _causal(model, edited, fact: Fact, out: Path) -> None:
+    """Causal traces of one fact (Meng et al. 2022, section 2.1) with the unedited and with the
+    edited model as the clean run, appended to ``causal_traces.jsonl``. Facts without a subject
+    corrupt the first half of the prompt's tokens (documented in the record)."""
+    from .causal import causal_trace
+    from .tokens import tokenize
+
+    kw: dict = {"subject": fact.subject} if fact.subject else {
+        "subject_positions": list(range(max(1, len(tokenize(model.tokenizer, fact.prompt)) // 2)))}
+    pre = causal_trace(model, fact.prompt, fact.answer, **kw)
+    post = causal_trace(model, fact.prompt, fact.answer, clean_model=edited, **kw)
+    rec = {"fact_id": fact.id, "corrupted": "subject" if fact.subject else "first half of the prompt",
+           "pre": pre.to_json(), "post": post.to_json()}
+    with open(out / CAUSAL, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _attacks(names: Sequence[str]):
     """Logit-lens attacks (scored from one lens sweep) and the other registered attacks."""
     from attacks import WHITEBOX_ATTACKS, make_attack
@@ -130,11 +151,16 @@ def _attacks(names: Sequence[str]):
             [a for n, a in zip(names, objs) if n not in WHITEBOX_ATTACKS])
 
 
-def _other_outcomes(model, facts: Sequence[Fact], others, all_facts, deleted, seed: int) -> list[dict]:
+def _other_outcomes(model, facts: Sequence[Fact], others, all_facts, deleted, seed: int,
+                    cache: dict | None = None) -> list[dict]:
+    """Outcomes of the non-lens attacks on one model state. ``cache`` is that state's scratch
+    space (pass the same dict for every call on the same state, e.g. the unedited model, so
+    attacker-trained probes are trained once; a fresh one per edited state)."""
     from attacks import AttackContext
 
     outs: list[dict] = [{} for _ in facts]
-    ctx = AttackContext(facts=list(all_facts), deleted=frozenset(deleted), seed=seed, cache={})
+    ctx = AttackContext(facts=list(all_facts), deleted=frozenset(deleted), seed=seed,
+                        cache={} if cache is None else cache)
     for a in others:
         for i, o in enumerate(a.run(model, list(facts), ctx)):
             outs[i][a.name] = o.to_json()
@@ -176,8 +202,19 @@ def _summarize(model, facts_results: list[FactResult], attack_objs, defense: dic
 def _finish(result: RunResult, out: Path) -> RunResult:
     from viz.report import write_report
 
+    extra = []
+    if (out / CAUSAL).is_file():
+        from viz.layers import causal_trace_figure
+
+        for line in (out / CAUSAL).read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn last line of an interrupted run
+            extra.append((f"Causal trace of fact {rec['fact_id']}: unedited vs edited model as the clean run",
+                          causal_trace_figure(rec["pre"], rec["post"])))
     write_text_atomic(out / RESULTS, result.to_json() + "\n")
-    write_report(result, out / REPORT)
+    write_report(result, out / REPORT, extra_figures=extra)
     return result
 
 
@@ -280,13 +317,16 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     from defenses.evaluate import target_probs, target_scores
 
     evaluated = [f.id for f, _ in known]
+    n_traced = [sum(1 for _ in open(out / CAUSAL, encoding="utf-8")) if (out / CAUSAL).is_file() and resume else 0]
+    pre_cache: dict = {}  # the unedited model's attack scratch space, shared by every fact
 
     if cfg.protocol == "one-at-a-time":
         for fact, pre in tqdm(todo, desc=f"{cfg.defense} (per fact)", disable=not cfg.progress):
             check_interrupt()
             # measured per fact, batched exactly like the post measurement (resume-invariant)
             probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
-            pre_out = _other_outcomes(model, [fact], others, facts, evaluated, cfg.seed)[0] if others else {}
+            pre_out = (_other_outcomes(model, [fact], others, facts, evaluated, cfg.seed, pre_cache)[0]
+                       if others else {})
             target = objective.target_for(fact, facts)
             t_pre = target_probs(model, fact, target) if target else None
             try:
@@ -301,6 +341,9 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                       "max_abs_change": info["max_abs_change"], "final_loss": info["losses"][-1]}
             if target:
                 scores.update(target_scores(t_pre, target_probs(session.model, fact, target)), target=target)
+            if n_traced[0] < cfg.causal_traces:
+                _causal(model, session.model, fact, out)
+                n_traced[0] += 1
             session.restore()
             outcomes = {k: {"pre": pre_out[k], "post": post_out.get(k)} for k in pre_out} or None
             appender.append([record(fact, pre, post, scores, outcomes)])

@@ -716,3 +716,34 @@ def test_default_out_is_a_new_timestamped_folder(cli, facts_file, tmp_path, monk
     assert str(Path("runs") / runs[0].name / "report.html") in out
     rc, _, err = cli("attack", "--facts", str(facts_file), "--quiet", "--resume")
     assert rc == 2 and "--resume needs the --out folder" in err
+
+
+def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp_path, monkeypatch):
+    """Issue 5 in the main job: tuned-lens and linear-probe attacks slot into `run` by name, their
+    per-layer ranks reach the report's "where the deleted knowledge persists" figure, and
+    --causal-traces adds layer x position maps (unedited vs edited model as the clean run)."""
+    import probe
+    from probe.tuned_lens import get_tuned_lens
+
+    monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path / "cache"))
+    get_tuned_lens(probe.load_model(str(model_dir)), steps=3, minutes=None, train_tokens=512, heldout_tokens=64,
+                   adam_tokens=128, seq_len=16, batch=8)  # cached under the model's fingerprint
+    facts = [{"id": f"f{i}", "prompt": p, "answer": a, "subject": s} for i, (p, a, s) in enumerate([
+        ("The capital of France is", "Paris", "France"), ("The capital of Japan is", "Tokyo", "Japan"),
+        ("Water is made of hydrogen and", "oxygen", "Water"), ("The Eiffel Tower is located in the city of",
+                                                                "Paris", "The Eiffel Tower")])]
+    facts_path = write_jsonl(tmp_path / "f.jsonl", facts)
+    out_dir = tmp_path / "out"
+    rc, out, err = cli("run", "--facts", str(facts_path), "--out", str(out_dir), "--attacks",
+                       "head-projection,tuned-lens,linear-probe", "--causal-traces", "1", "--max-facts", "2",
+                       *RUN_FAST)
+    assert rc == 0, err
+    res = strict_json((out_dir / "results.json").read_text())
+    assert res["attacks"]["tuned-lens"]["budget"] == 8 and res["attacks"]["linear-probe"]["n_facts"] == 2
+    rec = read_jsonl(out_dir / "per_fact.jsonl")[0]
+    assert len(rec["outcomes"]["tuned-lens"]["post"]["layer_ranks"]) == 2
+    traces = read_jsonl(out_dir / "causal_traces.jsonl")
+    assert len(traces) == 1 and traces[0]["corrupted"] == "subject"
+    assert len(traces[0]["pre"]["probs"]) == 2  # [n_layers][n_positions]
+    html = (out_dir / "report.html").read_text()
+    assert "Where the deleted knowledge persists" in html and "Causal trace of fact" in html

@@ -94,19 +94,19 @@ def test_head_projection_defense_lowers_lens_rank_at_defense_layers(tiny_llama):
 
 
 def test_head_projection_loss_values():
-    # probabilities [0.5, 0.3, 0.15, 0.05]: answer token 0 is top-1; k=2 -> D_(2) = 0.3
+    # probabilities [0.5, 0.3, 0.15, 0.05]; D_(k) is taken over the *other* tokens
     logits = torch.log(torch.tensor([[[0.5, 0.3, 0.15, 0.05]]]))
-    loss = head_projection_loss(logits, torch.tensor([0]), k=2, margin=0.0, bottom=True)
-    assert loss.item() == pytest.approx(0.2, abs=1e-6)  # top hinge 0.5-0.3; bottom hinge 0
-    # answer token 3 sits in the bottom-2 (k-th smallest = 0.15): bottom hinge 0.15-0.05
-    loss = head_projection_loss(logits, torch.tensor([3]), k=2, margin=0.0, bottom=True)
-    assert loss.item() == pytest.approx(0.1, abs=1e-6)
-    # token 2 is outside the top-2 and the bottom-2 -> zero; a margin makes it positive
-    assert head_projection_loss(logits, torch.tensor([2]), k=2).item() == 0.0
-    # margin 0.2: top hinge 0.15 - 0.3 + 0.2 = 0.05; bottom hinge (2nd smallest is 0.15 itself) 0.2
-    assert head_projection_loss(logits, torch.tensor([2]), k=2, margin=0.2).item() == pytest.approx(0.25, abs=1e-6)
-    assert head_projection_loss(logits, torch.tensor([2]), k=2, margin=0.2, bottom=False).item() == pytest.approx(
-        0.05, abs=1e-6)
+    # answer 0 (top-1), k=2: others' 2nd largest = 0.15 -> top hinge 0.35; others' 2nd smallest 0.15 -> 0
+    assert head_projection_loss(logits, torch.tensor([0]), k=2).item() == pytest.approx(0.35, abs=1e-6)
+    # answer 3 (0.05) is out of the top-2; others' 2nd smallest = 0.3 -> bottom hinge 0.25
+    assert head_projection_loss(logits, torch.tensor([3]), k=2).item() == pytest.approx(0.25, abs=1e-6)
+    assert head_projection_loss(logits, torch.tensor([3]), k=2, bottom=False).item() == 0.0
+    # answer 1 sits exactly at rank k=2: the attack (top-2) finds it, so the loss must not be zero
+    assert head_projection_loss(logits, torch.tensor([1]), k=2, bottom=False).item() == pytest.approx(0.15, abs=1e-6)
+    # k=1: answer 1 (0.3) is out of the top-1 (others' max 0.5) and out of the bottom-1 (0.05)
+    assert head_projection_loss(logits, torch.tensor([1]), k=1).item() == 0.0
+    # a margin keeps pushing: 0.3 - 0.5 + 0.25 = 0.05 (top); 0.05 - 0.3 + 0.25 = 0 (bottom)
+    assert head_projection_loss(logits, torch.tensor([1]), k=1, margin=0.25).item() == pytest.approx(0.05, abs=1e-6)
 
 
 def test_entropy_gap_values():

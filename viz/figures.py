@@ -318,4 +318,30 @@ def all_figures(result: RunResult) -> list[tuple[str, go.Figure]]:
     dfig = defense_scores(result)
     if dfig is not None:
         out.append(("Defense scores", dfig))
+    pfig = persistence_figure(result)
+    if pfig is not None:
+        out.append(("Where the deleted knowledge persists: logit lens vs tuned lens vs probe", pfig))
     return out
+
+
+READOUT_OF_ATTACK = {"tuned-lens": "tuned lens", "linear-probe": "probe"}
+
+
+def persistence_figure(result: RunResult) -> go.Figure | None:
+    """Median answer rank per layer under the logit lens and, where the run has them, the tuned
+    lens and the linear probe (attacks ``tuned-lens`` / ``linear-probe``), before vs after the
+    deletion; None when the run has neither of those attacks."""
+    from .layers import aggregate_layer_rank_figure
+
+    names = [a for a in READOUT_OF_ATTACK if any(f.outcomes and a in f.outcomes for f in result.facts)]
+    if not names:
+        return None
+    pre: dict = {"logit lens": [f.pre.rank for f in result.facts]}
+    post: dict = {"logit lens": [f.post.rank for f in result.facts if f.post is not None]}
+    for a in names:
+        rows = [f.outcomes[a] for f in result.facts if f.outcomes and a in f.outcomes]
+        pre[READOUT_OF_ATTACK[a]] = [o["pre"]["layer_ranks"] for o in rows if o["pre"].get("layer_ranks")]
+        post[READOUT_OF_ATTACK[a]] = [o["post"]["layer_ranks"] for o in rows
+                                      if o.get("post") and o["post"].get("layer_ranks")]
+    return aggregate_layer_rank_figure(pre, {k: v for k, v in post.items() if v} or None,
+                                       title="Median answer rank by layer: logit lens, tuned lens, probe")

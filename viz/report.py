@@ -106,13 +106,13 @@ def _defense_table(result: RunResult) -> str:
             + "".join(rows) + "</tbody></table>\n")
 
 
-def report_html(result: RunResult, title: str | None = None) -> str:
+def report_html(result: RunResult, title: str | None = None, extra_figures=()) -> str:
     """The complete HTML document of the report for ``result`` (see the module docstring).
 
     ``title`` defaults to ``"probe-attack report: <model>"``.
     """
     title = title or f"probe-attack report: {result.model}"
-    figs = all_figures(result)
+    figs = all_figures(result) + list(extra_figures)
     parts = [
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n",
         f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n",
@@ -137,11 +137,11 @@ def report_html(result: RunResult, title: str | None = None) -> str:
     return "".join(parts)
 
 
-def write_report(result: RunResult, path: str | os.PathLike, title: str | None = None) -> Path:
+def write_report(result: RunResult, path: str | os.PathLike, title: str | None = None, extra_figures=()) -> Path:
     """Write the HTML report of ``result`` to ``path`` atomically and return the path.
 
     Parent directories are created. The document is written to a temporary file next to
     ``path``, flushed and fsync-ed, then moved into place with :func:`os.replace`; on any error the
     temporary file is removed and an existing report at ``path`` is left untouched.
     """
-    return write_text_atomic(path, report_html(result, title=title))
+    return write_text_atomic(path, report_html(result, title=title, extra_figures=extra_figures))

@@ -1,0 +1,418 @@
+"""Causal tracing: which hidden states carry a fact to the output?
+
+Method of Meng, Bau, Andonian & Belinkov (2022), "Locating and Editing Factual Associations in
+GPT" (ROME), section 2.1 ("causal tracing of factual associations"):
+
+1. **clean run** -- the prompt as is; record the residual stream ``h_i^(l)`` (output of decoder
+   layer ``l`` at token ``i``) for every layer and position, and ``P_clean[o]``, the probability
+   of the answer's first token ``o`` at the last position;
+2. **corrupted run** -- add Gaussian noise ``eps ~ N(0, nu^2)`` to the input embeddings of the
+   subject's tokens, ``nu = noise x std(embedding matrix)`` (ROME uses 3x the empirical std of
+   the embeddings); ``P_corrupt[o]`` drops;
+3. **corrupted-with-restoration runs** -- the corrupted run, except that one ``h_i^(l)`` is
+   overwritten with its clean value; ``P_restored(l, i)[o]`` shows how much that single state
+   recovers the fact. The map ``P_restored`` over (layer, position) is :attr:`CausalTrace.probs`.
+
+The restorations are batched: one nnsight trace per chunk of (layer, position) pairs, the batch
+dimension enumerating the restorations (every row carries the same corrupted embeddings; row
+``r`` overwrites its own ``(l_r, i_r)``), so all ``n_layers x T`` restorations of a short prompt
+cost a few batched forwards.
+
+**Which model runs what** (``clean_model``): the *corrupted* forward, with the restorations,
+always runs on ``model``; the *clean* states (and ``clean_prob``) come from ``clean_model``
+(default: ``model`` itself, i.e. standard causal tracing). Passing the edited model as
+``clean_model`` and the original as ``model`` asks: "which of the *edited* model's hidden states
+still carry the deleted answer, as read by the original downstream computation?" -- a state the
+edit failed to scrub restores ``P[o]`` although the edited model itself no longer says ``o``.
+The two models must share the tokenizer and ``d_model`` (the layer counts may differ only if
+``layers`` selects layers both have).
+
+Positions can be grouped (``groups``): each group of positions is restored together, one column
+per group -- for multimodal prompts (LLaVA) all image-token positions can form one column. Note
+for LLaVA: image features are merged into ``inputs_embeds`` *after* the token embedding, so
+corrupting image positions needs noise on the projector output, not on ``embed_tokens``; this
+module corrupts token embeddings only (text prompts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import nnsight
+import torch
+
+from .arch import get_attr_path
+from .errors import InputError
+from .residual import get_resid, normalize_layers
+from .tokens import answer_ids, encode_ids, tokenize
+
+__all__ = ["CausalTrace", "causal_trace", "restored_probs", "subject_token_positions", "embedding_noise_std"]
+
+
+# --------------------------------------------------------------------------------------------
+# subject span
+
+
+def subject_token_positions(tokenizer, prompt: str, subject: str, *, occurrence: int = 0) -> list[int]:
+    """Token positions of ``subject`` inside the tokenised ``prompt``.
+
+    A token belongs to the subject when its character span overlaps the subject's character span
+    (``occurrence``-th occurrence, 0 = first). Character spans come from the fast tokenizer's
+    offset mapping; slow tokenizers (or offsets that are all zero) fall back to incremental
+    decoding (decode ``ids[:k]`` for each k and see where the text crosses the subject's start
+    and end), as ROME's ``find_token_range`` does. Positions index the ids the model reads
+    (:func:`probe.tokens.tokenize`, special tokens such as a BOS included).
+
+    Returns:
+        sorted list of token positions (non-empty).
+
+    Raises:
+        InputError: ``subject`` is empty or does not occur in ``prompt`` (``occurrence`` times).
+    """
+    if not isinstance(subject, str) or not subject.strip():
+        raise InputError("subject is empty", field="subject")
+    start = -1
+    for _ in range(occurrence + 1):
+        start = prompt.find(subject, start + 1)
+        if start < 0:
+            raise InputError(f"subject {subject!r} does not occur in the prompt {prompt!r}", field="subject")
+    end = start + len(subject)
+    ids = tokenize(tokenizer, prompt)
+    spans = None
+    try:
+        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == ids:
+            spans = [tuple(o) for o in enc["offset_mapping"]]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        spans = None
+    if spans is not None and any(e > s for s, e in spans):
+        pos = [i for i, (s, e) in enumerate(spans) if e > s and s < end and e > start]
+    else:
+        pos = _positions_by_decoding(tokenizer, ids, start, end)
+    if not pos:
+        raise InputError(f"no token of the prompt covers the subject {subject!r}", field="subject")
+    return pos
+
+
+def _positions_by_decoding(tokenizer, ids: list[int], start: int, end: int) -> list[int]:
+    """Fallback span finder: the text length after decoding ``ids[:k+1]`` tells where token k ends.
+
+    A token that ends inside a multi-byte character (the decoded prefix ends in U+FFFD) gets the
+    span of the whole character, shared with the tokens that complete it.
+    """
+    n = len(ids)
+    ends: list[int | None] = []
+    for k in range(n):
+        text = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+        ends.append(None if text.endswith("\ufffd") else len(text))
+    # token k spans (last complete end before k, next complete end at or after k]
+    nxt: list[int] = [0] * n
+    upcoming = ends[-1] if ends and ends[-1] is not None else 10 ** 9
+    for k in range(n - 1, -1, -1):
+        if ends[k] is not None:
+            upcoming = ends[k]
+        nxt[k] = upcoming
+    pos, prev = [], 0
+    for k in range(n):
+        s, e = prev, nxt[k]
+        if e > s and s < end and e > start:
+            pos.append(k)
+        if ends[k] is not None:
+            prev = max(prev, ends[k])
+    return pos
+
+
+# --------------------------------------------------------------------------------------------
+# result
+
+
+@dataclass
+class CausalTrace:
+    """A causal-tracing map (Meng et al. 2022, section 2.1) for one prompt and answer.
+
+    Attributes:
+        probs: ``[n_layers, n_columns]`` float32 probabilities (0..1) of the answer's first token
+            at the last position when the clean residual stream of ``layers[r]`` at column ``c``
+            (a position, or a group of positions) is restored in the corrupted run.
+        clean_prob: the answer's probability in the clean run of the model providing the clean
+            states (``clean_model``).
+        corrupted_prob: its probability in the corrupted run of ``model`` (no restoration),
+            averaged over noise samples.
+        tokens: label of each column (the token's text, or the group's name).
+        subject_positions: the corrupted token positions.
+        layers: decoder-layer index of each row of ``probs``.
+        columns: the token positions of each column.
+        answer: the answer string; answer_token: its first token's text; answer_id: its id.
+        prompt: the prompt; noise: the noise multiplier; noise_std: the absolute std used;
+            samples: noise samples averaged; seed: the noise seed.
+    """
+
+    probs: torch.Tensor
+    clean_prob: float
+    corrupted_prob: float
+    tokens: list[str]
+    subject_positions: list[int]
+    layers: list[int]
+    columns: list[list[int]]
+    answer: str = ""
+    answer_token: str = ""
+    answer_id: int = -1
+    prompt: str = ""
+    noise: float = 3.0
+    noise_std: float = 0.0
+    samples: int = 1
+    seed: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def indirect_effect(self) -> torch.Tensor:
+        """``probs - corrupted_prob`` ``[n_layers, n_columns]``: ROME's indirect effect of each
+        state (probability units)."""
+        return self.probs - self.corrupted_prob
+
+    def peak(self) -> tuple[int, int]:
+        """``(layer, column)`` of the largest restored probability."""
+        flat = int(self.probs.argmax())
+        r, c = divmod(flat, self.probs.shape[1])
+        return self.layers[r], c
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["probs"] = self.probs.tolist()
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "CausalTrace":
+        d = dict(d)
+        d["probs"] = torch.tensor(d["probs"], dtype=torch.float32)
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------------------------
+# core
+
+
+def embedding_noise_std(model) -> float:
+    """Std of the model's token-embedding outputs, estimated from the embedding matrix.
+
+    ``std(W_E) x embed_scale`` (Gemma multiplies embeddings by ``sqrt(d_model)``; its embedding
+    module carries that factor as ``embed_scale``). ROME (section 2.1, footnote) uses the
+    empirical std of subject embeddings over a corpus; the matrix-wide std is close and needs no
+    data.
+    """
+    cache = model._lens_cache
+    if "embed_std" not in cache:
+        emb = get_attr_path(model.hf, model.arch.embed)
+        scale = getattr(emb, "embed_scale", 1.0)
+        scale = float(scale.float().mean()) if torch.is_tensor(scale) else float(scale)
+        cache["embed_std"] = float(emb.weight.detach().float().std()) * scale
+    return cache["embed_std"]
+
+
+def _clean_run(model, ids: list[int], layers: list[int], answer_id: int) -> tuple[torch.Tensor, float]:
+    """Clean residual stream ``[n_layers, T, d]`` (model dtype) and the answer's probability."""
+    batch = encode_ids(model, [ids])
+    with torch.no_grad(), model.nn.trace(**batch.model_inputs(), logits_to_keep=1):
+        states = nnsight.save([get_resid(model.layer_envoy(layer).output, 1)[0] for layer in layers])
+        logits = model.nn.output.logits[0, -1].save()
+    prob = torch.softmax(logits.float(), -1)[answer_id]
+    return torch.stack(list(states), 0), float(prob)
+
+
+def restored_probs(model, ids: Sequence[int], answer_id: int, corrupt_positions: Sequence[int],
+                   restorations: Sequence[Sequence[tuple[int, int]]], *, clean_states: torch.Tensor,
+                   state_layers: Sequence[int], noise_std: float, samples: int = 1, seed: int = 0,
+                   batch_size: int = 128) -> torch.Tensor:
+    """Probability of ``answer_id`` at the last position for each restoration set (batched).
+
+    Every row runs the prompt ``ids`` on ``model`` with seeded Gaussian noise (std ``noise_std``)
+    added to the token embeddings at ``corrupt_positions`` (the same noise for every row of a
+    noise sample), then overwrites the residual stream (output of decoder layer ``l``) at
+    position ``i`` with ``clean_states`` for every ``(l, i)`` of its restoration set. An empty set
+    is the plain corrupted run; the set of *all* (layer, position) pairs -- or just all positions
+    of any one layer -- reproduces the clean run (causal attention: later layers only read that
+    layer's states).
+
+    Args:
+        model: the :class:`~probe.model.ProbeModel` running the corrupted forward.
+        ids: ``[T]`` token ids of the prompt (as :func:`probe.tokens.tokenize` gives).
+        answer_id: the token whose probability is measured.
+        corrupt_positions: token positions whose input embeddings get noise.
+        restorations: list of restoration sets, each a list of ``(layer, position)`` pairs.
+        clean_states: ``[len(state_layers), T, d_model]`` clean residual stream.
+        state_layers: decoder-layer index of each row of ``clean_states``.
+        noise_std: absolute noise std (embedding units); 0 = no corruption.
+        samples: noise samples; the result is the mean probability over samples.
+        seed: seeds the noise (``torch.Generator``): same seed, same noise.
+        batch_size: rows (restorations x samples) per nnsight trace.
+
+    Returns:
+        float32 ``[len(restorations)]`` probabilities (0..1).
+
+    Raises:
+        KeyError: a restoration names a layer not in ``state_layers``; IndexError: a position
+        outside ``[0, T)``.
+    """
+    ids = list(ids)
+    T = len(ids)
+    row_of = {layer: r for r, layer in enumerate(state_layers)}
+    for rs in restorations:
+        for layer, pos in rs:
+            if layer not in row_of:
+                raise KeyError(f"layer {layer} has no clean state (clean states for {list(state_layers)})")
+            if not 0 <= pos < T:
+                raise IndexError(f"position {pos} outside the prompt's {T} tokens")
+    corrupt = sorted(set(int(p) for p in corrupt_positions))
+    if any(not 0 <= p < T for p in corrupt):
+        raise IndexError(f"corrupted positions {corrupt} outside the prompt's {T} tokens")
+    d = clean_states.shape[-1]
+    gen = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(samples, len(corrupt), d, generator=gen) * float(noise_std)  # [S, n_corrupt, d]
+    # rows: (restoration r, sample s) for r, s in product
+    jobs = [(r, s) for r in range(len(restorations)) for s in range(samples)]
+    out = torch.zeros(len(restorations), dtype=torch.float64)
+    embed = get_attr_path(model.nn, model.arch.embed)
+    need_layers = sorted({layer for rs in restorations for layer, _ in rs})
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        B = len(chunk)
+        batch = encode_ids(model, [ids] * B)
+        # per layer: the (row, position) pairs to restore in this chunk
+        plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in need_layers:
+            rows, cols = [], []
+            for b, (r, _) in enumerate(chunk):
+                for lay, pos in restorations[r]:
+                    if lay == layer:
+                        rows.append(b)
+                        cols.append(pos)
+            if rows:
+                plan[layer] = (torch.tensor(rows), torch.tensor(cols))
+        sample_idx = torch.tensor([s for _, s in chunk])
+        dev = model.device
+        with torch.no_grad(), model.nn.trace(**batch.model_inputs(), logits_to_keep=1):
+            if corrupt and noise_std > 0:
+                emb = embed.output
+                emb[:, corrupt] += noise[sample_idx].to(device=dev, dtype=emb.dtype)
+            for layer in sorted(plan):
+                rows, cols = plan[layer]
+                h = get_resid(model.layer_envoy(layer).output, B)
+                h[rows.to(dev), cols.to(dev)] = clean_states[row_of[layer]][cols].to(device=dev, dtype=h.dtype)
+            logits = model.nn.output.logits[:, -1].save()
+        p = torch.softmax(logits.float(), -1)[:, answer_id].double().cpu()
+        for b, (r, _) in enumerate(chunk):
+            out[r] += p[b]
+    return (out / samples).float()
+
+
+def _columns(T: int, groups) -> tuple[list[list[int]], list[str] | None]:
+    if groups is None:
+        return [[i] for i in range(T)], None
+    if isinstance(groups, Mapping):
+        names, cols = list(groups.keys()), [list(v) for v in groups.values()]
+    else:
+        cols, names = [list(g) for g in groups], None
+    for c in cols:
+        if not c:
+            raise ValueError("empty position group")
+        for p in c:
+            if not -T <= int(p) < T:
+                raise IndexError(f"position {p} outside the prompt's {T} tokens")
+    return [[int(p) % T for p in c] for c in cols], names
+
+
+def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
+                 subject_positions: Sequence[int] | None = None, noise: float = 3.0, samples: int = 1,
+                 seed: int = 0, clean_model=None, layers: int | Sequence[int] | None = None,
+                 groups: Sequence[Sequence[int]] | Mapping[str, Sequence[int]] | None = None,
+                 batch_size: int = 128) -> CausalTrace:
+    """Causal-tracing map of ``answer`` over (layer, token position) (ROME, section 2.1).
+
+    Args:
+        model: the :class:`~probe.model.ProbeModel` that runs the corrupted forward (with the
+            restorations).
+        prompt: the prompt (its last token predicts the answer).
+        answer: the answer; its first token (taken in context, :func:`probe.answer_ids`) is
+            measured.
+        subject: the subject, a substring of ``prompt``; its tokens are corrupted
+            (:func:`subject_token_positions`).
+        subject_positions: explicit token positions to corrupt instead (negative allowed),
+            e.g. image tokens; exactly one of ``subject`` / ``subject_positions``.
+        noise: noise std as a multiple of :func:`embedding_noise_std` (ROME: 3).
+        samples: noise samples averaged (ROME: 10); seeded by ``seed``.
+        clean_model: the model whose clean run provides the restored states and
+            ``clean_prob`` (default ``model``). See the module docstring.
+        layers: decoder layers to restore (rows of the map); None = all.
+        groups: restore positions together: a list of position lists, or ``{name: positions}``
+            (one column each). Default: one column per token position.
+        batch_size: restorations per nnsight trace.
+
+    Returns:
+        :class:`CausalTrace` with ``probs [n_layers, n_columns]`` (probabilities 0..1).
+
+    Raises:
+        InputError: bad prompt/answer/subject, or both/neither of ``subject`` and
+        ``subject_positions``. ValueError: the two models' widths differ. IndexError: a layer
+        or position out of range.
+
+    Example::
+
+        tr = causal_trace(model, "The Eiffel Tower is located in the city of", "Paris",
+                          subject="The Eiffel Tower")
+        tr.probs.shape  # [30, 10]
+    """
+    clean_model = model if clean_model is None else clean_model
+    if clean_model.d_model != model.d_model:
+        raise ValueError(f"clean_model has d_model {clean_model.d_model}, model {model.d_model}")
+    if (subject is None) == (subject_positions is None):
+        raise InputError("give exactly one of subject and subject_positions", field="subject")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt is empty or whitespace-only", field="prompt")
+    ids = tokenize(model.tokenizer, prompt)
+    T = len(ids)
+    if clean_model is not model and tokenize(clean_model.tokenizer, prompt) != ids:
+        raise ValueError("model and clean_model tokenise the prompt differently")
+    if subject is not None:
+        corrupt = subject_token_positions(model.tokenizer, prompt, subject)
+    else:
+        corrupt = []
+        for p in subject_positions:
+            if not -T <= int(p) < T:
+                raise IndexError(f"subject position {p} outside the prompt's {T} tokens")
+            corrupt.append(int(p) % T)
+        corrupt = sorted(set(corrupt))
+        if not corrupt:
+            raise InputError("subject_positions is empty", field="subject_positions")
+    a_id = answer_ids(model.tokenizer, prompt, answer)[0]
+    layer_list = normalize_layers(model, layers)
+    normalize_layers(clean_model, layer_list)  # same indices must exist in the clean model
+    cols, names = _columns(T, groups)
+    clean_states, clean_prob = _clean_run(clean_model, ids, layer_list, a_id)
+    std = noise * embedding_noise_std(model)
+    restorations = [[]] + [[(layer, p) for p in c] for layer in layer_list for c in cols]
+    # Restorations known to change nothing are not run (their value is the corrupted probability):
+    # the last layer's states at positions other than the last never reach the output, and, when
+    # the clean states come from `model` itself, positions before the first corrupted token are
+    # identical in the clean and the corrupted run.
+    first = min(corrupt)
+    last_layer = model.n_layers - 1
+
+    def _noop(rs) -> bool:
+        return bool(rs) and all((layer == last_layer and p != T - 1) or (clean_model is model and p < first)
+                                for layer, p in rs)
+
+    todo = [i for i, rs in enumerate(restorations) if i == 0 or not _noop(rs)]
+    run = restored_probs(model, ids, a_id, corrupt, [restorations[i] for i in todo], clean_states=clean_states,
+                         state_layers=layer_list, noise_std=std, samples=samples, seed=seed, batch_size=batch_size)
+    probs = torch.full((len(restorations),), float(run[0]))
+    probs[todo] = run
+    tok = model.tokenizer
+    labels = names or [tok.decode([ids[c[0]]]) if len(c) == 1 else f"{c[0]}..{c[-1]}" for c in cols]
+    return CausalTrace(
+        probs=probs[1:].reshape(len(layer_list), len(cols)), clean_prob=clean_prob, corrupted_prob=float(probs[0]),
+        tokens=[str(x) for x in labels], subject_positions=corrupt, layers=layer_list, columns=cols,
+        answer=answer.strip(), answer_token=tok.decode([a_id]), answer_id=int(a_id), prompt=prompt, noise=float(noise),
+        noise_std=float(std), samples=int(samples), seed=int(seed),
+        meta={"same_model": clean_model is model, "model": getattr(model, "name", ""),
+              "clean_model": getattr(clean_model, "name", "")})

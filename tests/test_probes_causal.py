@@ -1,0 +1,369 @@
+"""Linear probes (probe.probes), the linear-probe attack, causal tracing (probe.causal) and the
+layer-wise / causal-trace figures (viz.layers).
+
+Probes are tested on synthetic residuals with a planted linear signal; causal tracing on tiny
+random models (exact consistency checks) and once on the real SmolLM2.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from attacks.base import ATTACKS, AttackContext
+from attacks.linear_probe import LinearProbeAttack, probe_default_layers
+from probe.causal import (CausalTrace, _clean_run, _positions_by_decoding, causal_trace, embedding_noise_std,
+                          restored_probs, subject_token_positions)
+from probe.errors import InputError
+from probe.facts import Fact
+from probe.probes import UNRANKED, cross_validated_accuracy, probe_dataset, train_probes
+from probe.tokens import answer_ids, tokenize
+
+ANSWERS = ["Paris", "Tokyo", "Rome", "Berlin", "Madrid"]
+
+
+def planted(n_per_class=30, n_layers=5, d=24, layer=2, seed=0, strength=4.0):
+    """Synthetic residuals: class-dependent means at ``layer`` only, pure noise elsewhere."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(len(ANSWERS), d))
+    labels = [a for a in ANSWERS for _ in range(n_per_class)]
+    X = rng.normal(size=(len(labels), n_layers, d)).astype(np.float32)
+    for i, a in enumerate(labels):
+        X[i, layer] += strength * means[ANSWERS.index(a)]
+    return X, labels, means
+
+
+# ------------------------------------------------------------------------------------------
+# probes
+
+
+def test_cv_accuracy_finds_planted_layer():
+    X, y, _ = planted()
+    cv = cross_validated_accuracy(X, y, folds=5)
+    assert cv.stratified and cv.folds == 5 and cv.n == 150 and cv.n_classes == 5
+    assert cv.chance == pytest.approx(0.2) and cv.majority in ANSWERS
+    acc = np.array(cv.accuracy)
+    assert acc[2] > 0.95
+    others = np.delete(acc, 2)
+    assert (others < 0.4).all(), acc  # chance = 0.2; 150 samples -> well below 0.4
+    assert json.loads(json.dumps(cv.to_json()))["accuracy"] == cv.accuracy
+
+
+def test_train_probes_rank_and_rare_answers():
+    X, y, means = planted()
+    X = np.concatenate([X, np.random.default_rng(1).normal(size=(1, 5, 24)).astype(np.float32)])
+    y = y + ["Lisbon"]  # a single example: dropped
+    probes = train_probes(X, y, layers=[10, 11, 12, 13, 14])
+    assert probes.classes == sorted(ANSWERS) and probes.dropped == {"Lisbon": 1} and probes.n_train == 150
+    assert probes.layers == [10, 11, 12, 13, 14]
+    # new examples of each class: rank 1 at the planted layer
+    rng = np.random.default_rng(7)
+    X_new = rng.normal(size=(5, 5, 24)).astype(np.float32)
+    X_new[:, 2] += 4.0 * means
+    ranks = probes.rank(X_new, ANSWERS)
+    assert ranks.shape == (5, 5) and ranks.dtype == np.int64
+    assert (ranks[:, 2] == 1).all()
+    assert ((ranks >= 1) & (ranks <= 5)).all()
+    # not a class -> UNRANKED everywhere; a single answer string broadcasts
+    assert (probes.rank(X_new, "Lisbon") == UNRANKED).all()
+    assert (probes.rank(X_new[:1], " Paris ")[0] == ranks[0]).all()
+    p = probes.predict_proba(X_new)
+    assert p.shape == (5, 5, 5) and np.allclose(p.sum(-1), 1)
+    assert list(probes.predict(X_new)[:, 2]) == ANSWERS
+    with pytest.raises(ValueError):
+        probes.rank(X_new[:, :3], ANSWERS)
+    with pytest.raises(ValueError):
+        probes.rank(X_new, ANSWERS[:2])
+    # deterministic (fixed seed)
+    again = train_probes(X, y, layers=[10, 11, 12, 13, 14])
+    assert np.array_equal(again.predict_proba(X_new), p)
+
+
+def test_degenerate_probes():
+    X = np.zeros((3, 2, 4), dtype=np.float32)
+    one = train_probes(X, ["A", "A", "B"])  # B dropped -> one class
+    assert one.classes == ["A"] and (one.rank(X, "A") == 1).all() and (one.rank(X, "B") == UNRANKED).all()
+    none = train_probes(X, ["A", "B", "C"])
+    assert none.classes == [] and (none.rank(X, "A") == UNRANKED).all()
+    keep_all = train_probes(X + np.arange(3, dtype=np.float32)[:, None, None], ["A", "B", "C"], min_examples=1)
+    assert keep_all.classes == ["A", "B", "C"]
+    with pytest.raises(ValueError):
+        train_probes(X, ["A"])
+
+
+def test_probe_dataset_on_tiny_model(tiny_llama):
+    facts = [Fact(id=str(i), prompt=p, answer=a) for i, (p, a) in
+             enumerate([("The capital of France is", "Paris"), ("The capital of Japan is", " Tokyo ")])]
+    X, y = probe_dataset(tiny_llama, facts, layers=[-1, 0])
+    assert X.shape == (2, 2, 64) and X.dtype == np.float32 and y == ["Paris", "Tokyo"]
+
+
+# ------------------------------------------------------------------------------------------
+# the linear-probe attack
+
+
+class _FakeModel:
+    n_layers = 6
+
+
+def test_default_layers():
+    assert probe_default_layers(30) == [10, 15, 20, 24, 29]
+    assert probe_default_layers(18) == [6, 9, 12, 14, 17]
+    assert probe_default_layers(4) == [0, 1, 2, 3]
+    for n in range(5, 60):
+        ls = probe_default_layers(n)
+        assert len(ls) == 5 and ls[-1] == n - 1 and ls == sorted(set(ls))
+
+
+@pytest.mark.parametrize("rank_layers", ["all", "attack"])
+def test_linear_probe_attack_recovers_planted_signal(monkeypatch, rank_layers):
+    """Training data = non-deleted facts; the deleted facts' answers are planted at layer 3."""
+    n_layers, d, planted_layer = 6, 16, 3
+    rng = np.random.default_rng(0)
+    means = {a: rng.normal(size=d) for a in ANSWERS}
+    facts = [Fact(id=f"{a}-{j}", prompt=f"prompt {a} {j}", answer=a) for a in ANSWERS for j in range(12)]
+    facts.append(Fact(id="unique", prompt="prompt unique", answer="Lisbon"))
+    resid = {}
+    for f in facts:
+        x = rng.normal(size=(n_layers, d)).astype(np.float32)
+        x[planted_layer] += 4.0 * means.get(f.answer, np.zeros(d))
+        resid[f.id] = x
+    calls = []
+
+    def fake_dataset(model, fs, layers=None, **kw):
+        calls.append([f.id for f in fs])
+        layers = list(range(n_layers)) if layers is None else list(layers)
+        return np.stack([resid[f.id][layers] for f in fs]), [f.answer for f in fs]
+
+    monkeypatch.setattr("probe.probes.probe_dataset", fake_dataset)
+    deleted = [f for f in facts if f.id.endswith("-0")] + [facts[-1]]
+    ctx = AttackContext(facts=facts, deleted=frozenset(f.id for f in deleted))
+    attack = LinearProbeAttack(layers=[1, 3, 5], rank_layers=rank_layers)
+    assert ATTACKS["linear-probe"] is LinearProbeAttack and attack.kind == "whitebox"
+    assert attack.budget(n_layers) == 12 and LinearProbeAttack().budget(30) == 20
+    out = attack.run(_FakeModel(), deleted, ctx)
+    assert len(out) == len(deleted)
+    assert not set(calls[0]) & ctx.deleted and len(calls[0]) == len(facts) - len(deleted)  # trained on the rest
+    for f, o in zip(deleted[:-1], out[:-1]):
+        assert o.success and o.best_rank == 1 and o.budget == 12
+        assert o.details["answer_is_class"] and o.details["ranks_at_L"][1] == 1  # layer 3
+        assert f.answer in o.details["candidates"]
+        if rank_layers == "all":
+            assert len(o.layer_ranks) == n_layers and o.layer_ranks[planted_layer] == 1
+        else:
+            assert o.layer_ranks is None
+    last = out[-1]  # "Lisbon": no training example -> not a class
+    assert not last.success and last.best_rank == UNRANKED and not last.details["answer_is_class"]
+    # the candidate sets are k classes per layer of L
+    assert all(len(o.details["candidates"]) <= 12 for o in out)
+    json.dumps([o.to_json() for o in out])
+    # second call on the same model state: cached probes, only the attacked facts are read
+    again = attack.run(_FakeModel(), deleted, ctx)
+    assert again[0].details["cached_probes"] and len(calls) == 3 and calls[2] == [f.id for f in deleted]
+    assert [o.best_rank for o in again] == [o.best_rank for o in out]
+
+
+def test_linear_probe_attack_on_tiny_model(tiny_llama):
+    facts = [Fact(id=str(i), prompt=f"The capital of {c} is", answer=a)
+             for i, (c, a) in enumerate([("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"),
+                                         ("Spain", "Madrid"), ("Brazil", "Rio"), ("Germany", "Berlin")] * 2)]
+    facts = [Fact(id=str(i), prompt=f.prompt + "." * (i // 6), answer=f.answer) for i, f in enumerate(facts)]
+    ctx = AttackContext(facts=facts, deleted=frozenset({"0"}))
+    out = LinearProbeAttack().run(tiny_llama, [facts[0]], ctx)
+    (o,) = out
+    assert o.budget == 4 * 2 and len(o.layer_ranks) == 2 and o.details["n_train"] == 10
+    assert o.details["n_classes"] == 5 and o.details["answer_is_class"] is False  # Paris' only other copy is
+    assert o.best_rank == UNRANKED  # fact 6 -> 1 example < min_examples
+
+
+# ------------------------------------------------------------------------------------------
+# causal tracing
+
+PROMPT = "The Eiffel Tower is located in the city of"
+
+
+@pytest.fixture(scope="module")
+def peaky(make_tiny):
+    """Tiny models with larger weights, so corrupting the subject visibly moves the output."""
+    return {k: make_tiny(k, initializer_range=0.3) for k in ("llama", "gpt2")}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_restoring_everything_or_nothing(peaky, kind):
+    m = peaky[kind]
+    tr = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower")
+    T = len(tokenize(m.tokenizer, PROMPT))
+    assert tr.probs.shape == (m.n_layers, T) and tr.layers == list(range(m.n_layers)) and len(tr.tokens) == T
+    assert abs(math.log(tr.clean_prob / tr.corrupted_prob)) > 0.05  # the corruption does something
+    assert ((tr.probs >= 0) & (tr.probs <= 1)).all()
+    ids = tokenize(m.tokenizer, PROMPT)
+    a = answer_ids(m.tokenizer, PROMPT, "Paris")[0]
+    L = list(range(m.n_layers))
+    states, clean = _clean_run(m, ids, L, a)
+    assert clean == pytest.approx(tr.clean_prob, abs=1e-7)
+    sets = ([[]] + [[(layer, p) for layer in L for p in range(T)]]  # nothing; every layer at every position
+            + [[(layer, p) for p in range(T)] for layer in L])  # all positions of one layer
+    probs = restored_probs(m, ids, a, tr.subject_positions, sets, clean_states=states, state_layers=L,
+                           noise_std=tr.noise_std, seed=tr.seed, batch_size=3)
+    assert probs[0] == pytest.approx(tr.corrupted_prob, rel=1e-5, abs=1e-8)
+    for p in probs[1:]:
+        assert float(p) == pytest.approx(clean, rel=1e-5, abs=1e-8)
+    # the last layer at the last position is the output itself: restoring it gives the clean prob;
+    # the last layer elsewhere never reaches the output
+    assert float(tr.probs[-1, -1]) == pytest.approx(clean, rel=1e-5, abs=1e-8)
+    assert torch.allclose(tr.probs[-1, :-1], torch.tensor(tr.corrupted_prob), rtol=1e-5, atol=1e-8)
+    # positions before the subject are untouched by the noise: restoring them is a no-op
+    first = min(tr.subject_positions)
+    assert first > 0 and torch.allclose(tr.probs[:, :first], torch.tensor(tr.corrupted_prob), rtol=1e-5)
+    # ... which the skipped rows must agree with when actually run
+    run = restored_probs(m, ids, a, tr.subject_positions, [[(0, 0)], [(L[-1], first)]], clean_states=states,
+                         state_layers=L, noise_std=tr.noise_std, seed=tr.seed)
+    assert torch.allclose(run, torch.tensor(tr.corrupted_prob), rtol=1e-5, atol=1e-8)
+
+
+def test_noise_is_seeded_and_scaled(peaky):
+    m = peaky["llama"]
+    a = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", seed=3)
+    b = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", seed=3, batch_size=7)
+    c = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", seed=4)
+    assert torch.allclose(a.probs, b.probs, rtol=1e-5, atol=1e-8) and a.corrupted_prob == pytest.approx(b.corrupted_prob)
+    assert not torch.allclose(a.probs, c.probs)
+    emb = m.hf.model.embed_tokens.weight
+    assert a.noise_std == pytest.approx(3.0 * float(emb.detach().float().std()), rel=1e-5)
+    assert embedding_noise_std(m) == pytest.approx(float(emb.detach().float().std()), rel=1e-5)
+    zero = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", noise=0.0)
+    assert zero.corrupted_prob == pytest.approx(zero.clean_prob, rel=1e-5)
+    two = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", samples=2, seed=3)
+    assert two.samples == 2 and two.probs.shape == a.probs.shape
+
+
+def test_explicit_positions_groups_and_clean_model(peaky):
+    m = peaky["llama"]
+    by_subject = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", layers=[0, -1])
+    by_pos = causal_trace(m, PROMPT, "Paris", subject_positions=by_subject.subject_positions, layers=[0, 1])
+    assert torch.allclose(by_subject.probs, by_pos.probs) and by_pos.layers == [0, 1]
+    T = len(by_pos.tokens)
+    grouped = causal_trace(m, PROMPT, "Paris", subject_positions=[-1], groups={"all": range(T), "last": [T - 1]})
+    assert grouped.tokens == ["all", "last"] and grouped.probs.shape == (2, 2)
+    assert torch.allclose(grouped.probs[:, 0], torch.tensor(grouped.clean_prob), rtol=1e-5)
+    with pytest.raises(InputError):
+        causal_trace(m, PROMPT, "Paris")
+    with pytest.raises(InputError):
+        causal_trace(m, PROMPT, "Paris", subject="Louvre")
+    with pytest.raises(IndexError):
+        causal_trace(m, PROMPT, "Paris", subject_positions=[99])
+    # clean states from another ("edited") model: the corrupted run stays on `model`
+    edited_hf = copy.deepcopy(m.hf)
+    with torch.no_grad():
+        edited_hf.model.layers[1].mlp.down_proj.weight.mul_(-1.0)
+    import probe
+    edited = probe.wrap_model(edited_hf, m.tokenizer, name="edited")
+    cross = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", clean_model=edited)
+    own = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower")
+    assert cross.corrupted_prob == pytest.approx(own.corrupted_prob, rel=1e-6)
+    assert cross.clean_prob != pytest.approx(own.clean_prob, rel=1e-3)
+    # the edited model's final state at the last position decodes as in the edited model
+    assert float(cross.probs[-1, -1]) == pytest.approx(cross.clean_prob, rel=1e-5)
+    assert not cross.meta["same_model"]
+
+
+def test_subject_span_detection(tiny_tokenizer, smollm2_tokenizer):
+    cases = [("The Eiffel Tower is located in the city of", "The Eiffel Tower"),
+             ("The Eiffel Tower is located in the city of", "Eiffel Tower"),
+             ("Where is the Eiffel Tower? It is in", "Eiffel Tower"),
+             ("Ça va ? 東京は日本の首都です。 Tokyo", "東京"),
+             ("Danielle Darrieux's mother tongue is", "Danielle Darrieux")]
+    for tok in (tiny_tokenizer, smollm2_tokenizer):
+        for prompt, subject in cases:
+            ids = tokenize(tok, prompt)
+            pos = subject_token_positions(tok, prompt, subject)
+            assert pos == list(range(pos[0], pos[-1] + 1))
+            text = tok.decode([ids[i] for i in pos])
+            assert subject in text and len(text.strip()) <= len(subject) + 2, (prompt, text)
+            start = prompt.index(subject)
+            by_decoding = _positions_by_decoding(tok, ids, start, start + len(subject))
+            if subject.isascii():
+                assert pos == by_decoding
+            else:  # byte-level tokens split characters: decoding gives a token sharing a character to both
+                assert set(pos) <= set(by_decoding) and len(by_decoding) <= len(pos) + 2
+    # SmolLM2: one token per word here
+    assert subject_token_positions(smollm2_tokenizer, PROMPT, "The Eiffel Tower") == [0, 1, 2, 3]
+    assert subject_token_positions(smollm2_tokenizer, "Paris, not Paris", "Paris", occurrence=1)[0] > 0
+    with pytest.raises(InputError):
+        subject_token_positions(tiny_tokenizer, PROMPT, "Louvre")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+def test_causal_trace_json_roundtrip(peaky):
+    tr = causal_trace(peaky["llama"], PROMPT, "Paris", subject="Eiffel Tower")
+    back = CausalTrace.from_json(json.loads(json.dumps(tr.to_json())))
+    assert torch.equal(back.probs, tr.probs) and back.tokens == tr.tokens
+    assert torch.allclose(tr.indirect_effect, tr.probs - tr.corrupted_prob)
+
+
+def test_causal_trace_smollm2(smollm2):
+    tr = causal_trace(smollm2, PROMPT, "Paris", subject="The Eiffel Tower")
+    assert tr.probs.shape == (30, len(tr.tokens)) and tr.subject_positions == [0, 1, 2, 3]
+    assert tr.answer_token == " Paris"
+    assert tr.clean_prob > 0.5 > 0.1 > tr.corrupted_prob
+    layer, col = tr.peak()
+    assert col in tr.subject_positions or col == len(tr.tokens) - 1
+    assert float(tr.probs.max()) > 3 * tr.corrupted_prob
+
+
+# ------------------------------------------------------------------------------------------
+# figures
+
+
+def test_layer_rank_figures():
+    from viz.layers import aggregate_layer_rank_figure, layer_rank_figure, median_rank_by_layer
+
+    pre = {"logit lens": [20000, 15000, 30, 1], "tuned lens": [500, 50, 5, 1], "probe": [3, 2, 1, 1]}
+    post = {"logit lens": [21000, 18000, 900, 400], "probe": [3, UNRANKED, math.inf, None]}
+    fig = layer_rank_figure(pre, post, fact_id="f1")
+    assert len(fig.data) == 5 and "f1" in fig.layout.title.text
+    assert fig.layout.yaxis.type == "log"
+    (probe_post,) = [t for t in fig.data if t.meta == {"kind": "rank", "readout": "probe", "phase": "post"}]
+    assert list(probe_post.y) == [3.0, None, None, None] and probe_post.line.dash == "dash"
+    (lens_pre,) = [t for t in fig.data if t.meta["readout"] == "logit lens" and t.meta["phase"] == "pre"]
+    assert list(lens_pre.y) == [20000, 15000, 30, 1] and list(lens_pre.x) == [0, 1, 2, 3]
+    assert len(layer_rank_figure(pre).data) == 3
+
+    rows = [[1, 10, UNRANKED], [3, 20, UNRANKED], [5, 30, 2]]
+    assert median_rank_by_layer(rows) == [3, 20, None]
+    assert median_rank_by_layer([[1, 4], [3, 8]]) == [2, 6]
+    agg = aggregate_layer_rank_figure({"probe": rows, "logit lens": [[9, 8, 7]] * 3}, {"probe": rows[:2]})
+    assert len(agg.data) == 3
+    (p,) = [t for t in agg.data if t.meta["readout"] == "probe" and t.meta["phase"] == "pre"]
+    assert list(p.y) == [3, 20, None] and p.meta["n"] == 3
+
+
+def test_causal_trace_figure(peaky):
+    from viz.layers import causal_trace_figure
+
+    m = peaky["llama"]
+    pre = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower")
+    post = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", seed=5)
+    fig = causal_trace_figure(pre, post.to_json())
+    assert len(fig.data) == 2 and [t.type for t in fig.data] == ["heatmap", "heatmap"]
+    np.testing.assert_allclose(np.array(fig.data[0].z, dtype=float), pre.probs.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.array(fig.data[1].z, dtype=float), post.probs.numpy(), rtol=1e-6)
+    assert fig.data[0].zmax == fig.data[1].zmax >= max(float(pre.probs.max()), float(post.probs.max()))
+    assert fig.data[0].zmin == 0 and list(fig.data[0].y) == pre.layers
+    ticks = fig.layout.xaxis.ticktext
+    assert len(ticks) == len(pre.tokens)
+    assert [t.endswith("*") for t in ticks] == [i in pre.subject_positions for i in range(len(ticks))]
+    assert "corrupted p=" in fig.layout.annotations[0].text and len(fig.layout.annotations) == 2
+    assert fig.data[0].meta["clean_prob"] == pre.clean_prob
+    assert len(causal_trace_figure(pre).data) == 1
+    with pytest.raises(ValueError):
+        causal_trace_figure({"probs": [[0.1, 0.2]], "tokens": ["a"], "layers": [0]})
