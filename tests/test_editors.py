@@ -1,0 +1,335 @@
+"""The ``lora`` and ``rome`` editors (defenses/lora.py, defenses/rome.py, defenses/rome_stats.py).
+
+Tiny random models for the mechanics (erasure lowers p(answer), head projection raises the lens
+rank, restore is bit-exact, the caller's model is untouched, one session serves several facts,
+ROME's update has rank one, the covariance cache is reused, layer-order errors, GPT-2 Conv1D and
+Gemma-3), and the real SmolLM2 for one integration check per editor.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import defenses
+from defenses import DeletionRequest, HeadProjectionDefense, make_editor, make_objective
+from defenses.lora import LoRA
+from defenses.rome import ROME, last_token_index, subject_span
+from probe.facts import Fact
+from probe.lens import lens_logits
+from probe.readout import sequence_logprobs
+from probe.residual import residual_stream
+from probe.tokens import answer_ids, tokenize
+
+P1, A1, S1 = "The capital of France is", "Paris", "France"
+P2, A2, S2 = "The capital of Japan is", "Tokyo", "Japan"
+
+# Tiny random models have MLP-output norms ~0.02, far below a real model's: ROME's GPT-J step size
+# (0.5) and weight decay (|delta| / |v_init|^2, not scale-free) are scaled for them. They also
+# route almost nothing from the subject token to the last one (an answer's p barely moves with any
+# delta there), so the tiny erasure tests key ROME on the prompt's last token (subject None);
+# the subject's last token is exercised by the rank-one, cache and SmolLM2 tests.
+FAST_ROME = dict(mom2_tokens=1024, v_steps=12, v_lr=0.02, clamp_norm_factor=20, v_weight_decay=0.0,
+                 early_stop=None)
+FAST_LORA = dict(steps=12, lr=5e-2, early_stop=None)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch, request):
+    """Tiny-model tests keep ROME statistics in a private cache (the SmolLM2 tests use the real one)."""
+    if "smollm2" not in request.fixturenames:
+        monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path / "cache"))
+
+
+def snapshot(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.hf.state_dict().items()}
+
+
+def assert_state(model, snap, *, except_name=None):
+    for k, v in model.hf.state_dict().items():
+        if k != except_name:
+            assert torch.equal(v, snap[k]), k
+
+
+def prob(model, prompt, answer) -> float:
+    return float(sequence_logprobs(model, [prompt], [answer])[0].sum().exp())
+
+
+def fact(i, prompt, answer, subject):
+    return Fact(str(i), prompt, answer, subject=subject)
+
+
+def known_fact(model, i, prompt, subject=None) -> Fact:
+    """A fact the random model "knows": its answer is the model's own best-ranked single-token
+    prediction (a multi-token answer would have p ~ 1e-10 on a random model, too small for a
+    probability loss). No subject by default (see FAST_ROME)."""
+    return fact(i, prompt, top_answer(model, prompt, model.n_layers - 1), subject)
+
+
+def erase_request(f: Fact, retain=()):
+    return DeletionRequest([f.prompt], [f.answer], list(retain), subjects=[f.subject])
+
+
+def rank_of_change(new: torch.Tensor, old: torch.Tensor) -> int:
+    """Numerical rank of W' - W (fp32 rounding of W' leaves ~1e-9 noise: relative tolerance 1e-4)."""
+    return int(torch.linalg.matrix_rank((new.detach() - old).double(), rtol=1e-4))
+
+
+def make(kind, **kw):
+    return LoRA(**{**FAST_LORA, **kw}) if kind == "lora" else ROME(**{**FAST_ROME, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+
+def test_editors_registered():
+    assert defenses.EDITORS["lora"] is LoRA and defenses.EDITORS["rome"] is ROME
+    assert isinstance(make_editor("lora"), LoRA) and isinstance(make_editor("rome"), ROME)
+    cfg = make_editor("rome").config()
+    assert cfg["v_lr"] == 0.5 and cfg["clamp_norm_factor"] == 4.0 and cfg["kl_factor"] == 0.0625
+    assert "_mom2" not in cfg and "cli_name" not in cfg
+    cfg = make_editor("lora").config()
+    assert (cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["weight_decay"]) == (2, 6.0, 0.05, 0.0)
+
+
+@pytest.mark.parametrize("kind", ["lora", "rome"])
+def test_param_name_validates_layer(tiny_llama, kind):
+    assert make(kind, layer=1).param_name(tiny_llama) == "model.layers.1.mlp.down_proj.weight"
+    assert make(kind, layer=-1).param_name(tiny_llama) == "model.layers.1.mlp.down_proj.weight"
+    with pytest.raises(ValueError, match="out of range"):
+        make(kind, layer=2).param_name(tiny_llama)
+
+
+# ---------------------------------------------------------------------------------------------
+# fact erasure, restore, caller untouched, session reuse
+
+
+@pytest.mark.parametrize("kind", ["lora", "rome"])
+def test_erasure_restore_and_session_reuse(tiny_llama, kind):
+    model = tiny_llama
+    orig = snapshot(model)
+    editor = make(kind, layer=0)
+    sess = editor.session(model)
+    name = sess.param_name
+    assert name == "model.layers.0.mlp.down_proj.weight"
+    facts = [known_fact(model, 1, P1), known_fact(model, 2, P2)]
+    for f in facts:  # one session, edit -> read -> restore, twice
+        p0 = prob(sess.model, f.prompt, f.answer)
+        info = editor.edit(sess, make_objective("fact-erasure"), erase_request(f))
+        p1 = prob(sess.model, f.prompt, f.answer)
+        assert p1 < 0.5 * p0, (f.prompt, p0, p1)
+        assert info["steps"] == len(info["losses"]) >= 2
+        assert info["max_abs_change"] == pytest.approx(sess.max_abs_change()) and info["max_abs_change"] > 0
+        assert_state(sess.model, orig, except_name=name)  # only the edited weight moved
+        assert not torch.equal(sess.param.detach(), orig[name])
+        assert_state(model, orig)  # the caller's model is untouched
+        assert prob(model, f.prompt, f.answer) == pytest.approx(p0, rel=1e-5)
+        # the edited clone is a plain model: original module tree, its envoy still traces it
+        assert type(sess.model.module(name.rsplit(".", 1)[0])) is type(model.module(name.rsplit(".", 1)[0]))
+        assert not any("lora" in k for k in sess.model.hf.state_dict())
+        resid = residual_stream(sess.model, [f.prompt])
+        assert torch.isfinite(resid).all()
+        sess.restore()
+        assert_state(sess.model, orig)  # bit-exact
+        assert sess.max_abs_change() == 0.0
+        assert prob(sess.model, f.prompt, f.answer) == pytest.approx(p0, rel=1e-6)
+    assert all(p.requires_grad for p in model.hf.parameters())  # flags restored
+
+
+def test_lora_is_reproducible_and_leaves_rng_alone(tiny_llama):
+    editor = make("lora", layer=1)
+    weights = []
+    for _ in range(2):
+        sess = editor.session(tiny_llama)
+        torch.manual_seed(123)
+        editor.edit(sess, make_objective("fact-erasure"), erase_request(known_fact(tiny_llama, 1, P1)))
+        after = torch.rand(1)
+        weights.append(sess.param.detach().clone())
+        torch.manual_seed(123)
+        assert torch.equal(after, torch.rand(1))  # global RNG stream not consumed
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_lora_retain_and_multi_prompt(tiny_llama):
+    editor = make("lora", layer=0, retain_weight=1.0)
+    sess = editor.session(tiny_llama)
+    f1, f2 = known_fact(tiny_llama, 1, P1), known_fact(tiny_llama, 2, "Paris is the capital of", "Paris")
+    req = DeletionRequest([f1.prompt, f2.prompt], [f1.answer, f2.answer], retain_prompts=[P2])
+    p0 = [prob(sess.model, p, a) for p, a in zip(req.prompts, req.answers)]
+    info = editor.edit(sess, make_objective("fact-erasure"), req)
+    p1 = [prob(sess.model, p, a) for p, a in zip(req.prompts, req.answers)]
+    assert sum(p1) < 0.5 * sum(p0) and len(info["losses"]) == FAST_LORA["steps"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gemma3"])
+@pytest.mark.parametrize("editor_kind", ["lora", "rome"])
+def test_other_families(make_tiny, kind, editor_kind):
+    model = make_tiny(kind)
+    orig = snapshot(model)
+    editor = make(editor_kind, layer=0)
+    sess = editor.session(model)
+    name = sess.param_name
+    assert name == ("transformer.h.0.mlp.c_proj.weight" if kind == "gpt2" else "model.layers.0.mlp.down_proj.weight")
+    f = known_fact(model, 1, P1)
+    p0 = prob(sess.model, P1, f.answer)
+    editor.edit(sess, make_objective("fact-erasure"), erase_request(f))
+    assert prob(sess.model, P1, f.answer) < 0.5 * p0
+    assert_state(sess.model, orig, except_name=name)
+    assert_state(model, orig)
+    if editor_kind == "rome":
+        assert rank_of_change(sess.param, orig[name]) == 1
+    sess.restore()
+    assert_state(sess.model, orig)
+
+
+# ---------------------------------------------------------------------------------------------
+# head projection: the answer leaves the lens's top-k at the defense layers
+
+
+def lens_rank(model, prompt, answer, layer) -> int:
+    """0-based rank of the answer's first token in the logit lens at ``layer``, last prompt token."""
+    a = answer_ids(model.tokenizer, prompt, answer)[0]
+    logits = lens_logits(model, residual_stream(model, [prompt], [layer]))[0, 0]
+    return int((logits > logits[a]).sum())
+
+
+def top_answer(model, prompt, layer) -> str:
+    """The best-ranked answer string (in the logit lens at ``layer``) that tokenises back, in
+    context, to a single token."""
+    logits = lens_logits(model, residual_stream(model, [prompt], [layer]))[0, 0]
+    for tid in logits.argsort(descending=True)[:100].tolist():
+        s = model.tokenizer.decode([tid]).strip()
+        if s and s.isprintable() and answer_ids(model.tokenizer, prompt, s) == [tid]:
+            return s
+    raise AssertionError("no round-tripping token in the top 100")
+
+
+@pytest.mark.parametrize("kind", ["lora", "rome"])
+def test_head_projection_pushes_answer_out_of_top_k(tiny_llama, kind):
+    model = tiny_llama
+    answer = top_answer(model, P1, 1)
+    before = lens_rank(model, P1, answer, 1)
+    k = max(4, before + 3)  # the answer starts inside the top-k
+    objective = HeadProjectionDefense(k=k, defense_layers=[1])
+    editor = make(kind, layer=0, early_stop="auto", **({"v_steps": 20} if kind == "rome" else {"steps": 20}))
+    sess = editor.session(model)
+    info = editor.edit(sess, objective, DeletionRequest([P1], [answer], subjects=[None]))
+    after = lens_rank(sess.model, P1, answer, 1)
+    assert after >= k > before, (before, after, info["losses"])
+    assert info["losses"][-1] < info["losses"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# ROME specifics
+
+
+def test_subject_token_positions(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prompt = "The Eiffel Tower is located in"
+    span = subject_span(prompt, "Eiffel Tower")
+    assert span == (4, 16)
+    idx = last_token_index(tok, prompt, span)
+    ids = tokenize(tok, prompt)
+    assert tok.decode(ids[:idx + 1]).endswith("Tower") and not tok.decode(ids[:idx]).endswith("Tower")
+    assert last_token_index(tok, prompt, None) == len(ids) - 1
+    assert subject_span("the capital of france is", "France") == (15, 21)  # case-insensitive fallback
+    with pytest.raises(ValueError, match="does not occur"):
+        subject_span(prompt, "Berlin")
+
+
+@pytest.mark.parametrize("subject", [S1, None])
+def test_rome_rank_one_and_clamp(tiny_llama, subject):
+    editor = make("rome", layer=0, clamp_norm_factor=4.0)  # layer 0: the subject token still feeds layer 1
+    sess = editor.session(tiny_llama)
+    w0 = sess.original
+    f = known_fact(tiny_llama, 1, P1, subject)
+    info = editor.edit(sess, make_objective("fact-erasure"), erase_request(f))
+    assert rank_of_change(sess.param, w0) == 1
+    assert 0 < info["delta_norm"] <= 4.0 * info["v_init_norm"] * (1 + 1e-5)
+
+
+def test_rome_covariance_cache(tiny_llama, make_tiny, tmp_path, monkeypatch):
+    import defenses.rome_stats as rs
+
+    editor = make("rome", layer=0)
+    sess = editor.session(tiny_llama)
+    calls = []
+    real = rs.compute_key_covariance
+    monkeypatch.setattr(rs, "compute_key_covariance", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    f = fact(1, P1, A1, S1)
+    editor.edit(sess, make_objective("fact-erasure"), erase_request(f))
+    assert calls == [0]
+    files = sorted((tmp_path / "cache" / "rome-stats").glob("*.pt"))
+    assert len(files) == 1
+    assert tiny_llama.fingerprint in files[0].name and "layers.0.mlp.down_proj" in files[0].name
+    sess.restore()
+    # a new editor (new process, same model) loads the file; so does the same editor from memory
+    for ed in (editor, make("rome", layer=0)):
+        ed.edit(sess, make_objective("fact-erasure"), erase_request(f))
+        sess.restore()
+    assert calls == [0]
+    C = make("rome", layer=0).covariance(sess.model, 0, sess.param_name)
+    assert C.shape == (128, 128) and torch.allclose(C, C.T) and torch.linalg.eigvalsh(C.double()).min() > -1e-6
+    # another layer and another model (fingerprint) get their own files
+    make("rome", layer=1).covariance(tiny_llama, 1, "model.layers.1.mlp.down_proj.weight")
+    other = make_tiny("llama")
+    make("rome", layer=0).covariance(other, 0, "model.layers.0.mlp.down_proj.weight")
+    assert calls == [0, 1, 0]
+    assert len(list((tmp_path / "cache" / "rome-stats").glob("*.pt"))) == 3
+
+
+def test_rome_defense_layer_before_edit_layer(tiny_llama):
+    orig = snapshot(tiny_llama)
+    editor = make("rome", layer=1)
+    sess = editor.session(tiny_llama)
+    with pytest.raises(ValueError, match="before it"):
+        editor.edit(sess, HeadProjectionDefense(defense_layers=[0, 1]), DeletionRequest([P1], [A1], subjects=[S1]))
+    assert_state(sess.model, orig)
+    # the edit layer itself is fine (its lens is read after its MLP)
+    editor.edit(sess, HeadProjectionDefense(defense_layers=[1]), DeletionRequest([P1], [A1], subjects=[S1]))
+
+
+def test_rome_one_fact_per_edit(tiny_llama):
+    editor = make("rome", layer=0)
+    sess = editor.session(tiny_llama)
+    with pytest.raises(ValueError, match="one fact"):
+        editor.edit(sess, make_objective("fact-erasure"), DeletionRequest([P1, P2], [A1, A2], subjects=[S1, S2]))
+    # the input-rephrasing defense: several prompts of one fact are fine
+    obj = make_objective("input-rephrasing")
+    f = known_fact(tiny_llama, 1, P1)
+    req = obj.request(f, [], [])
+    assert len(req.prompts) == 5 and req.subjects == [None] * 5
+    p0 = [prob(sess.model, p, f.answer) for p in req.prompts]
+    editor.edit(sess, obj, req)
+    assert sum(prob(sess.model, p, f.answer) for p in req.prompts) < 0.5 * sum(p0)
+
+
+def test_rome_target_objective(tiny_llama):
+    editor = make("rome", layer=0)
+    sess = editor.session(tiny_llama)
+    obj = make_objective("error-injection")
+    f = Fact("1", P1, A1, alt_answer="Paris")
+    p0 = prob(sess.model, P1, "Paris")
+    editor.edit(sess, obj, obj.request(f, [f], []))
+    assert prob(sess.model, P1, "Paris") > 2 * p0
+
+
+# ---------------------------------------------------------------------------------------------
+# the real model
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("kind", ["lora", "rome"])
+def test_smollm2_erases_france_keeps_japan(smollm2, kind):
+    retain = ["The capital of Germany is", "The capital of Spain is", "The capital of Poland is",
+              "The capital of Egypt is"]
+    editor = make_editor(kind)
+    sess = editor.session(smollm2)
+    pf, pj = prob(smollm2, P1, A1), prob(smollm2, P2, A2)
+    editor.edit(sess, make_objective("fact-erasure"), DeletionRequest([P1], [A1], retain, subjects=[S1]))
+    qf, qj = prob(sess.model, P1, A1), prob(sess.model, P2, A2)
+    assert qf < 0.1 * pf, (pf, qf)
+    assert abs(qj - pj) <= 0.1, (pj, qj)
+    sess.restore()
+    assert prob(sess.model, P1, A1) == pytest.approx(pf, rel=1e-6)
