@@ -62,6 +62,12 @@ def make_editor(name: str, **config):
     return EDITORS[name](**config)
 
 
+def editor_for(objective, editor: str, config: dict | None = None):
+    """The editor ``editor`` configured for ``objective``: the objective's
+    :attr:`Objective.editor_defaults` for that editor, overridden by ``config`` (the user's)."""
+    return make_editor(editor, **{**getattr(objective, "editor_defaults", {}).get(editor, {}), **(config or {})})
+
+
 @dataclass
 class DeletionRequest:
     """What to delete: prompts with the answer to remove, and prompts whose behaviour to keep.
@@ -124,6 +130,9 @@ class Objective:
     cli_name = "objective"
     target_kind: str | None = None
     stop_below: float | None = None
+    #: per editor name, the editor settings this objective needs to reach its purpose (tuned on
+    #: SmolLM2, see the README); the user's explicit settings override them.
+    editor_defaults: dict = {}
 
     def layers(self, n_layers: int) -> list[int]:
         """Defense layers whose logit lens the loss reads (empty: output only)."""

@@ -60,6 +60,8 @@ class EmptyResponse(Objective):
     target: str = "I don't know"
     target_kind = "target"
     stop_below = 0.1
+    # making a new 4-token reply likely needs a larger edit than erasing one answer (README)
+    editor_defaults = {"constrained-ft": {"norm_bound": 1e-2, "lr": 5e-3}}
 
     def request(self, fact, facts, retain):
         return DeletionRequest([fact.prompt], [fact.answer], list(retain), targets=[self.target],
@@ -92,6 +94,7 @@ class ErrorInjection(Objective):
     seed: int = 0
     target_kind = "target"
     stop_below = 0.1
+    editor_defaults = {"constrained-ft": {"norm_bound": 5e-3, "lr": 2.5e-3}}
 
     def request(self, fact, facts, retain):
         return DeletionRequest([fact.prompt], [fact.answer], list(retain), targets=[other_answer(fact, facts, self.seed)],
@@ -168,6 +171,7 @@ class MaxEntropy(Objective):
     defense_layers: list[int] | None = None
     layer_frac: float = 0.3
     stop_below = None
+    editor_defaults = {"constrained-ft": {"norm_bound": 5e-3, "lr": 2.5e-3}}
 
     def layers(self, n_layers):
         return _resolve_layers(self.defense_layers, self.layer_frac, n_layers)

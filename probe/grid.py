@@ -232,7 +232,8 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
             settings; ValueError: unknown defense/attack/editor names.
     """
     from attacks import AttackContext, attack_readout
-    from defenses import DefenseDiverged, make_editor, make_objective
+    from defenses import DefenseDiverged, make_objective
+    from defenses.base import editor_for
     from defenses.evaluate import (deletion_scores, fact_probs, random_accuracy, target_probs, target_scores,
                                    FactProbs)
     from defenses.retain import retain_prompts
@@ -242,15 +243,16 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     attack_names = resolve_names(cfg.attacks, "attack")
     lens_attacks, other_attacks = _split_attacks(attack_names)
     objectives = {d: make_objective(d, **cfg.objective_config.get(d, {})) for d in defenses}
-    editor = make_editor(cfg.editor, **cfg.editor_config)
-    editor.param_name(model)
+    editors = {d: editor_for(obj, cfg.editor, cfg.editor_config) for d, obj in objectives.items()}
+    for editor in editors.values():
+        editor.param_name(model)
     for d, obj in objectives.items():  # validate defense layers before anything is written
         obj.layers(model.n_layers)
     facts = list(facts)
     check_lengths(model, facts)
     stamp = {"command": "grid", "model": model.name, "model_fingerprint": model.fingerprint, "facts": facts_label,
              **{k: v for k, v in asdict(cfg).items() if k not in ("progress", "defenses")},
-             "editor_config_resolved": editor.config()}
+             "editor_config_resolved": {d: e.config() for d, e in editors.items()}}
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory")
     if (out / UNITS).exists() and not resume:
@@ -299,12 +301,12 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
         pre_done[fact.id] = rec
 
     # 2. each defense, one fact at a time from a fresh copy
-    session = editor.session(model)
     by_id = {f.id: f for f in facts}
     done_units = {(u["defense"], u["fact_id"]) for u in unit_log.records}
     for dfn in defenses:
-        objective = objectives[dfn]
+        objective, editor = objectives[dfn], editors[dfn]
         todo = [f for f, _ in known if (dfn, f.id) not in done_units]
+        session = editor.session(model) if todo else None
         for fact in tqdm(todo, desc=f"{dfn} ({cfg.editor})", disable=not cfg.progress):
             check_interrupt()
             pre = pre_done[fact.id]

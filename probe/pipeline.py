@@ -270,7 +270,8 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
         RunError: the output folder holds another run; ValueError: unknown defense/attack/editor.
     """
     from attacks import attack_readout
-    from defenses import DefenseDiverged, DeletionRequest, make_editor, make_objective
+    from defenses import DefenseDiverged, DeletionRequest, make_objective
+    from defenses.base import editor_for
     from defenses.evaluate import deletion_scores, fact_probs
     from defenses.metrics import mean
     from defenses.retain import retain_prompts
@@ -280,7 +281,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
         raise InputError(f"unknown protocol {cfg.protocol!r}; use one-at-a-time or all-at-once", field="protocol")
     attack_objs, others = _attacks(cfg.attacks)
     objective = make_objective(cfg.defense)
-    editor = make_editor(cfg.editor, **cfg.editor_config)
+    editor = editor_for(objective, cfg.editor, cfg.editor_config)
     editor.param_name(model)  # validates the edit layer before anything is written
     objective.layers(model.n_layers)  # validates defense layers
     facts = list(facts)
