@@ -81,6 +81,9 @@ class LinearProbeAttack(Attack):
             ``layer_ranks = None`` (the ranks at ``L`` are in ``details["ranks_at_L"]``).
         C, max_iter, min_examples: passed to :func:`probe.probes.train_probes`.
         batch_size: prompts per nnsight trace when reading the residual stream.
+        max_train: at most this many training facts, taken evenly spaced over the pool's order
+            (deterministic; a file sorted by relation keeps every relation); None = all.
+            Reading the pool's residual stream dominates the cost per model state.
     """
 
     kind = "whitebox"
@@ -91,6 +94,7 @@ class LinearProbeAttack(Attack):
     max_iter: int = 30
     min_examples: int = 2
     batch_size: int = 32
+    max_train: int | None = 400
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
@@ -153,6 +157,9 @@ class LinearProbeAttack(Attack):
         entry = ctx.cache.get(key)
         if entry is None:
             pool = [f for f in ctx.facts if str(f.id) not in excluded]
+            if self.max_train is not None and len(pool) > self.max_train:
+                step = len(pool) / self.max_train
+                pool = [pool[int(i * step)] for i in range(self.max_train)]
             if not pool:
                 raise ValueError("linear-probe: no facts left to train on (every fact is deleted or attacked)")
             probes, read_s = self.train(model, pool, progress=ctx.progress)

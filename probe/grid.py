@@ -12,7 +12,9 @@ Output folder:
 * ``units.jsonl`` -- one record per (defense, fact): the edited model's readout, attack outcomes
   and scores (or the reason the defense failed on that fact);
 * ``grid.json`` -- one record per cell (defense, attack): budget, success_pre, success_post and the
-  defense's rewrite / paraphrase / neighborhood scores, Δ-Acc; rewritten after every defense;
+  defense's rewrite / paraphrase / neighborhood scores, Δ-Acc; rewritten after every fact (facts
+  are processed one at a time through every defense, so a grid stopped early covers every
+  defense on fewer facts; ``complete`` says whether every planned fact is in);
 * ``report.html`` -- defense x attack heatmap, defense scores, per-layer answer rank per defense.
 
 Records are appended (fsync'd) as each fact finishes; ``resume=True`` skips finished facts and
@@ -244,8 +246,10 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     lens_attacks, other_attacks = _split_attacks(attack_names)
     objectives = {d: make_objective(d, **cfg.objective_config.get(d, {})) for d in defenses}
     editors = {d: editor_for(obj, cfg.editor, cfg.editor_config) for d, obj in objectives.items()}
-    for editor in editors.values():
+    for d, editor in editors.items():
         editor.param_name(model)
+        if hasattr(editor, "check_layers"):  # ROME: defense layers must not precede the edit layer
+            editor.check_layers(model, objectives[d])
     for d, obj in objectives.items():  # validate defense layers before anything is written
         obj.layers(model.n_layers)
     facts = list(facts)
@@ -287,29 +291,33 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     def ctx(cache: dict | None = None) -> AttackContext:
         return AttackContext(facts=facts, deleted=evaluated, seed=cfg.seed, cache={} if cache is None else cache)
 
-    # 1. the unedited model: every attack and the reference probabilities, per fact
-    for fact, read in tqdm([k for k in known if k[0].id not in pre_done], desc="attacks (unedited)",
-                           disable=not cfg.progress):
-        check_interrupt()
-        _, outs = evaluate_state(model, [fact], [], other_attacks, ctx(pre_cache))
-        probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
-        rand = random_facts_for(fact, facts, cfg.random_n, cfg.seed)
-        rec = {"fact_id": fact.id, "readout": asdict(read), "outcomes": outs[0], "probs": asdict(probs),
-               "random_ids": [g.id for g in rand],
-               "random_acc": random_accuracy(model, rand, max_new_tokens=cfg.acc_tokens)}
-        pre_log.append(rec)
-        pre_done[fact.id] = rec
-
-    # 2. each defense, one fact at a time from a fresh copy
+    # One fact at a time: every attack on the unedited model, then each defense from a fresh copy.
+    # Fact-major order, so a grid stopped early still covers every defense (on fewer facts).
     by_id = {f.id: f for f in facts}
     done_units = {(u["defense"], u["fact_id"]) for u in unit_log.records}
-    for dfn in defenses:
-        objective, editor = objectives[dfn], editors[dfn]
-        todo = [f for f, _ in known if (dfn, f.id) not in done_units]
-        session = editor.session(model) if todo else None
-        for fact in tqdm(todo, desc=f"{dfn} ({cfg.editor})", disable=not cfg.progress):
+    sessions: dict = {}
+    result = None
+    for fact, read in tqdm(known, desc="facts (all defenses)", disable=not cfg.progress):
+        todo = [d for d in defenses if (d, fact.id) not in done_units]
+        if fact.id in pre_done and not todo:
+            continue
+        check_interrupt()
+        if fact.id not in pre_done:
+            _, outs = evaluate_state(model, [fact], [], other_attacks, ctx(pre_cache))
+            probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
+            rand = random_facts_for(fact, facts, cfg.random_n, cfg.seed)
+            rec = {"fact_id": fact.id, "readout": asdict(read), "outcomes": outs[0], "probs": asdict(probs),
+                   "random_ids": [g.id for g in rand],
+                   "random_acc": random_accuracy(model, rand, max_new_tokens=cfg.acc_tokens)}
+            pre_log.append(rec)
+            pre_done[fact.id] = rec
+        pre = pre_done[fact.id]
+        for dfn in todo:
             check_interrupt()
-            pre = pre_done[fact.id]
+            objective, editor = objectives[dfn], editors[dfn]
+            if dfn not in sessions:
+                sessions[dfn] = editor.session(model)
+            session = sessions[dfn]
             retain = retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
             target = objective.target_for(fact, facts)
             t_pre = target_probs(model, fact, target) if target else None
@@ -339,7 +347,10 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
                                                         "max_abs_change": info["max_abs_change"],
                                                         "seconds": round(edit_s, 2)}})
         result = _write_grid(out, model, pre_done, unit_log.records, lens_attacks, other_attacks, cfg, defenses,
-                             attack_names, n_known, len(facts), facts_label, t0)
+                             attack_names, n_known, len(facts), facts_label, t0, len(known))
+    if result is None:  # everything was already finished
+        result = _write_grid(out, model, pre_done, unit_log.records, lens_attacks, other_attacks, cfg, defenses,
+                             attack_names, n_known, len(facts), facts_label, t0, len(known))
     return result
 
 
@@ -359,7 +370,7 @@ def _per_layer(pre: dict[str, dict], units: list[dict], n_layers: int) -> dict:
 
 
 def _write_grid(out: Path, model, pre, units, lens_attacks, other_attacks, cfg: GridConfig, defenses, attack_names,
-                n_known: int, n_input: int, facts_label: str, t0: float) -> dict:
+                n_known: int, n_input: int, facts_label: str, t0: float, n_facts_planned: int = 0) -> dict:
     from viz.grid import write_grid_report
 
     cells = build_cells(pre, units, lens_attacks, other_attacks, model.n_layers, cfg.editor)
@@ -367,8 +378,9 @@ def _write_grid(out: Path, model, pre, units, lens_attacks, other_attacks, cfg: 
     edit_s = [u["edit"]["seconds"] for u in units if "edit" in u]
     res = {"model": model.name, "n_layers": model.n_layers, "editor": cfg.editor, "defenses": defenses,
            "attacks": attack_names, "facts_file": facts_label, "n_facts_input": n_input, "n_known": n_known,
-           "n_facts": len(pre), "defenses_finished": finished,
-           "complete": all(d in finished for d in defenses),
+           "n_facts": len(pre), "n_facts_planned": n_facts_planned, "defenses_started": finished,
+           "complete": all((d, f) in {(u["defense"], u["fact_id"]) for u in units} for d in defenses for f in pre)
+                       and len(pre) == n_facts_planned,
            "cells": [asdict(c) for c in cells], "per_layer": _per_layer(pre, units, model.n_layers),
            "mean_edit_seconds": round(sum(edit_s) / len(edit_s), 2) if edit_s else None,
            "seconds_this_session": round(time.time() - t0, 1), "seed": cfg.seed}

@@ -284,6 +284,10 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     editor = editor_for(objective, cfg.editor, cfg.editor_config)
     editor.param_name(model)  # validates the edit layer before anything is written
     objective.layers(model.n_layers)  # validates defense layers
+    if hasattr(editor, "check_layers"):  # ROME: defense layers must not precede the edit layer
+        editor.check_layers(model, objective)
+    if cfg.protocol == "all-at-once" and cfg.editor == "rome":
+        raise InputError("the rome editor edits one fact per edit; use --protocol one-at-a-time", field="protocol")
     facts = list(facts)
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "run")
