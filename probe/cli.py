@@ -39,6 +39,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         f"--facts file, {BUILTIN_DEFAULT_MAX} of the built-in set (so the default job takes a few "
                         "minutes on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per forward pass (default: auto)")
+    p.add_argument("--bb-tokens", type=int, default=None,
+                   help="new tokens per sample of the blackbox attacks (question-rephrase, jailbreak; default 36 "
+                        "as in the papers)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, float16; lens "
                                                  "and loss arithmetic always run in fp32")
@@ -202,6 +205,10 @@ def _run(args) -> int:
     if not [a for a in args.attacks.split(",") if a.strip()]:
         return _fail("--attacks is empty")
     attacks = resolve_names(args.attacks, "attack")  # ValueError lists the valid names
+    if args.bb_tokens is not None and args.bb_tokens < 1:
+        return _fail("--bb-tokens must be >= 1")
+    attack_config = ({n: {"max_new_tokens": args.bb_tokens} for n in ("question-rephrase", "jailbreak")}
+                     if args.bb_tokens else {})
     editor_config = {}
     if args.command in ("run", "grid"):
         from defenses import OBJECTIVES
@@ -227,6 +234,7 @@ def _run(args) -> int:
         from .grid import GridConfig, run_grid
 
         gcfg = GridConfig(defenses=defenses, attacks=attacks, editor=args.editor, editor_config=editor_config,
+                          attack_config=attack_config,
                           known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
                           random_n=args.random_n, acc_tokens=args.acc_tokens, batch_size=args.batch_size,
                           seed=args.seed, progress=progress)
@@ -236,7 +244,7 @@ def _run(args) -> int:
         print(f"report:  {Path(args.out) / 'report.html'}")
         return 0
     cfg = RunConfig(attacks=attacks, max_facts=max_facts, batch_size=args.batch_size, seed=args.seed,
-                    progress=progress)
+                    progress=progress, attack_config=attack_config)
     if args.command == "run":
         cfg.defense, cfg.editor, cfg.editor_config = args.defense, args.editor, editor_config
         cfg.protocol, cfg.known_rank = args.protocol, args.known_rank

@@ -62,6 +62,8 @@ class GridConfig:
         attacks: attack names (``all`` = every registered attack).
         editor, editor_config: the editor every defense uses, and its settings.
         objective_config: per defense name, settings of that objective.
+        attack_config: per attack name, settings of that attack (e.g. ``{"question-rephrase":
+            {"max_new_tokens": 12}}``).
         known_rank: keep facts whose answer's first token is at rank <= this at the output.
         max_facts: use at most this many known facts (evenly spaced over the file).
         retain_size, retain_similar: KL retain prompts per edit (see :mod:`defenses.retain`).
@@ -74,6 +76,7 @@ class GridConfig:
     editor: str = "constrained-ft"
     editor_config: dict = field(default_factory=dict)
     objective_config: dict = field(default_factory=dict)
+    attack_config: dict = field(default_factory=dict)
     known_rank: int = 1
     max_facts: int | None = None
     retain_size: int = 4
@@ -132,10 +135,10 @@ class _Log:
         self.records.append(rec)
 
 
-def _split_attacks(names: Sequence[str]):
+def _split_attacks(names: Sequence[str], config: dict | None = None):
     from attacks import WHITEBOX_ATTACKS, make_attack
 
-    objs = [make_attack(n) for n in names]
+    objs = [make_attack(n, **(config or {}).get(n, {})) for n in names]
     lens = [a for n, a in zip(names, objs) if n in WHITEBOX_ATTACKS]
     other = [a for n, a in zip(names, objs) if n not in WHITEBOX_ATTACKS]
     return lens, other
@@ -243,7 +246,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     out = Path(out)
     defenses = resolve_names(cfg.defenses, "defense")
     attack_names = resolve_names(cfg.attacks, "attack")
-    lens_attacks, other_attacks = _split_attacks(attack_names)
+    lens_attacks, other_attacks = _split_attacks(attack_names, cfg.attack_config)
     objectives = {d: make_objective(d, **cfg.objective_config.get(d, {})) for d in defenses}
     editors = {d: editor_for(obj, cfg.editor, cfg.editor_config) for d, obj in objectives.items()}
     for d, editor in editors.items():

@@ -51,6 +51,7 @@ class RunConfig:
     seed: int = 0
     progress: bool = True
     causal_traces: int = 0
+    attack_config: dict = field(default_factory=dict)
 
 
 class RunError(ProbeAttackError):
@@ -142,11 +143,11 @@ def _causal(model, edited, fact: Fact, out: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _attacks(names: Sequence[str]):
+def _attacks(names: Sequence[str], config: dict | None = None):
     """Logit-lens attacks (scored from one lens sweep) and the other registered attacks."""
     from attacks import WHITEBOX_ATTACKS, make_attack
 
-    objs = [make_attack(n) for n in names]
+    objs = [make_attack(n, **(config or {}).get(n, {})) for n in names]
     return ([a for n, a in zip(names, objs) if n in WHITEBOX_ATTACKS],
             [a for n, a in zip(names, objs) if n not in WHITEBOX_ATTACKS])
 
@@ -226,7 +227,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     Per-fact results are appended as each batch ends.
     """
     out = Path(out)
-    attack_objs, others = _attacks(cfg.attacks)
+    attack_objs, others = _attacks(cfg.attacks, cfg.attack_config)
     all_facts = list(facts)
     facts = evenly_spaced(list(facts), cfg.max_facts) if cfg.max_facts else list(facts)
     check_lengths(model, facts)
@@ -279,7 +280,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     out = Path(out)
     if cfg.protocol not in ("one-at-a-time", "all-at-once"):
         raise InputError(f"unknown protocol {cfg.protocol!r}; use one-at-a-time or all-at-once", field="protocol")
-    attack_objs, others = _attacks(cfg.attacks)
+    attack_objs, others = _attacks(cfg.attacks, cfg.attack_config)
     objective = make_objective(cfg.defense)
     editor = editor_for(objective, cfg.editor, cfg.editor_config)
     editor.param_name(model)  # validates the edit layer before anything is written
