@@ -45,7 +45,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, float16; lens "
                                                  "and loss arithmetic always run in fp32")
-    p.add_argument("--seed", type=int, default=0, help="random seed (retain-set sampling, torch)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (blackbox sampling, relearning data, error-injection fallback targets, torch)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -180,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         out = getattr(args, "out", None) or "the output folder"
-        print(f"\nprobe-attack: interrupted; finished facts are saved in {out}/per_fact.jsonl -- "
+        files = "pre.jsonl and units.jsonl" if args.command == "grid" else "per_fact.jsonl"
+        print(f"\nprobe-attack: interrupted; finished facts are saved in {out} ({files}) -- "
               f"rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
 
@@ -205,8 +207,22 @@ def _run(args) -> int:
     if not [a for a in args.attacks.split(",") if a.strip()]:
         return _fail("--attacks is empty")
     attacks = resolve_names(args.attacks, "attack")  # ValueError lists the valid names
-    if args.bb_tokens is not None and args.bb_tokens < 1:
-        return _fail("--bb-tokens must be >= 1")
+    for flag, value, low in (("--bb-tokens", args.bb_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("--steps", getattr(args, "steps", None), 1),
+                             ("--acc-tokens", getattr(args, "acc_tokens", None), 1),
+                             ("--retain-size", getattr(args, "retain_size", None), 0),
+                             ("--random-n", getattr(args, "random_n", None), 0),
+                             ("--known-rank", getattr(args, "known_rank", None), 1)):
+        if value is not None and value < low:
+            return _fail(f"{flag} must be >= {low}")
+    import torch as _torch
+
+    try:
+        dev = _torch.device(args.device)
+    except (RuntimeError, TypeError) as exc:
+        return _fail(f"--device {args.device!r}: {exc}")
+    if dev.type == "cuda" and not _torch.cuda.is_available():
+        return _fail(f"--device {args.device}: CUDA is not available in this torch build/machine")
     attack_config = ({n: {"max_new_tokens": args.bb_tokens} for n in ("question-rephrase", "jailbreak")}
                      if args.bb_tokens else {})
     editor_config = {}

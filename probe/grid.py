@@ -262,11 +262,13 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
              "editor_config_resolved": {d: e.config() for d, e in editors.items()}}
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory")
+    if (out / "per_fact.jsonl").exists() or (out / "results.json").exists():
+        raise RunError(f"{out}: holds a run (per_fact.jsonl), not a grid; choose another --out")
     if (out / UNITS).exists() and not resume:
         raise RunError(f"{out}: already holds a grid ({UNITS}); pass --resume to continue it or choose another --out")
     if resume and (out / STAMP).is_file():
         old = json.loads((out / STAMP).read_text())
-        diff = [k for k in stamp if old.get(k) != stamp[k]]
+        diff = [k for k in stamp if k != "editor_config_resolved" and old.get(k) != stamp[k]]
         if diff:
             raise RunError(f"{out / STAMP}: cannot resume, settings differ from the earlier grid in: {', '.join(diff)}")
     torch.manual_seed(cfg.seed)

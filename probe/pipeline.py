@@ -100,6 +100,8 @@ def _prepare_out(out: Path, stamp: dict, resume: bool) -> dict[str, FactResult]:
     per_fact = out / PER_FACT
     if out.exists() and not out.is_dir():
         raise RunError(f"{out}: exists and is not a directory")
+    if (out / "units.jsonl").exists() or (out / "grid.json").exists():
+        raise RunError(f"{out}: holds a grid (units.jsonl); choose another --out")
     if per_fact.exists() and not resume:
         raise RunError(f"{out}: already holds results ({PER_FACT}); pass --resume to continue that run "
                        "or choose another --out")

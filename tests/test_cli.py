@@ -747,3 +747,32 @@ def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp
     assert len(traces[0]["pre"]["probs"]) == 2  # [n_layers][n_positions]
     html = (out_dir / "report.html").read_text()
     assert "Where the deleted knowledge persists" in html and "Causal trace of fact" in html
+
+
+@pytest.mark.parametrize("flag,value,needle", [("--steps", "0", "--steps must be >= 1"),
+                                               ("--acc-tokens", "-1", "--acc-tokens must be >= 1"),
+                                               ("--bb-tokens", "0", "--bb-tokens must be >= 1"),
+                                               ("--device", "cuda", "CUDA is not available")])
+def test_bad_numeric_flags_and_device_exit_2_and_write_nothing(cli, facts_file, tmp_path, flag, value, needle):
+    out_dir = tmp_path / "out"
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--known-rank", "1000", "--quiet",
+                       flag, value)
+    assert_input_error(rc, out, err, needle, out_dir=out_dir)
+
+
+def test_run_and_grid_never_write_into_each_others_folders(cli, facts_file, tmp_path):
+    grid_dir, run_dir = tmp_path / "g", tmp_path / "r"
+    rc, _, err = cli("grid", "--facts", str(facts_file), "--out", str(grid_dir), "--defenses", "fact-erasure",
+                     "--attacks", "head-projection", "--max-facts", "1", "--random-n", "0", *RUN_FAST)
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in grid_dir.iterdir()}
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(grid_dir), *RUN_FAST)
+    assert rc == 2 and "holds a grid" in err
+    assert {p.name: p.read_bytes() for p in grid_dir.iterdir()} == before
+    rc, _, err = cli("run", "--facts", str(facts_file), "--out", str(run_dir), "--max-facts", "1", *RUN_FAST)
+    assert rc == 0, err
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(run_dir), "--defenses", "fact-erasure",
+                       "--attacks", "head-projection", *RUN_FAST)
+    assert rc == 2 and "holds a run" in err
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
