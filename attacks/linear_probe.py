@@ -46,6 +46,7 @@ import torch
 from probe.probes import UNRANKED, LayerProbes, train_probes
 
 from .base import Attack, AttackContext, AttackOutcome, register
+from .whitebox import resolve_layer_list
 
 
 def probe_default_layers(n_layers: int, count: int = 5, start_frac: float = 1 / 3) -> list[int]:
@@ -99,12 +100,7 @@ class LinearProbeAttack(Attack):
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
             return probe_default_layers(n_layers)
-        out = []
-        for layer in self.layers:
-            if not -n_layers <= int(layer) < n_layers:
-                raise ValueError(f"{self.name}: layer {layer} out of range for {n_layers} layers")
-            out.append(int(layer) % n_layers)
-        return sorted(set(out))
+        return resolve_layer_list(self.layers, n_layers, self.name)
 
     def budget(self, n_layers: int) -> int:
         """``B = k |L|``."""

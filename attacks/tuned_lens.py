@@ -35,7 +35,7 @@ from typing import Any, Sequence
 from probe.tuned_lens import TunedLens, get_tuned_lens, tuned_lens_readout
 
 from .base import Attack, AttackContext, AttackOutcome, register
-from .whitebox import default_layers
+from .whitebox import default_layers, resolve_layer_list
 
 #: Tuned lenses already loaded in this process, by model fingerprint (loaded once per process).
 _LENSES: dict[str, TunedLens] = {}
@@ -81,12 +81,7 @@ class TunedLensAttack(Attack):
         """
         if self.layers is None:
             return tuned_lens_layers(n_layers)
-        out = []
-        for layer in self.layers:
-            if not -n_layers <= int(layer) < n_layers:
-                raise ValueError(f"{self.name}: layer {layer} out of range for {n_layers} layers")
-            out.append(int(layer) % n_layers)
-        return sorted(set(out))
+        return resolve_layer_list(self.layers, n_layers, self.name)
 
     def budget(self, n_layers: int, k: int | None = None) -> int:
         """Candidate-set size B = k |L|."""

@@ -53,6 +53,20 @@ def default_layers(n_layers: int, count: int, span_frac: float) -> list[int]:
     return sorted(out)
 
 
+def resolve_layer_list(layers, n_layers: int, name: str) -> list[int]:
+    """Sorted, distinct, non-negative decoder-layer indices of ``layers`` (negative allowed).
+
+    Raises:
+        ValueError: a layer outside ``[-n_layers, n_layers)`` (the message names the attack).
+    """
+    out = []
+    for layer in layers:
+        if not -n_layers <= int(layer) < n_layers:
+            raise ValueError(f"{name}: layer {layer} out of range for {n_layers} layers")
+        out.append(int(layer) % n_layers)
+    return sorted(set(out))
+
+
 @dataclass
 class WhiteboxAttack:
     """Base class: a logit-lens attack with candidate lists of size ``k`` at ``layers``.
@@ -68,12 +82,7 @@ class WhiteboxAttack:
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
             return self.default_layers(n_layers)
-        out = []
-        for layer in self.layers:
-            if not -n_layers <= int(layer) < n_layers:
-                raise ValueError(f"{self.name}: layer {layer} out of range for {n_layers} layers")
-            out.append(int(layer) % n_layers)
-        return sorted(set(out))
+        return resolve_layer_list(self.layers, n_layers, self.name)
 
     def default_layers(self, n_layers: int) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -72,9 +72,37 @@ class EditSession:
         return float((self.param.detach() - self.original).abs().max())
 
 
+class OneMLPEditor:
+    """Shared plumbing of the editors that change one decoder layer's MLP output projection
+    (``down_proj`` / ``c_proj`` / ``fc_out``): the layer (``layer``, else ``layer_frac`` of
+    depth), the weight's name, and an :class:`EditSession` on a copy-on-write clone."""
+
+    layer: int | None
+    layer_frac: float
+
+    def resolve_layer(self, model: ProbeModel) -> int:
+        """The edit layer (non-negative). Raises ValueError when out of range."""
+        n = model.n_layers
+        layer = int(round(self.layer_frac * (n - 1))) if self.layer is None else int(self.layer)
+        if not -n <= layer < n:
+            raise ValueError(f"edit layer {layer} out of range for {n} layers")
+        return layer % n
+
+    def param_name(self, model: ProbeModel) -> str:
+        """Fully-qualified name of the edited weight (validates the layer)."""
+        return f"{model.arch.layers}.{self.resolve_layer(model)}.{model.arch.mlp_out}.weight"
+
+    def session(self, model: ProbeModel) -> EditSession:
+        """A copy-on-write clone of ``model`` owning a private copy of the edited weight."""
+        name = self.param_name(model)
+        get_attr_path(model.hf, name.rsplit(".", 1)[0])  # raises AttributeError with the path
+        clone = clone_model(model, [name])
+        return EditSession(clone, name, dict(clone.hf.named_parameters())[name].detach().clone())
+
+
 @register_editor("constrained-ft")
 @dataclass
-class ConstrainedFineTune:
+class ConstrainedFineTune(OneMLPEditor):
     """Constrained fine-tuning of one layer's MLP output projection.
 
     Attributes:
@@ -99,24 +127,6 @@ class ConstrainedFineTune:
     early_stop: float | str | None = "auto"
     optimizer: str = "adam"
     cli_name: str = field(default="constrained-ft", repr=False)
-
-    def resolve_layer(self, model: ProbeModel) -> int:
-        n = model.n_layers
-        layer = int(round(self.layer_frac * (n - 1))) if self.layer is None else self.layer
-        if not -n <= layer < n:
-            raise ValueError(f"edit layer {layer} out of range for {n} layers")
-        return layer % n
-
-    def param_name(self, model: ProbeModel) -> str:
-        return f"{model.arch.layers}.{self.resolve_layer(model)}.{model.arch.mlp_out}.weight"
-
-    def session(self, model: ProbeModel) -> EditSession:
-        """Clone ``model`` with a private copy of the weight this editor edits."""
-        name = self.param_name(model)
-        get_attr_path(model.hf, name.rsplit(".", 1)[0])  # raises AttributeError with the path
-        clone = clone_model(model, [name])
-        sess = EditSession(clone, name, dict(clone.hf.named_parameters())[name].detach().clone())
-        return sess
 
     def config(self) -> dict:
         d = asdict(self)

@@ -68,11 +68,11 @@ import torch
 
 from probe.arch import get_attr_path
 from probe.interrupt import check as check_interrupt
-from probe.model import ProbeModel, clone_model
+from probe.model import ProbeModel
 from probe.tokens import encode_ids, tokenize
 
 from .base import DeletionRequest, Objective, register_editor
-from .constrained_ft import DefenseDiverged, EditSession, only_trainable
+from .constrained_ft import DefenseDiverged, EditSession, OneMLPEditor, only_trainable
 from .forward import objective_forward, prepare, retain_kl, stop_threshold
 from .rome_stats import key_covariance
 
@@ -141,7 +141,7 @@ def _is_conv1d(module) -> bool:
 
 @register_editor("rome")
 @dataclass
-class ROME:
+class ROME(OneMLPEditor):
     """Rank-One Model Editing of one layer's MLP output projection (see the module docstring).
 
     Attributes:
@@ -185,24 +185,6 @@ class ROME:
     _mom2: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- editor interface -----------------------------------------------------------------
-    def resolve_layer(self, model: ProbeModel) -> int:
-        n = model.n_layers
-        layer = int(round(self.layer_frac * (n - 1))) if self.layer is None else int(self.layer)
-        if not -n <= layer < n:
-            raise ValueError(f"edit layer {layer} out of range for {n} layers")
-        return layer % n
-
-    def param_name(self, model: ProbeModel) -> str:
-        """Fully-qualified name of the edited weight (validates the layer)."""
-        return f"{model.arch.layers}.{self.resolve_layer(model)}.{model.arch.mlp_out}.weight"
-
-    def session(self, model: ProbeModel) -> EditSession:
-        """A copy-on-write clone of ``model`` owning a private copy of the edited weight."""
-        name = self.param_name(model)
-        get_attr_path(model.hf, name.rsplit(".", 1)[0])  # raises AttributeError with the path
-        clone = clone_model(model, [name])
-        return EditSession(clone, name, dict(clone.hf.named_parameters())[name].detach().clone())
-
     def config(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
         out.pop("cli_name", None)

@@ -20,15 +20,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 
 from probe.arch import get_attr_path
+from probe.atomic import save_torch_atomic
 from probe.model import cache_dir
 from probe.tokens import encode_ids, tokenize
 
@@ -154,21 +153,8 @@ def key_covariance(model, layer: int, param_name: str, *, n_tokens: int = 20480)
         except Exception:  # a corrupt cache file is recomputed and replaced
             pass
     mom2, count = compute_key_covariance(model, layer, n_tokens=n_tokens)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save({"mom2": mom2.cpu(), "n_tokens": count, "layer": layer, "param": param_name,
-                        "fingerprint": model.fingerprint, "corpus": corpus_digest()}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_torch_atomic({"mom2": mom2.cpu(), "n_tokens": count, "layer": layer, "param": param_name,
+                       "fingerprint": model.fingerprint, "corpus": corpus_digest()}, path)
     return mom2
 
 

@@ -15,12 +15,25 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     is moved into place with :func:`os.replace`; on any error the temporary file is removed and an
     existing file at ``path`` is left untouched.
     """
+    return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
+
+
+def save_torch_atomic(obj, path: str | os.PathLike) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`write_text_atomic`)."""
+    import torch
+
+    return write_atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call ``write(binary_file)`` on a temporary file next to ``path``, fsync it and move it into
+    place with :func:`os.replace` (the old file or the new one, never half of one)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         umask = os.umask(0)

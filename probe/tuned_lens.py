@@ -47,7 +47,6 @@ import random
 import re
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -227,27 +226,10 @@ def _check_shape(meta: dict, model, where: str = "tuned lens") -> None:
 
 
 def _save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, fsync, then ``os.replace`` (the binary
-    twin of :func:`probe.atomic.write_text_atomic`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    """``torch.save`` atomically (:func:`probe.atomic.save_torch_atomic`)."""
+    from .atomic import save_torch_atomic
+
+    return save_torch_atomic(obj, path)
 
 
 # ----------------------------------------------------------------------------------------

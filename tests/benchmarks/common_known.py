@@ -21,14 +21,14 @@ COUNTERFACT = Path(__file__).resolve().parents[3] / "shared" / "data" / "counter
 def main() -> None:
     import attacks
     from probe import load_model
-    from probe.facts import load_counterfact
+    from probe.facts import load_facts
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2-135m,gemma-3-270m")
     ap.add_argument("--facts", default=str(COUNTERFACT))
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    facts = load_counterfact(args.facts)
+    facts = load_facts(args.facts)
     known = None
     for name in args.models.split(","):
         model = load_model(name)
