@@ -145,6 +145,8 @@ class HeadProjectionDefense(Objective):
     defense_layers: list[int] | None = None
     layer_frac: float = 0.3
     stop_below = 1e-9
+    # with +-2e-3 the hinge plateaus with the answer still at rank 3-5 at the output (README)
+    editor_defaults = {"constrained-ft": {"norm_bound": 5e-3, "lr": 2.5e-3}}
 
     def layers(self, n_layers):
         return _resolve_layers(self.defense_layers, self.layer_frac, n_layers)
