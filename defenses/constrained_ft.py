@@ -24,7 +24,7 @@ from probe.interrupt import check as check_interrupt
 from probe.model import ProbeModel, clone_model
 
 from .base import DeletionRequest, Objective, register_editor
-from .forward import objective_forward, prepare, retain_kl, stop_threshold
+from .forward import objective_step_loss, prepare, retain_reference, stop_threshold
 
 
 class DefenseDiverged(RuntimeError):
@@ -151,10 +151,7 @@ class ConstrainedFineTune(OneMLPEditor):
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use adam or sgd")
         prep = prepare(model, objective, request, retain=bool(self.retain_weight))
-        retain_ref = None
-        if len(prep.rows) > prep.n_del:
-            with torch.no_grad():
-                _, retain_ref = objective_forward(model, prep)
+        retain_ref = retain_reference(model, prep)
         stop = stop_threshold(self.early_stop, objective)
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([param], lr=self.lr)
         losses: list[float] = []
@@ -162,11 +159,8 @@ class ConstrainedFineTune(OneMLPEditor):
             for _ in range(self.steps):
                 check_interrupt()
                 opt.zero_grad(set_to_none=True)
-                inputs, retain_lp = objective_forward(model, prep)
-                loss = objective.loss(inputs)
-                obj_val = float(loss.detach())
-                if retain_ref is not None:
-                    loss = loss + self.retain_weight * retain_kl(retain_lp, retain_ref)
+                loss, obj_val = objective_step_loss(model, prep, objective, retain_ref,
+                                                    self.retain_weight)
                 val = float(loss.detach())
                 if not math.isfinite(val):
                     session.restore()

@@ -103,6 +103,26 @@ def objective_forward(model, prep: PreparedRequest, *, intervene: Callable[[Batc
     return ObjectiveInputs(seq_lps, lens, prep.answer_first, list(prep.layers)), retain_lp
 
 
+def retain_reference(model, prep: PreparedRequest) -> torch.Tensor | None:
+    """The retain prompts' next-token log-probabilities before the edit (no grad), or None."""
+    if len(prep.rows) <= prep.n_del:
+        return None
+    with torch.no_grad():
+        return objective_forward(model, prep)[1]
+
+
+def objective_step_loss(model, prep: PreparedRequest, objective: Objective, retain_ref: torch.Tensor | None,
+                        retain_weight: float) -> tuple[torch.Tensor, float]:
+    """One traced forward's total loss (objective + ``retain_weight`` x retain KL, with gradients)
+    and the objective's own value (what early stopping compares)."""
+    inputs, retain_lp = objective_forward(model, prep)
+    loss = objective.loss(inputs)
+    obj_val = float(loss.detach())
+    if retain_ref is not None:
+        loss = loss + retain_weight * retain_kl(retain_lp, retain_ref)
+    return loss, obj_val
+
+
 def retain_kl(retain_lp: torch.Tensor, retain_ref: torch.Tensor) -> torch.Tensor:
     """KL(ref || current) of the retain prompts' next-token distributions, batch mean (nats)."""
     return torch.nn.functional.kl_div(retain_lp, retain_ref, log_target=True, reduction="batchmean")

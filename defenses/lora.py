@@ -47,7 +47,7 @@ from probe.model import wrap_model
 
 from .base import DeletionRequest, Objective, register_editor
 from .constrained_ft import DefenseDiverged, EditSession, OneMLPEditor, only_trainable
-from .forward import objective_forward, prepare, retain_kl, stop_threshold
+from .forward import objective_step_loss, prepare, retain_reference, stop_threshold
 
 
 def _is_conv1d(module) -> bool:
@@ -136,10 +136,7 @@ class LoRA(OneMLPEditor):
         module_name = session.param_name.rsplit(".", 1)[0]
         conv1d = _is_conv1d(get_attr_path(hf, module_name))
         prep = prepare(model, objective, request, retain=bool(self.retain_weight))
-        retain_ref = None
-        if len(prep.rows) > prep.n_del:
-            with torch.no_grad():
-                _, retain_ref = objective_forward(model, prep)
+        retain_ref = retain_reference(model, prep)
         stop = stop_threshold(self.early_stop, objective)
 
         flags = {p: p.requires_grad for p in hf.parameters()}
@@ -167,11 +164,8 @@ class LoRA(OneMLPEditor):
                         for group in opt.param_groups:
                             group["lr"] = self.lr * lr_factor(step, self.steps, self.warmup_ratio, self.schedule)
                         opt.zero_grad(set_to_none=True)
-                        inputs, retain_lp = objective_forward(adapted, prep)
-                        loss = objective.loss(inputs)
-                        obj_val = float(loss.detach())
-                        if retain_ref is not None:
-                            loss = loss + self.retain_weight * retain_kl(retain_lp, retain_ref)
+                        loss, obj_val = objective_step_loss(adapted, prep, objective, retain_ref,
+                                                            self.retain_weight)
                         val = float(loss.detach())
                         if not math.isfinite(val):
                             raise DefenseDiverged(f"defense loss became {val} after {len(losses)} steps")

@@ -24,7 +24,6 @@ defenses, so a kill mid-cell recomputes only the fact that was in progress.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -36,10 +35,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .atomic import write_text_atomic
-from .errors import ProbeAttackError
 from .facts import Fact, check_lengths
 from .interrupt import check as check_interrupt
-from .pipeline import RunError, evenly_spaced
+from .pipeline import RunError, known_facts
 from .results import LayerReadout
 
 PRE = "pre.jsonl"
@@ -236,7 +234,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
         RunError: the output folder holds another grid (without ``resume``) or one with other
             settings; ValueError: unknown defense/attack/editor names.
     """
-    from attacks import AttackContext, attack_readout
+    from attacks import AttackContext
     from defenses import DefenseDiverged, make_objective
     from defenses.base import editor_for
     from defenses.evaluate import (deletion_scores, fact_probs, random_accuracy, target_probs, target_scores,
@@ -273,17 +271,10 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
             raise RunError(f"{out / STAMP}: cannot resume, settings differ from the earlier grid in: {', '.join(diff)}")
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    n = model.n_layers
 
     # known-fact filter (one lens sweep of the unedited model)
-    reads = attack_readout(model, [f.prompt for f in facts], [f.answer for f in facts], lens_attacks,
-                           batch_size=cfg.batch_size, progress=cfg.progress, desc="known-fact filter")
-    known = [(f, r) for f, r in zip(facts, reads) if r.rank[-1] <= cfg.known_rank]
-    n_known = len(known)
-    if cfg.max_facts:
-        known = evenly_spaced(known, cfg.max_facts)
-    if not known:
-        raise RunError(f"none of the {len(facts)} facts is known by the model; nothing to delete")
+    known, n_known = known_facts(model, facts, lens_attacks, cfg.known_rank, cfg.max_facts,
+                                 batch_size=cfg.batch_size, progress=cfg.progress)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / STAMP, json.dumps(stamp, indent=2))
     evaluated = frozenset(f.id for f, _ in known)
@@ -393,10 +384,3 @@ def _write_grid(out: Path, model, pre, units, lens_attacks, other_attacks, cfg: 
     write_grid_report(res, out / REPORT)
     return res
 
-
-def _isnum(x) -> bool:
-    return isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x))
-
-
-class GridError(ProbeAttackError):
-    """A grid cannot run."""

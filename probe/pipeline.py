@@ -145,6 +145,33 @@ def _causal(model, edited, fact: Fact, out: Path) -> None:
         os.fsync(f.fileno())
 
 
+def known_facts(model, facts: Sequence[Fact], lens_attacks, known_rank: int, max_facts: int | None, *,
+                batch_size: int | None = None, progress: bool = False,
+                desc: str = "known-fact filter") -> tuple[list[tuple[Fact, LayerReadout]], int]:
+    """The known-fact filter: one lens sweep of the unedited model (scoring ``lens_attacks``),
+    keeping facts whose answer's first token is at rank <= ``known_rank`` at the output, then at
+    most ``max_facts`` of them, evenly spaced.
+
+    Returns:
+        ``([(fact, readout), ...], number of known facts before max_facts)``.
+
+    Raises:
+        RunError: no fact is known.
+    """
+    from attacks import attack_readout
+
+    reads = attack_readout(model, [f.prompt for f in facts], [f.answer for f in facts], lens_attacks,
+                           batch_size=batch_size, progress=progress, desc=desc)
+    known = [(f, r) for f, r in zip(facts, reads) if r.rank[-1] <= known_rank]
+    n_known = len(known)
+    if max_facts:
+        known = evenly_spaced(known, max_facts)
+    if not known:
+        raise RunError(f"none of the {len(facts)} facts is known by the model (answer's first token at rank "
+                       f"<= {known_rank}); nothing to delete")
+    return known, n_known
+
+
 def _attacks(names: Sequence[str], config: dict | None = None):
     """Logit-lens attacks (scored from one lens sweep) and the other registered attacks."""
     from attacks import WHITEBOX_ATTACKS, make_attack
@@ -299,15 +326,8 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     t0 = time.time()
 
     # 1-2. known-fact filter and attacks before deletion (one lens sweep)
-    pre_reads = attack_readout(model, [f.prompt for f in facts], [f.answer for f in facts], attack_objs,
-                               batch_size=cfg.batch_size, progress=cfg.progress, desc="filter + attacks (pre)")
-    known = [(f, r) for f, r in zip(facts, pre_reads) if r.rank[-1] <= cfg.known_rank]
-    n_known = len(known)
-    if cfg.max_facts:
-        known = evenly_spaced(known, cfg.max_facts)
-    if not known:
-        raise RunError(f"none of the {len(facts)} facts is known by the model (answer's first token at rank "
-                       f"<= {cfg.known_rank}); nothing to delete")
+    known, n_known = known_facts(model, facts, attack_objs, cfg.known_rank, cfg.max_facts, batch_size=cfg.batch_size,
+                                 progress=cfg.progress, desc="filter + attacks (pre)")
     write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
     appender = _Appender(out / PER_FACT, {k: v for k, v in done.items() if k in {f.id for f, _ in known}})
     todo = [(f, r) for f, r in known if f.id not in done]

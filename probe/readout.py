@@ -99,7 +99,7 @@ def auto_batch_size(n_layers: int, vocab: int, budget_bytes: int = 96 << 20) -> 
 
 def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
                  scorers: Mapping[str, Scorer] | None = None, batch_size: int | None = None,
-                 progress: bool = False, desc: str = "lens sweep") -> list[LayerReadout]:
+                 progress: bool = False, desc: str = "lens sweep", lens=None) -> list[LayerReadout]:
     """Logit-lens readout of the answer at every layer, for each (prompt, answer).
 
     Args:
@@ -110,6 +110,9 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
             ``LayerReadout.attack_ranks[name]``.
         batch_size: prompts per trace (default: sized so the lens logits stay under 96 MB).
         progress: show a tqdm bar.
+        lens: decoder of the residuals ``[batch, n_layers, d_model]`` -> logits ``[batch,
+            n_layers, vocab]`` (fp32); default the model's logit lens (e.g. a tuned lens's
+            ``logits`` for :func:`probe.tuned_lens.tuned_lens_readout`).
 
     Returns:
         One :class:`~probe.results.LayerReadout` per prompt: per-layer rank (1-based) and lens
@@ -125,7 +128,7 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
         raise ValueError("prompts and answers must have the same length")
     n_layers, vocab = model.n_layers, model.vocab_size
     batch_size = batch_size or auto_batch_size(n_layers, vocab)
-    lens = LogitLens.from_model(model)
+    lens = LogitLens.from_model(model) if lens is None else lens
     out: list[LayerReadout] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         check_interrupt()

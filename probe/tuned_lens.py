@@ -861,38 +861,10 @@ def tuned_lens_readout(model, prompts: Sequence[str], answers: Sequence[str], le
     Raises:
         ValueError: lengths differ; InputError / PromptTooLongError: bad prompt or answer.
     """
-    from .readout import LensBatch, auto_batch_size, teacher_forced, teacher_forced_inputs
-    from .results import LayerReadout
+    from .readout import lens_readout
 
-    scorers = dict(scorers or {})
-    if len(prompts) != len(answers):
-        raise ValueError("prompts and answers must have the same length")
-    n_layers = model.n_layers
-    batch_size = batch_size or auto_batch_size(n_layers, model.vocab_size)
-    out: list[LayerReadout] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-        check_interrupt()
-        rows, a_ids, _ = teacher_forced_inputs(model.tokenizer, prompts[start:start + batch_size],
-                                               answers[start:start + batch_size])
-        B = len(rows)
-        with torch.no_grad():
-            resid, tok_lps, greedy_ok = teacher_forced(model, rows, a_ids, layers=range(n_layers))
-            logits = lens.logits(resid)  # [B, L, V] fp32
-            first = torch.tensor([a[0] for a in a_ids], device=logits.device)
-            shared = LensBatch(logits, first)
-            ranks = shared.ranks
-            tgt = logits.gather(-1, first[:, None, None].expand(B, n_layers, 1))
-            probs = (tgt - shared.lse).exp().squeeze(-1)
-            extra = {name: fn(shared).tolist() for name, fn in scorers.items()}
-            del logits, shared
-        ranks, probs = ranks.tolist(), probs.tolist()
-        for i in range(B):
-            out.append(LayerReadout(
-                rank=[int(r) for r in ranks[i]], prob=[float(p) for p in probs[i]],
-                first_token_prob=float(tok_lps[i][0].exp()), answer_logprob=float(tok_lps[i].sum()),
-                token_logprobs=[float(x) for x in tok_lps[i]], exact_match=greedy_ok[i] == 1.0,
-                token_acc=greedy_ok[i], attack_ranks={name: int(v[i]) for name, v in extra.items()}))
-    return out
+    return lens_readout(model, prompts, answers, scorers=scorers, batch_size=batch_size, progress=progress,
+                        desc=desc, lens=lens.logits)
 
 
 # ----------------------------------------------------------------------------------------
