@@ -67,6 +67,9 @@ class AttackOutcome:
         samples: blackbox attacks: the sampled continuations (text), or None.
         hits: blackbox attacks: how many samples contain the answer.
         details: anything else worth keeping (JSON-serialisable).
+        skipped: why the attack could not run on this fact (e.g. an image fact without
+            paraphrase images for ``image-rephrase``), else None. Skipped outcomes are left out of
+            attack success and counted separately.
     """
 
     success: bool
@@ -76,6 +79,7 @@ class AttackOutcome:
     samples: list[str] | None = None
     hits: int | None = None
     details: dict = field(default_factory=dict)
+    skipped: str | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -83,6 +87,11 @@ class AttackOutcome:
     @classmethod
     def from_json(cls, d: dict) -> "AttackOutcome":
         return cls(**d)
+
+    @classmethod
+    def skip(cls, budget: int, reason: str) -> "AttackOutcome":
+        """An outcome for a fact the attack cannot run on (not a failure of the attack)."""
+        return cls(success=False, budget=budget, skipped=reason)
 
 
 class Attack:

@@ -148,8 +148,9 @@ def sample_continuations(model, prompts: Sequence[str], *, samples: int = 5, max
         if seed is not None:
             torch.manual_seed(seed)
         with torch.inference_mode():
+            extra = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
             out = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids, generation_config=gen_cfg)
+                                    position_ids=batch.position_ids, generation_config=gen_cfg, **extra)
     texts = tok.batch_decode(out[:, batch.seq_len:], skip_special_tokens=True)
     return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
 
@@ -289,3 +290,118 @@ class Jailbreak(SamplingAttack):
         subject = subject_phrase(fact)
         return [JAILBREAK_PREAMBLES[i % len(JAILBREAK_PREAMBLES)].format(subject=subject) + fact.prompt
                 for i in range(self.n_prompts)]
+
+
+STRENGTH_ORDER: tuple[str, ...] = ("easy", "medium", "hard")
+
+
+def paraphrase_images(fact, strength: str = "hard", *, cumulative: bool = True, per_strength: int = 1) -> list:
+    """The paraphrase images an image attack uses (UnLOK-VQA ``--img_attack_parap``).
+
+    ``cumulative=True`` gives the reference's ``easy`` / ``medium`` / ``hard`` sets: the original
+    image plus ``per_strength`` paraphrase images of every strength up to ``strength``
+    ({orig, easy}, {orig, easy, medium}, {orig, easy, medium, hard}); ``cumulative=False`` gives
+    ``*_only``: the ``strength`` images alone. A strength with no image falls back to the easy
+    ones, as in the reference (method.md section 3.2).
+
+    Returns:
+        Image references (paths or PIL images); empty if the fact has no paraphrase images.
+
+    Raises:
+        ValueError: an unknown strength.
+    """
+    if strength not in STRENGTH_ORDER:
+        raise ValueError(f"image strength must be one of {', '.join(STRENGTH_ORDER)}, got {strength!r}")
+    paras = getattr(fact, "image_paraphrases", None) or {}
+    if not any(paras.get(s) for s in STRENGTH_ORDER):
+        return []
+    wanted = STRENGTH_ORDER[:STRENGTH_ORDER.index(strength) + 1] if cumulative else (strength,)
+    imgs = []
+    for s in wanted:
+        got = list(paras.get(s) or []) or list(paras.get("easy") or [])
+        imgs += [g for g in got[:per_strength] if g not in imgs]
+    if cumulative and getattr(fact, "image", None):
+        imgs = [fact.image] + [g for g in imgs if g != fact.image]
+    return imgs
+
+
+@dataclass
+class _ImageAttack(SamplingAttack):
+    """Shared parts of the image attacks: the paraphrase-image set and per-fact budgets."""
+
+    strength: str = "hard"
+    cumulative: bool = True
+    per_strength: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.strength not in STRENGTH_ORDER:
+            raise ValueError(f"{self.cli_name}: image strength must be one of {', '.join(STRENGTH_ORDER)}, "
+                             f"got {self.strength!r}")
+
+    def images(self, fact) -> list:
+        return paraphrase_images(fact, self.strength, cumulative=self.cumulative, per_strength=self.per_strength)
+
+    def budget(self, n_layers: int = 0) -> int:
+        """B for a fact with the full image set (1 original + one image per strength up to
+        ``strength``): (number of prompts) x images x samples."""
+        n_img = STRENGTH_ORDER.index(self.strength) + 1
+        n_img = n_img * self.per_strength + (1 if self.cumulative else 0)
+        return self._n_text() * n_img * self.samples
+
+    def _n_text(self) -> int:
+        return 1
+
+    def attack_fact(self, model, fact, seed: int) -> AttackOutcome:
+        from probe.images import ImagePrompt
+
+        imgs = self.images(fact)
+        if not imgs:
+            reason = "no image" if not getattr(fact, "image", None) else "no paraphrase images"
+            return AttackOutcome.skip(self.budget(), reason)
+        texts_ = self.texts(fact)
+        prompts = [ImagePrompt(str(t), img) for t in texts_ for img in imgs]
+        s = fact_seed(seed, fact.id, self.cli_name)
+        texts = sample_continuations(model, prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
+                                     do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                                     top_k=self.top_k, seed=s)
+        flat = [t for row in texts for t in row]
+        hits = sum(answer_matches(t, fact.answer) for t in flat)
+        return AttackOutcome(success=hits > 0, budget=len(flat), samples=flat, hits=hits,
+                             details={"prompts": [str(p) for p in prompts], "images": [str(i) for i in imgs],
+                                      "seed": s})
+
+    def texts(self, fact) -> list[str]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@register("image-rephrase")
+@dataclass
+class ImageRephrase(_ImageAttack):
+    """Image-rephrase attack (UnLOK-VQA, TMLR 2025, section 4; ``--attack img``): the fact's own
+    prompt asked about each paraphrase image (same answer, other image), ``samples`` samples
+    each. Default: the cumulative ``hard`` set {original, easy, medium, hard} x 5 samples, B = 20
+    (= question rephrase's 4 x 5). Facts without paraphrase images are skipped and counted.
+    """
+
+    def texts(self, fact) -> list[str]:
+        return [str(fact.prompt)]
+
+
+@register("multimodal-rephrase")
+@dataclass
+class MultimodalRephrase(_ImageAttack):
+    """Multimodal-rephrase attack (UnLOK-VQA ``--attack multimodal``): every question rephrasing
+    (the :class:`QuestionRephrase` prompts: distractor prefix + prompt/paraphrases) paired with
+    every paraphrase image. The reference samples 5 per pair; our default is 1 sample per pair so
+    that B = 4 prompts x 4 images x 1 = 16 stays comparable with the single-modality attacks'
+    B = 20 (``samples=5`` gives the reference's 80). Facts without paraphrase images are skipped.
+    """
+
+    samples: int = 1
+
+    def _n_text(self) -> int:
+        return self.n_prompts
+
+    def texts(self, fact) -> list[str]:
+        return [str(p) for p in QuestionRephrase(n_prompts=self.n_prompts).prompts(fact)]

@@ -5,6 +5,8 @@
     probe-attack grid   [--model M] [--facts F] [--defenses all] [--attacks all] [--editor constrained-ft] [--out DIR]
     probe-attack tuned-lens [--model M] [--minutes 8] [--out FILE]
     probe-attack models
+    probe-attack image-facts --out DIR [--relations capital,language] [--per-strength 2] [--seed 0]
+    probe-attack import-unlok-vqa RECORDS --coco DIR [--paraphrase-images DIR] [--neighborhood-images DIR] --out F
 
 Bad input gets one line on stderr naming the file, line and field, exit status 2, no traceback,
 and nothing written. Ctrl-C keeps every finished fact; ``--resume`` continues.
@@ -24,9 +26,13 @@ EXIT_INTERRUPTED = 130
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
-                   help="embedded default (smollm2-135m) if omitted; also gemma-3-270m, a .gguf file, a local "
-                        "Hugging Face directory, or a Hugging Face id already in the local cache")
-    p.add_argument("--facts", default=None, help="facts file (JSONL, or CounterFact JSON); built-in set if omitted")
+                   help="embedded default (smollm2-135m) if omitted; also gemma-3-270m, mini-vlm (the embedded "
+                        "multimodal LLaVA), a mini-VLM weights file (.pt from train-vlm), a .gguf file, a local "
+                        "Hugging Face directory (LLaVA directories need their processor saved there), or a Hugging "
+                        "Face id already in the local cache")
+    p.add_argument("--facts", default=None,
+                   help="facts file (JSONL, or CounterFact JSON; JSONL facts may carry images); built-in set if "
+                        "omitted (the built-in flag image facts on a multimodal model)")
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "counterfact"], help="facts file format")
     p.add_argument("--out", default=None,
                    help="output folder (default: a new runs/<date-time>; an existing run is never overwritten)")
@@ -42,6 +48,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bb-tokens", type=int, default=None,
                    help="new tokens per sample of the blackbox attacks (question-rephrase, jailbreak; default 36 "
                         "as in the papers)")
+    p.add_argument("--image-strength", default=None, choices=["easy", "medium", "hard"],
+                   help="paraphrase images of image-rephrase / multimodal-rephrase: the original image plus "
+                        "paraphrase images up to this strength (default hard: {orig, easy, medium, hard})")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, float16; lens "
                                                  "and loss arithmetic always run in fp32")
@@ -100,8 +109,38 @@ def build_parser() -> argparse.ArgumentParser:
                                      "deletion; writes results.json, per_fact.jsonl and report.html in --out.")
     _common(att)
     sub.add_parser("models", help="list model short names and supported architectures")
+    imf = sub.add_parser("image-facts", help="write the built-in image (flag) fact set: images + facts.jsonl",
+                         description="Render the flag images and write the built-in multimodal fact set (one fact "
+                                     "per country x relation, with paraphrase and neighbourhood images) into a "
+                                     "new folder --out; prints the facts.jsonl path.")
+    imf.add_argument("--out", required=True, help="new (or empty) output folder")
+    imf.add_argument("--relations", default="capital,language,continent,currency",
+                     help="comma-separated relations (default: capital,language,continent,currency)")
+    imf.add_argument("--countries", default=None, help="comma-separated country names (default: all flags)")
+    imf.add_argument("--per-strength", type=int, default=2,
+                     help="paraphrase images per strength easy/medium/hard (default 2)")
+    imf.add_argument("--neighborhood-images", type=int, default=3,
+                     help="other countries' flags per fact (default 3)")
+    imf.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    imf.add_argument("--seed", type=int, default=0, help="base seed of the renders (default 0)")
+    unl = sub.add_parser("import-unlok-vqa", help="convert UnLOK-VQA records (+ COCO images) to a facts JSONL",
+                         description="Read UnLOK-VQA records (JSON list or JSONL), find their COCO-2017 images "
+                                     "(train2017/, then val2017/, then the --coco folder itself) and the optional "
+                                     "paraphrase / neighbourhood images, and write a facts JSONL with absolute "
+                                     "image paths.")
+    unl.add_argument("records", help="UnLOK-VQA records file (JSON list or JSONL)")
+    unl.add_argument("--coco", required=True, help="COCO-2017 root folder (train2017/, val2017/)")
+    unl.add_argument("--paraphrase-images", default=None,
+                     help="root of the paraphrase images (parap_images/, parap_images_medium/, "
+                          "paraphrase_images_hard/)")
+    unl.add_argument("--neighborhood-images", default=None,
+                     help="root of the neighbourhood images (neigh_easy/, neigh_med/, neighborhood_images_hard/)")
+    unl.add_argument("--limit", type=int, default=None, help="import the first N records")
+    unl.add_argument("--out", required=True, help="output facts file (.jsonl)")
     sub.add_parser("tuned-lens", help="train (or load) the model's tuned lens and print the per-layer KL table",
                    add_help=False)
+    sub.add_parser("train-vlm", help="train the mini VLM (vision tower + projector on frozen SmolLM2) and print "
+                                     "its accuracy", add_help=False)
     return parser
 
 
@@ -152,8 +191,13 @@ def main(argv: list[str] | None = None) -> int:
         from .tuned_lens import tuned_lens_main
 
         return tuned_lens_main(argv[1:])
+    if argv[:1] == ["train-vlm"]:  # its own parser (probe.mini_vlm)
+        from .mini_vlm import train_vlm_main
+
+        return train_vlm_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.attacks_given = any(a == "--attacks" or a.startswith("--attacks=") for a in argv)
     if args.command is None:
         parser.print_help()
         return EXIT_INPUT
@@ -170,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{k:16s} {v}")
         print("architectures: " + ", ".join(supported_model_types()))
         return 0
+    if args.command in ("image-facts", "import-unlok-vqa"):
+        try:
+            return _image_facts(args) if args.command == "image-facts" else _import_unlok_vqa(args)
+        except ProbeAttackError as exc:
+            return _fail(str(exc))
+        except KeyboardInterrupt:  # both writers are atomic: nothing was written
+            print("\nprobe-attack: interrupted; nothing written", file=sys.stderr)
+            return EXIT_INTERRUPTED
     from .interrupt import graceful_interrupts
 
     try:
@@ -185,6 +237,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nprobe-attack: interrupted; finished facts are saved in {out} ({files}) -- "
               f"rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _image_facts(args) -> int:
+    from .facts import load_jsonl
+    from .image_facts import write_builtin_image_facts
+
+    path = write_builtin_image_facts(args.out, relations=args.relations, countries=args.countries,
+                                     n_per_strength=args.per_strength,
+                                     n_neighborhood_images=args.neighborhood_images, seed=args.seed, size=args.size)
+    facts = load_jsonl(path)
+    n_images = len(list((path.parent / "images").glob("*.png")))
+    n_countries = len({f.entity for f in facts})
+    print(f"wrote {len(facts)} facts ({n_countries} countries x {len(facts) // max(n_countries, 1)} relations) "
+          f"and {n_images} images")
+    print(f"facts:   {path}")
+    return 0
+
+
+def _import_unlok_vqa(args) -> int:
+    from .unlok_vqa import import_unlok_vqa
+
+    facts = import_unlok_vqa(args.records, args.coco, paraphrase_root=args.paraphrase_images,
+                             neighborhood_root=args.neighborhood_images, limit=args.limit, out=args.out)
+    n_par = sum(len(v) for f in facts for v in f.image_paraphrases.values())
+    n_nei = sum(len(f.neighborhood_images) for f in facts)
+    print(f"imported {len(facts)} facts ({n_par} paraphrase images, {n_nei} neighbourhood images)")
+    print(f"facts:   {args.out}")
+    return 0
 
 
 def _run(args) -> int:
@@ -223,8 +303,11 @@ def _run(args) -> int:
         return _fail(f"--device {args.device!r}: {exc}")
     if dev.type == "cuda" and not _torch.cuda.is_available():
         return _fail(f"--device {args.device}: CUDA is not available in this torch build/machine")
-    attack_config = ({n: {"max_new_tokens": args.bb_tokens} for n in ("question-rephrase", "jailbreak")}
-                     if args.bb_tokens else {})
+    sampling = ("question-rephrase", "jailbreak", "image-rephrase", "multimodal-rephrase")
+    attack_config: dict = {n: {"max_new_tokens": args.bb_tokens} for n in sampling} if args.bb_tokens else {}
+    if args.image_strength:
+        for n in ("image-rephrase", "multimodal-rephrase"):
+            attack_config.setdefault(n, {})["strength"] = args.image_strength
     editor_config = {}
     if args.command in ("run", "grid"):
         from defenses import OBJECTIVES
@@ -240,6 +323,17 @@ def _run(args) -> int:
     if progress:
         print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
+    from .images import is_multimodal
+
+    if args.facts is None and is_multimodal(model):
+        from .image_facts import load_builtin_image_facts
+
+        facts = load_builtin_image_facts()
+        facts_label = "built-in image facts (flags)"
+        if progress:
+            print(f"multimodal model: using the {len(facts)} built-in flag image facts", file=sys.stderr)
+    if args.command == "grid" and not args.attacks_given and is_multimodal(model):
+        attacks = attacks + [a for a in ("image-rephrase", "multimodal-rephrase") if a not in attacks]
     max_facts = args.max_facts
     if max_facts is None and args.facts is None and args.command in ("run", "grid"):
         max_facts = BUILTIN_DEFAULT_MAX

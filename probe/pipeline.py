@@ -19,6 +19,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .images import attach_images
 from .atomic import write_text_atomic
 from .errors import InputError, ProbeAttackError
 from .interrupt import check as check_interrupt
@@ -145,6 +146,42 @@ def _causal(model, edited, fact: Fact, out: Path) -> None:
         os.fsync(f.fileno())
 
 
+def text_form(fact) -> str | None:
+    """The text-only form of an image fact (its ``text_prompt`` naming the entity, else the
+    prompt's text without the image), or None for a text fact."""
+    from .images import ImagePrompt, plain_text
+
+    if not isinstance(fact.prompt, ImagePrompt):
+        return None
+    return getattr(fact, "text_prompt", None) or plain_text(fact.prompt)
+
+
+def text_readouts(model, facts: Sequence[Fact], lens_attacks, *, batch_size: int | None = None) -> list:
+    """Lens readouts of the facts' text-only forms (None for text facts): the same question
+    without the image, for the per-layer "with vs without the image" comparison."""
+    from attacks import attack_readout
+
+    idx = [i for i, f in enumerate(facts) if text_form(f) is not None]
+    out: list = [None] * len(facts)
+    if idx:
+        reads = attack_readout(model, [text_form(facts[i]) for i in idx], [facts[i].answer for i in idx],
+                               lens_attacks, batch_size=batch_size)
+        for i, r in zip(idx, reads):
+            out[i] = r
+    return out
+
+
+def image_examples(facts: Sequence[Fact], n: int = 4) -> list[dict]:
+    """Up to ``n`` image facts as plain data for the report's example images."""
+    out = []
+    for f in facts:
+        if getattr(f, "image", None) and len(out) < n:
+            out.append({"fact_id": f.id, "prompt": str(f.prompt), "answer": f.answer, "image": f.image,
+                        "image_paraphrases": dict(getattr(f, "image_paraphrases", None) or {}),
+                        "neighborhood_images": list(getattr(f, "neighborhood_images", None) or [])})
+    return out
+
+
 def known_facts(model, facts: Sequence[Fact], lens_attacks, known_rank: int, max_facts: int | None, *,
                 batch_size: int | None = None, progress: bool = False,
                 desc: str = "known-fact filter") -> tuple[list[tuple[Fact, LayerReadout]], int]:
@@ -203,10 +240,13 @@ def _summarize_others(others, n_layers: int, facts_results: list[FactResult]) ->
         pre = [f.outcomes[a.name]["pre"] for f in facts_results if f.outcomes and a.name in f.outcomes]
         post = [f.outcomes[a.name].get("post") for f in facts_results if f.outcomes and a.name in f.outcomes]
         post = [o for o in post if o]
+        n_skipped = sum(1 for o in pre if o.get("skipped"))
+        pre = [o for o in pre if not o.get("skipped")]
+        post = [o for o in post if not o.get("skipped")]
         out[a.name] = {"name": a.name, "kind": getattr(a, "kind", "blackbox"), "budget": a.budget(n_layers),
                        "success_pre": sum(o["success"] for o in pre) / len(pre) if pre else None,
                        "success_post": sum(o["success"] for o in post) / len(post) if post else None,
-                       "n_facts": len(pre)}
+                       "n_facts": len(pre), "n_skipped": n_skipped}
     return out
 
 
@@ -257,6 +297,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     """
     out = Path(out)
     attack_objs, others = _attacks(cfg.attacks, cfg.attack_config)
+    facts = attach_images(model, facts)
     all_facts = list(facts)
     facts = evenly_spaced(list(facts), cfg.max_facts) if cfg.max_facts else list(facts)
     check_lengths(model, facts)
@@ -275,7 +316,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
                                batch_size=bs)
         _, a_ids, _ = teacher_forced_inputs(model.tokenizer, [f.prompt for f in chunk], [f.answer for f in chunk])
         outs = _other_outcomes(model, chunk, others, all_facts, [f.id for f in facts], cfg.seed) if others else None
-        appender.append([FactResult(f.id, f.prompt, f.answer, a, r,
+        appender.append([FactResult(f.id, str(f.prompt), f.answer, a, r,
                                     outcomes={k: {"pre": v} for k, v in outs[i].items()} if outs else None)
                          for i, (f, a, r) in enumerate(zip(chunk, a_ids, reads))])
     results = read_finished(out / PER_FACT)
@@ -299,6 +340,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     Raises:
         RunError: the output folder holds another run; ValueError: unknown defense/attack/editor.
     """
+    facts = attach_images(model, facts)
     from attacks import attack_readout
     from defenses import DefenseDiverged, DeletionRequest, make_objective
     from defenses.base import editor_for
@@ -338,9 +380,12 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     def retain_for(fact: Fact) -> list[str]:
         return retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
 
-    def record(fact: Fact, pre: LayerReadout, post: LayerReadout, scores: dict, outcomes=None) -> FactResult:
+    def record(fact: Fact, pre: LayerReadout, post: LayerReadout, scores: dict, outcomes=None,
+               text_pre=None, text_post=None) -> FactResult:
         _, a_ids, _ = teacher_forced_inputs(model.tokenizer, [fact.prompt], [fact.answer])
-        return FactResult(fact.id, fact.prompt, fact.answer, a_ids[0], pre, post, scores, outcomes)
+        modal = None if text_pre is None else {"text_prompt": text_form(fact), "text_pre": asdict(text_pre),
+                                               "text_post": asdict(text_post) if text_post else None}
+        return FactResult(fact.id, str(fact.prompt), fact.answer, a_ids[0], pre, post, scores, outcomes, modal)
 
     from defenses.evaluate import target_probs, target_scores
 
@@ -357,12 +402,14 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                        if others else {})
             target = objective.target_for(fact, facts)
             t_pre = target_probs(model, fact, target) if target else None
+            text_pre = text_readouts(model, [fact], attack_objs)[0]
             try:
                 info = editor.edit(session, objective, objective.request(fact, facts, retain_for(fact)))
             except DefenseDiverged as exc:
                 tqdm.write(f"probe-attack: fact {fact.id}: {exc}; skipped")
                 continue
             post = attack_readout(session.model, [fact.prompt], [fact.answer], attack_objs)[0]
+            text_post = text_readouts(session.model, [fact], attack_objs)[0]
             post_out = _other_outcomes(session.model, [fact], others, facts, evaluated, cfg.seed)[0] if others else {}
             post_probs = fact_probs(session.model, [fact], max_new_tokens=cfg.acc_tokens)[0]
             scores = {**deletion_scores(probs, post_probs), "edit_steps": info["steps"],
@@ -374,10 +421,11 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                 n_traced[0] += 1
             session.restore()
             outcomes = {k: {"pre": pre_out[k], "post": post_out.get(k)} for k in pre_out} or None
-            appender.append([record(fact, pre, post, scores, outcomes)])
+            appender.append([record(fact, pre, post, scores, outcomes, text_pre, text_post)])
     elif todo:
         req_facts = [f for f, _ in todo]
         pre_probs = fact_probs(model, req_facts, max_new_tokens=cfg.acc_tokens)
+        texts_pre = text_readouts(model, req_facts, attack_objs, batch_size=cfg.batch_size)
         pool = sorted({g.prompt for g in facts if g.id not in known_ids})
         rng = random.Random(cfg.seed)
         retain = rng.sample(pool, min(cfg.retain_size, len(pool)))
@@ -389,10 +437,11 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
         posts = attack_readout(session.model, [f.prompt for f in req_facts], [f.answer for f in req_facts],
                                attack_objs, batch_size=cfg.batch_size, progress=cfg.progress, desc="attacks (post)")
         post_probs = fact_probs(session.model, req_facts, max_new_tokens=cfg.acc_tokens)
+        texts_post = text_readouts(session.model, req_facts, attack_objs, batch_size=cfg.batch_size)
         session.restore()
         appender.append([record(f, r, p, {**deletion_scores(a, b), "edit_steps": info["steps"],
-                                          "max_abs_change": info["max_abs_change"]})
-                         for (f, r), p, a, b in zip(todo, posts, pre_probs, post_probs)])
+                                          "max_abs_change": info["max_abs_change"]}, None, tp, tq)
+                         for (f, r), p, a, b, tp, tq in zip(todo, posts, pre_probs, post_probs, texts_pre, texts_post)])
 
     finished = read_finished(out / PER_FACT)
     ordered = [finished[f.id] for f, _ in known if f.id in finished]
@@ -406,5 +455,6 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                "n_deleted": len(ordered)}
     meta = {"command": "run", "facts_file": facts_label, "n_facts_input": len(facts),
             "known_filter": {"max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known)}, "seed": cfg.seed,
-            "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT}}
+            "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT},
+            "image_examples": image_examples([f for f, _ in known])}
     return _finish(_summarize(model, ordered, attack_objs, defense, meta, others), out)

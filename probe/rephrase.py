@@ -9,6 +9,8 @@ the prompts it is attacked with (``evaluate_llava_mm_parap.py`` vs
 
 from __future__ import annotations
 
+from .images import image_of, with_image
+
 #: Distractor prefixes of the question-rephrase ("bb") attack; the attack uses the last ones.
 ATTACK_PREFIXES: tuple[str, ...] = (
     "I'm trying out. ",
@@ -40,5 +42,5 @@ def insert_prefix(prompt: str, prefix: str) -> str:
     if i >= 0:
         j = i + len(QUESTION_MARKER)
         rest = prompt[j:].lstrip(" ")
-        return prompt[:j] + " " + prefix + rest
+        return with_image(str(prompt)[:j] + " " + prefix + rest, image_of(prompt))
     return prefix + prompt

@@ -55,6 +55,10 @@ class FactResult:
     post: LayerReadout | None = None
     defense: dict[str, Any] | None = None
     outcomes: dict[str, dict] | None = None  # non-lens attacks: {name: {"pre": outcome, "post": outcome}}
+    #: image facts on a multimodal model: the same question without the image ("text_prompt": the
+    #: fact's text form naming the entity, else the prompt's text), read out by the same lens:
+    #: {"text_prompt": str, "text_pre": LayerReadout dict, "text_post": LayerReadout dict | None}
+    modal: dict[str, Any] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -8,6 +8,8 @@ from typing import Sequence
 import torch
 
 from .errors import InputError, PromptTooLongError
+from .images import (IMAGE_TOKEN, ImagePrompt, expand_rows, image_token_id, is_multimodal,
+                     tokenize_image_prompt)
 
 
 @dataclass
@@ -20,6 +22,8 @@ class Batch:
         position_ids: ``[batch, seq]``, ``cumsum(mask) - 1`` (0 at pads), so absolute-position
             models (GPT-2) give the same result batched as unbatched (nnsight issue #672).
         lengths: ``[batch]`` number of real tokens per row.
+        pixel_values: ``[n_images, 3, H, W]`` for multimodal rows (images in row-major order of
+            their image tokens), else None.
     """
 
     input_ids: torch.Tensor
@@ -27,6 +31,7 @@ class Batch:
     position_ids: torch.Tensor
     lengths: torch.Tensor
     padding_side: str = "left"
+    pixel_values: torch.Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -58,10 +63,14 @@ class Batch:
 
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.lengths)),
-                     padding_side=self.padding_side)
+                     padding_side=self.padding_side,
+                     pixel_values=None if self.pixel_values is None else self.pixel_values.to(device))
 
     def model_inputs(self) -> dict:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+        if self.pixel_values is not None:
+            out["pixel_values"] = self.pixel_values
+        return out
 
 
 def pad_id(tokenizer) -> int:
@@ -74,7 +83,16 @@ def pad_id(tokenizer) -> int:
 
 def tokenize(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` as the model reads a prompt (the tokenizer's own special tokens, e.g. a
-    BOS for Gemma, none for SmolLM2)."""
+    BOS for Gemma, none for SmolLM2).
+
+    An :class:`~probe.images.ImagePrompt` gets its image as one negative placeholder id, expanded
+    into the model's image tokens by :func:`encode_ids`.
+
+    Raises:
+        InputError: an image prompt on a tokenizer without an image token (a text-only model).
+    """
+    if isinstance(text, ImagePrompt):
+        return tokenize_image_prompt(tokenizer, text)
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
@@ -103,9 +121,20 @@ def encode_ids(model, rows: Sequence[Sequence[int]], *, check_length: bool = Tru
                padding_side: str = "left") -> Batch:
     """Pad token-id rows (on the left by default) into a :class:`Batch` on the model's device.
 
+    Image placeholders (negative ids from :func:`tokenize`) are expanded into the model's image
+    tokens first and the images' ``pixel_values`` attached, so every position of the batch is a
+    position of the sequence the language model sees.
+
     Raises:
         PromptTooLongError: a row longer than the model's context window.
+        InputError: an image on a text-only model, or an image token without an image.
     """
+    rows, pixels = expand_rows(model, rows)
+    if pixels is None and is_multimodal(model):
+        tid = image_token_id(model)
+        if any(tid in r for r in rows):
+            raise InputError(f"a prompt holds the image placeholder {IMAGE_TOKEN} but no image was given",
+                             field="prompt")
     limit = model.context_length if check_length else None
     for i, r in enumerate(rows):
         if limit is not None and len(r) > limit:
@@ -123,7 +152,7 @@ def encode_ids(model, rows: Sequence[Sequence[int]], *, check_length: bool = Tru
         mask[i, cols] = 1
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)
     lengths = mask.sum(1)
-    return Batch(input_ids, mask, position_ids, lengths, padding_side).to(model.device)
+    return Batch(input_ids, mask, position_ids, lengths, padding_side, pixels).to(model.device)
 
 
 def answer_ids(tokenizer, prompt: str, answer: str) -> list[int]:

@@ -127,6 +127,55 @@ def tiny_llava(tiny_tokenizer):
     return probe.wrap_model(build_tiny_llava(tiny_tokenizer), tiny_tokenizer, name="tiny-llava")
 
 
+def build_tiny_vlm(tokenizer):
+    """A random tiny LLaVA with a real processor: the tokenizer (copied) gains ``<image>``, the
+    LlavaProcessor expands it into 4 image tokens (64 px, patch 32, CLS dropped). Returns
+    ``(hf_model, tokenizer, processor)``."""
+    import copy
+
+    import transformers as tf
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<image>"], special_tokens=True)
+    iid = tok.convert_tokens_to_ids("<image>")
+    torch.manual_seed(0)
+    cfg = tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, image_size=64, patch_size=32),
+        text_config=tf.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128),
+        image_token_id=iid, vision_feature_select_strategy="default", vision_feature_layer=-1)
+    hf = tf.LlavaForConditionalGeneration(cfg).eval()
+    improc = tf.CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    proc = tf.LlavaProcessor(image_processor=improc, tokenizer=tok, patch_size=32,
+                             vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return hf, tok, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_tokenizer):
+    """:func:`build_tiny_vlm` as a multimodal ProbeModel (takes image prompts)."""
+    import probe
+
+    hf, tok, proc = build_tiny_vlm(tiny_tokenizer)
+    return probe.wrap_model(hf, tok, name="tiny-vlm", processor=proc)
+
+
+@pytest.fixture
+def images(tmp_path):
+    """Three distinct 64-px RGB images saved as PNG; returns their paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The real embedded default model (SmolLM2-135M-Instruct, fp32), loaded once per session."""

@@ -21,6 +21,8 @@ import plotly.offline
 
 from probe.atomic import write_text_atomic
 
+from .multimodal import grid_image_rank_figure, image_examples_html, modality_figure, modality_table_html
+
 SCORE_KEYS = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc",
               "random_delta_acc", "target_rewrite_score", "efficacy", "n_facts", "n_failed")
 
@@ -119,6 +121,23 @@ def _cells_table(grid: dict) -> str:
             + "".join(rows) + "</tbody></table>\n")
 
 
+def _multimodal_section(grid: dict, config: dict) -> str:
+    """Modality attacks (table + bars), rank per layer with vs without the image, example images;
+    each only when the grid has the data (``""`` for a text-only grid)."""
+    parts = []
+    fig = modality_figure(grid) if grid.get("cells") else None
+    if fig is not None:
+        parts += ["<h2>Text-only vs image-only vs multimodal attacks</h2>\n", modality_table_html(grid),
+                  fig.to_html(full_html=False, include_plotlyjs=False, config=config, div_id="grid-modality-figure")]
+    if grid.get("per_layer_text") and grid.get("per_layer"):
+        fig = grid_image_rank_figure(grid["per_layer"], grid["per_layer_text"])
+        parts += ["<h2>Median answer rank per layer with and without the image</h2>\n",
+                  fig.to_html(full_html=False, include_plotlyjs=False, config=config, div_id="grid-image-rank-figure")]
+    if grid.get("image_examples"):
+        parts += ["<h2>Example images</h2>\n", image_examples_html(grid["image_examples"])]
+    return "".join(parts)
+
+
 def grid_report_html(grid: dict) -> str:
     """The complete offline HTML document for a grid."""
     title = f"probe-attack grid: {grid.get('model', '')}"
@@ -145,6 +164,7 @@ def grid_report_html(grid: dict) -> str:
             parts.append(fig.to_html(full_html=False, include_plotlyjs=False, config=config, div_id=f"grid-figure-{i}"))
     else:
         parts.append("<p class=\"note\">No finished cells yet.</p>\n")
+    parts.append(_multimodal_section(grid, config))
     parts.append("</body>\n</html>\n")
     return "".join(parts)
 

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from probe.results import RunResult
 
 from .figures import DEFENSE_KEYS, all_figures
+from .multimodal import image_examples_html, image_rank_figure, run_modality_table_html
 
 __all__ = ["report_html", "write_report"]
 
@@ -106,6 +107,38 @@ def _defense_table(result: RunResult) -> str:
             + "".join(rows) + "</tbody></table>\n")
 
 
+def _field(x: Any, name: str) -> Any:
+    return x.get(name) if isinstance(x, dict) else getattr(x, name, None)
+
+
+def _multimodal_section(result: RunResult, config: dict) -> str:
+    """``<h2>Multimodal</h2>``: modality attacks (before / after), rank per layer with vs without the
+    image, example images. ``""`` for a run without image facts (no ``meta["image_examples"]`` and
+    no ``FactResult.modal``)."""
+    examples = result.meta.get("image_examples") or []
+    modal = [(f, getattr(f, "modal", None)) for f in result.facts]
+    modal = [(f, m) for f, m in modal if m]
+    if not examples and not modal:
+        return ""
+    parts = ["<h2>Multimodal</h2>\n"]
+    table = run_modality_table_html(getattr(result, "other_attacks", {}) or {})
+    if table:
+        parts += ["<h3>Text-only vs image-only vs multimodal attacks</h3>\n", table]
+    text_pre = [_field(_field(m, "text_pre"), "rank") for _, m in modal if _field(m, "text_pre") is not None]
+    text_post = [_field(_field(m, "text_post"), "rank") for _, m in modal if _field(m, "text_post") is not None]
+    if modal:
+        fig = image_rank_figure(
+            {"pre": [f.pre.rank for f, _ in modal], "post": [f.post.rank for f, _ in modal if f.post is not None]},
+            {"pre": [r for r in text_pre if r is not None], "post": [r for r in text_post if r is not None]},
+            result.n_layers)
+        div = fig.to_html(full_html=False, include_plotlyjs=False, config=config, div_id="multimodal-figure-0")
+        parts.append("<section class=\"figure\"><h3>Median answer rank per layer: with the image vs text only "
+                     f"(entity named, no image)</h3>\n{div}\n</section>\n")
+    if examples:
+        parts += ["<h3>Example images</h3>\n", image_examples_html(examples)]
+    return "".join(parts)
+
+
 def report_html(result: RunResult, title: str | None = None, extra_figures=()) -> str:
     """The complete HTML document of the report for ``result`` (see the module docstring).
 
@@ -133,6 +166,7 @@ def report_html(result: RunResult, title: str | None = None, extra_figures=()) -
         parts.append(f"<section class=\"figure\"><h3>{_esc(ftitle)}</h3>\n{div}\n</section>\n")
     if not figs:
         parts.append("<p class=\"note\">Nothing to plot.</p>\n")
+    parts.append(_multimodal_section(result, config))
     parts.append("</body>\n</html>\n")
     return "".join(parts)
 

@@ -3,6 +3,7 @@
 Run from the repository root (not collected by pytest)::
 
     .venv/bin/python tests/benchmarks/lens_sweep.py [--n 300] [--model smollm2-135m] [--memory-check]
+    .venv/bin/python tests/benchmarks/lens_sweep.py --model mini-vlm    # the VLM case (image prompts)
 
 All four measurements decode the residual stream of *every* layer at the last prompt token of the
 same CounterFact facts (``../shared/data/counterfact_filtered.json``) with the logit lens (final
@@ -72,6 +73,8 @@ import torch  # noqa: E402
 import probe  # noqa: E402
 from attacks import attack_readout, make_attack  # noqa: E402
 from probe.facts import load_counterfact  # noqa: E402
+from probe.image_facts import load_builtin_image_facts  # noqa: E402
+from probe.images import attach_images, is_multimodal  # noqa: E402
 from probe.readout import answer_rank, auto_batch_size  # noqa: E402
 
 ATTACK_NAMES = ("head-projection", "probability-delta", "pd2")
@@ -202,9 +205,10 @@ def run_naive(model, prompts, answers, attacks):
     hp_l, pd_l, pd2_l = (a.resolve_layers(n) for a in attacks)
     ranks = []
     for p, a in zip(prompts, answers):
-        ids = torch.tensor([probe.tokens.tokenize(model.tokenizer, p)], device=model.device)
+        one = probe.encode(model, [p])  # image prompts: image tokens expanded, pixel_values attached
         target = probe.answer_ids(model.tokenizer, p, a)[0]
-        hs = model.hf(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        extra = {} if one.pixel_values is None else {"pixel_values": one.pixel_values}
+        hs = model.hf(input_ids=one.input_ids, output_hidden_states=True, use_cache=False, **extra).hidden_states
         probs, fact_ranks, cands = [], [], []
         for layer in range(n):
             h = hs[layer + 1][0, -1]
@@ -234,7 +238,14 @@ def agreement(ranks: torch.Tensor, ours_rank: torch.Tensor) -> float:
     return round(float((ranks == ours_rank[:len(ranks)]).float().mean()), 4)
 
 
-def load_facts(path: Path, n: int | None):
+def load_facts(path: Path, n: int | None, model=None):
+    if model is not None and is_multimodal(model):
+        # the VLM case: the built-in flag image facts (image prompts; 4 image tokens each on the
+        # mini VLM), cycled to n; only the answer position is decoded, never the image positions
+        facts = attach_images(model, load_builtin_image_facts())
+        if n is not None:
+            facts = [facts[i % len(facts)] for i in range(n)]
+        return [f.prompt for f in facts], [f.answer for f in facts]
     facts = load_counterfact(path)
     if n is not None:
         if len(facts) < n:
@@ -247,7 +258,7 @@ def memory_only(args) -> dict:
     """Child process of --memory-check: our sweep over every fact of the file; peak RSS."""
     model = probe.load_model(args.model)
     rss_loaded = peak_rss_mb()
-    prompts, answers = load_facts(args.data, None)
+    prompts, answers = load_facts(args.data, None, model)
     attacks = [make_attack(a) for a in ATTACK_NAMES]
     bs = args.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
     t = timed(lambda: run_ours(model, prompts, answers, attacks, bs))
@@ -276,7 +287,9 @@ def memory_check(args) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=300, help="facts to time (default 300)")
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="smollm2-135m (CounterFact facts) or mini-vlm / a LLaVA directory (the VLM case: the "
+                         "built-in flag image facts with their images)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--batch-size", type=int, default=None, help="default: ours' auto batch size")
     ap.add_argument("--naive-n", type=int, default=60, help="facts for the naive loop (extrapolated to n)")
@@ -296,8 +309,11 @@ def main(argv=None) -> None:
     model = probe.load_model(args.model)
     load_s = time.perf_counter() - t0
     rss_loaded = peak_rss_mb()
-    prompts, answers = load_facts(args.data, args.n)
+    prompts, answers = load_facts(args.data, args.n, model)
     n = len(prompts)
+    if is_multimodal(model) and not args.skip_transformer_lens:
+        print("multimodal model: TransformerLens is skipped (its bridge would need torchvision)", flush=True)
+        args.skip_transformer_lens = True
     attacks = [make_attack(a) for a in ATTACK_NAMES]
     bs = args.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
     print(f"model {model.name}: {model.n_layers} layers, vocab {model.vocab_size}, {param_bytes(model) / 2**20:.0f} MiB "

@@ -1,0 +1,237 @@
+"""Multimodal plumbing on a tiny random LLaVA with a real processor: image prompts, image-token
+expansion, answer positions, batching, generation, edits and bad input."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+from probe.errors import InputError
+from probe.images import IMAGE_TOKEN, ImagePrompt, attach_images, image_of, image_token_count, is_multimodal
+from probe.readout import last_token_logprobs, sequence_logprobs
+from probe.tokens import answer_ids, encode, tokenize
+
+
+def test_image_prompt_keeps_image_through_concatenation(images):
+    p = ImagePrompt("The capital of this country is", images[0])
+    for q in ("A man who was. " + p, p + " Paris", p + ImagePrompt(" x", images[0])):
+        assert isinstance(q, ImagePrompt) and q.image == images[0]
+    assert str("A. " + p) == "A. The capital of this country is"
+    assert type(str(p)) is str and image_of(str(p)) is None
+    assert f"{p}!" == "The capital of this country is!" and image_of(f"{p}!") is None
+    with pytest.raises(InputError):
+        _ = p + ImagePrompt(" x", images[1])
+    # equality and hashing include the image: same text, other image = another prompt
+    q = ImagePrompt(str(p), images[1])
+    assert p != q and p == ImagePrompt(str(p), images[0]) and p != str(p)
+    assert len({p, q, ImagePrompt(str(p), images[0])}) == 2
+    r = pickle.loads(pickle.dumps(p))
+    assert r == p and r.image == images[0] and copy.deepcopy(p) == p
+    assert p.text == IMAGE_TOKEN + "\nThe capital of this country is"
+    assert ImagePrompt("USER: <image>\nQ? ASSISTANT:", images[0]).text == "USER: <image>\nQ? ASSISTANT:"
+
+
+def test_expanded_tokens_equal_the_processors(tiny_vlm, images):
+    from PIL import Image
+
+    proc = tiny_vlm.processor
+    assert is_multimodal(tiny_vlm) and image_token_count(tiny_vlm) == 4
+    p = ImagePrompt("The capital of France is", images[0])
+    batch = encode(tiny_vlm, [p])
+    ref = proc(text=[p.text], images=[Image.open(images[0]).convert("RGB")], return_tensors="pt")
+    assert batch.input_ids.tolist() == ref["input_ids"].tolist()
+    assert torch.equal(batch.pixel_values, ref["pixel_values"])
+    with torch.no_grad():
+        want = torch.log_softmax(tiny_vlm.hf(**ref).logits[0, -1].float(), -1)
+    got = last_token_logprobs(tiny_vlm, [p])[0]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_the_image_matters_and_batching_with_text_rows_is_exact(tiny_vlm, images):
+    a = ImagePrompt("The capital of France is", images[0])
+    b = ImagePrompt("Paris is the capital of", images[1])
+    c = "The capital of Japan is"  # text-only through the VLM
+    together = last_token_logprobs(tiny_vlm, [a, c, b])
+    alone = torch.cat([last_token_logprobs(tiny_vlm, [x]) for x in (a, c, b)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    other = last_token_logprobs(tiny_vlm, [a.with_text(str(a)).__class__(str(a), images[2])])[0]
+    assert (other - alone[0]).abs().max() > 1e-4  # another image, another distribution
+
+
+def test_answer_ids_and_teacher_forcing_with_images(tiny_vlm, images):
+    p = ImagePrompt("The capital of France is", images[0])
+    assert answer_ids(tiny_vlm.tokenizer, p, "Paris") == answer_ids(tiny_vlm.tokenizer, str(p), "Paris")
+    ids = tokenize(tiny_vlm.tokenizer, p)
+    assert sum(1 for t in ids if t < 0) == 1  # one placeholder before expansion
+    lp = sequence_logprobs(tiny_vlm, [p, "The capital of France is"], ["Paris", "Paris"])
+    assert lp[0].shape == lp[1].shape and not torch.allclose(lp[0], lp[1])
+
+
+def test_generation_with_images_is_seeded(tiny_vlm, images):
+    from attacks.blackbox import sample_continuations
+
+    p = [ImagePrompt("The capital of France is", images[0]), "The capital of Japan is"]
+    a = sample_continuations(tiny_vlm, p, samples=3, max_new_tokens=4, seed=7)
+    b = sample_continuations(tiny_vlm, p, samples=3, max_new_tokens=4, seed=7)
+    assert a == b and len(a) == 2 and all(len(r) == 3 for r in a)
+
+
+def test_bad_image_input(tiny_vlm, tiny_llama, images, tmp_path):
+    p = ImagePrompt("The capital of France is", images[0])
+    with pytest.raises(InputError, match="text-only"):
+        encode(tiny_llama, [p])
+    with pytest.raises(InputError, match="no image"):
+        encode(tiny_vlm, ["<image>\nThe capital of France is"])
+    bad = tmp_path / "broken.png"
+    bad.write_text("not an image")
+    with pytest.raises(InputError, match="broken.png.*readable"):
+        encode(tiny_vlm, [ImagePrompt("x is", str(bad))])
+    with pytest.raises(InputError, match="missing.png.*not found"):
+        encode(tiny_vlm, [ImagePrompt("x is", str(tmp_path / "missing.png"))])
+    with pytest.raises(InputError, match="one <image>"):
+        encode(tiny_vlm, [ImagePrompt("<image> and <image>", images[0])])
+
+
+def test_attach_images(tiny_vlm, tiny_llama, images):
+    from probe.facts import Fact
+
+    f = Fact(id="a", prompt="The capital of this country is", answer="Paris", paraphrases=["Its capital is"],
+             neighborhood=[{"prompt": "Its language is", "answer": "French", "image": images[0]},
+                           {"prompt": "The capital of Japan is", "answer": "Tokyo"}],
+             image=images[0], source="facts.jsonl:3")
+    t = Fact(id="b", prompt="The capital of Japan is", answer="Tokyo")
+    g, h = attach_images(tiny_vlm, [f, t])
+    assert isinstance(g.prompt, ImagePrompt) and g.prompt.image == images[0]
+    assert all(isinstance(p, ImagePrompt) for p in g.paraphrases)
+    assert isinstance(g.neighborhood[0]["prompt"], ImagePrompt)
+    assert not isinstance(g.neighborhood[1]["prompt"], ImagePrompt)
+    assert h is t  # text-only facts run text-only on a VLM
+    assert attach_images(tiny_vlm, [g])[0].prompt == g.prompt  # idempotent
+    with pytest.raises(InputError) as err:
+        attach_images(tiny_llama, [t, f])
+    assert err.value.file == "facts.jsonl" and err.value.line == 3 and err.value.field == "image"
+    assert attach_images(tiny_llama, [t]) == [t]
+
+
+def test_edit_on_vlm_moves_only_the_language_model(tiny_vlm, images):
+    from defenses import make_objective
+    from defenses.base import editor_for
+    from probe.facts import Fact
+
+    fact = attach_images(tiny_vlm, [Fact(id="a", prompt="The capital of France is", answer="Paris",
+                                         image=images[0])])[0]
+    before = sequence_logprobs(tiny_vlm, [fact.prompt], ["Paris"])[0].sum()
+    vision = {k: v.clone() for k, v in tiny_vlm.hf.model.vision_tower.state_dict().items()}
+    projector = {k: v.clone() for k, v in tiny_vlm.hf.model.multi_modal_projector.state_dict().items()}
+    obj = make_objective("fact-erasure")
+    editor = editor_for(obj, "constrained-ft", dict(layer=1, norm_bound=0.5, lr=0.05, steps=10, early_stop=None))
+    session = editor.session(tiny_vlm)
+    editor.edit(session, obj, obj.request(fact, [fact], []))
+    edited = session.model
+    after = sequence_logprobs(edited, [fact.prompt], ["Paris"])[0].sum()
+    assert after < before - 0.1
+    for k, v in edited.hf.model.vision_tower.state_dict().items():
+        assert torch.equal(v, vision[k])
+    for k, v in edited.hf.model.multi_modal_projector.state_dict().items():
+        assert torch.equal(v, projector[k])
+    session.restore()
+    assert torch.equal(sequence_logprobs(session.model, [fact.prompt], ["Paris"])[0].sum(), before)
+
+
+@pytest.fixture(scope="module")
+def flag_facts(tmp_path_factory):
+    """Built-in image facts for 4 countries x (capital, language), as loaded from disk."""
+    from probe.facts import load_facts
+    from probe.image_facts import write_builtin_image_facts
+
+    path = write_builtin_image_facts(tmp_path_factory.mktemp("flags") / "set", countries=["France", "Japan", "Italy",
+                                     "Egypt"], relations=("capital", "language"), n_per_strength=1,
+                                     n_neighborhood_images=2)
+    return load_facts(str(path))
+
+
+def test_image_attacks_sets_budgets_and_skips(tiny_vlm, flag_facts, images):
+    from attacks import AttackContext, make_attack
+    from attacks.blackbox import paraphrase_images
+    from probe.facts import Fact
+
+    f = attach_images(tiny_vlm, flag_facts[:1])[0]
+    paras = f.image_paraphrases
+    assert paraphrase_images(f, "easy") == [f.image, paras["easy"][0]]
+    assert paraphrase_images(f, "hard") == [f.image, paras["easy"][0], paras["medium"][0], paras["hard"][0]]
+    assert paraphrase_images(f, "medium", cumulative=False) == [paras["medium"][0]]
+    with pytest.raises(ValueError, match="easy, medium, hard"):
+        make_attack("image-rephrase", strength="extreme")
+    no_para = attach_images(tiny_vlm, [Fact(id="np", prompt="The capital of this country is", answer="Paris",
+                                            image=images[0])])[0]
+    text = Fact(id="t", prompt="The capital of France is", answer="Paris")
+    ctx = AttackContext(facts=[f, no_para, text], seed=0)
+    ir = make_attack("image-rephrase", max_new_tokens=2)
+    mm = make_attack("multimodal-rephrase", max_new_tokens=2)
+    assert ir.budget() == 4 * 5 and mm.budget() == 4 * 4 * 1
+    out = ir.run(tiny_vlm, [f, no_para, text], ctx)
+    assert out[0].skipped is None and out[0].budget == 20 and len(out[0].samples) == 20
+    assert len(set(out[0].details["images"])) == 4 and out[0].details["images"][0] == f.image
+    assert out[1].skipped == "no paraphrase images" and out[2].skipped == "no image"
+    again = ir.run(tiny_vlm, [f], ctx)[0]
+    assert again.samples == out[0].samples  # seeded per fact
+    m = mm.run(tiny_vlm, [f], ctx)[0]
+    assert m.budget == 16 and len(set(m.details["prompts"])) == 4  # 4 question rephrasings x 4 images
+    # question rephrase and jailbreak keep the original image
+    qr = make_attack("question-rephrase", max_new_tokens=2)
+    assert all(isinstance(p, ImagePrompt) and p.image == f.image for p in qr.prompts(f))
+    jb = make_attack("jailbreak", max_new_tokens=2)
+    assert all(isinstance(p, ImagePrompt) and p.image == f.image for p in jb.prompts(f))
+
+
+def test_run_and_grid_on_a_vlm(tiny_vlm, flag_facts, tmp_path):
+    from probe.grid import GridConfig, run_grid
+    from probe.pipeline import RunConfig, run_main
+
+    attacks = ["head-projection", "image-rephrase", "multimodal-rephrase"]
+    cfg = RunConfig(attacks=attacks, known_rank=10**6, max_facts=2, progress=False, acc_tokens=2,
+                    editor_config={"steps": 2}, attack_config={a: {"max_new_tokens": 2} for a in attacks[1:]})
+    res = run_main(tiny_vlm, flag_facts, tmp_path / "run", cfg, facts_label="flags")
+    assert res.n_facts == 2
+    assert all(f.modal and f.modal["text_prompt"].startswith("This is the flag of") for f in res.facts)
+    assert all(len(f.modal["text_pre"]["rank"]) == tiny_vlm.n_layers and f.modal["text_post"] for f in res.facts)
+    assert res.other_attacks["image-rephrase"]["n_skipped"] == 0
+    assert res.other_attacks["multimodal-rephrase"]["budget"] == 16
+    assert len(res.meta["image_examples"]) == 2
+    gcfg = GridConfig(defenses=["fact-erasure", "head-projection"], attacks=attacks, known_rank=10**6, max_facts=2,
+                      random_n=2, acc_tokens=2, progress=False, editor_config={"steps": 2},
+                      attack_config={a: {"max_new_tokens": 2} for a in attacks[1:]})
+    grid = run_grid(tiny_vlm, flag_facts, tmp_path / "grid", gcfg, facts_label="flags")
+    cells = {(c["defense"], c["attack"]): c for c in grid["cells"]}
+    assert cells[("fact-erasure", "image-rephrase")]["n_facts"] == 2
+    assert cells[("head-projection", "multimodal-rephrase")]["budget"] == 16
+    assert len(grid["per_layer_text"]["pre"]) == tiny_vlm.n_layers
+    assert set(grid["per_layer_text"]["post"]) == {"fact-erasure", "head-projection"}
+    assert grid["image_examples"][0]["image_paraphrases"]["hard"]
+
+
+def test_image_facts_on_a_text_model_are_refused(tiny_llama, flag_facts, tmp_path):
+    from probe.pipeline import RunConfig, run_main
+
+    with pytest.raises(InputError) as err:
+        run_main(tiny_llama, flag_facts, tmp_path / "run", RunConfig(progress=False))
+    assert err.value.field == "image" and err.value.line == 1 and err.value.file.endswith("facts.jsonl")
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_lora_edit_on_vlm(tiny_vlm, flag_facts):
+    from defenses import make_objective
+    from defenses.base import editor_for
+
+    fact = attach_images(tiny_vlm, flag_facts[:1])[0]
+    before = sequence_logprobs(tiny_vlm, [fact.prompt], [fact.answer])[0].sum()
+    obj = make_objective("fact-erasure")
+    editor = editor_for(obj, "lora", dict(layer=1, lr=0.1, steps=5, early_stop=None))
+    session = editor.session(tiny_vlm)
+    editor.edit(session, obj, obj.request(fact, flag_facts, []))
+    after = sequence_logprobs(session.model, [fact.prompt], [fact.answer])[0].sum()
+    assert after < before - 0.05
+    session.restore()
