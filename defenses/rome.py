@@ -67,6 +67,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from probe.arch import get_attr_path
+from probe.images import ImagePrompt, expanded_position
 from probe.interrupt import check as check_interrupt
 from probe.model import ProbeModel
 from probe.tokens import encode_ids, tokenize
@@ -118,6 +119,17 @@ def last_token_index(tokenizer, text: str, span: tuple[int, int] | None) -> int:
     if span is None:
         return len(ids) - 1
     start, end = span
+    if isinstance(text, ImagePrompt):
+        # index in the unexpanded row (the image = one placeholder token): tokenise the text with
+        # the <image> token in its place; the span moves by where the prompt text sits in it
+        full = text.text
+        shift = full.index(str(text)) if str(text) in full else 0
+        enc = tokenizer(full, add_special_tokens=True, return_offsets_mapping=True)
+        hits = [i for i, (s, e) in enumerate(enc["offset_mapping"])
+                if e > s and s < end + shift and e > start + shift]
+        if len(enc["input_ids"]) == len(ids) and hits:
+            return hits[-1]
+        return max(0, min(len(tokenizer(full[:end + shift], add_special_tokens=True)["input_ids"]), len(ids)) - 1)
     try:
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         offsets = enc["offset_mapping"]
@@ -277,6 +289,8 @@ class ROME(OneMLPEditor):
         # key k* (mean over rows), the plain prompt's key k and v_init = W k (+ bias)
         with torch.no_grad():
             rows = [tokenize(tok, p) for p in prompts]
+            # image prompts: positions counted in the expanded sequence the language model sees
+            positions[:len(rows)] = [expanded_position(model, r, q) for r, q in zip(rows, positions)]
             batch = encode_ids(model, rows)
             cols = batch.seq_len - batch.lengths + torch.tensor(positions[:len(rows)], device=batch.lengths.device)
             ridx = torch.arange(len(rows), device=cols.device)

@@ -362,6 +362,12 @@ def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
                           subject="The Eiffel Tower")
         tr.probs.shape  # [30, 10]
     """
+    from .images import ImagePrompt
+
+    if isinstance(prompt, ImagePrompt):
+        raise InputError("causal tracing corrupts token embeddings; an image prompt's image tokens come from the "
+                         "projector, so trace the fact's text form instead (probe.pipeline.text_form)",
+                         field="prompt")
     clean_model = model if clean_model is None else clean_model
     if clean_model.d_model != model.d_model:
         raise ValueError(f"clean_model has d_model {clean_model.d_model}, model {model.d_model}")

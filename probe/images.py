@@ -275,6 +275,13 @@ def _tokenizer_image_id(tokenizer) -> int:
     return tid
 
 
+def expanded_position(model, row: Sequence[int], pos: int) -> int:
+    """Position ``pos`` of an unexpanded token row (images as placeholders) in the expanded
+    sequence: shifted by ``image_token_count - 1`` per image placeholder before it."""
+    n_before = sum(1 for t in row[:pos] if is_placeholder(t))
+    return pos + n_before * (image_token_count(model) - 1) if n_before else pos
+
+
 def expand_rows(model, rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], torch.Tensor | None]:
     """Expand placeholder ids into the model's image tokens.
 

@@ -134,11 +134,21 @@ def _causal(model, edited, fact: Fact, out: Path) -> None:
     from .causal import causal_trace
     from .tokens import tokenize
 
-    kw: dict = {"subject": fact.subject} if fact.subject else {
-        "subject_positions": list(range(max(1, len(tokenize(model.tokenizer, fact.prompt)) // 2)))}
-    pre = causal_trace(model, fact.prompt, fact.answer, **kw)
-    post = causal_trace(model, fact.prompt, fact.answer, clean_model=edited, **kw)
-    rec = {"fact_id": fact.id, "corrupted": "subject" if fact.subject else "first half of the prompt",
+    prompt, subject, corrupted = fact.prompt, fact.subject, None
+    if text_form(fact) is not None:
+        # image facts: the trace runs on the fact's text form, corrupting the named entity (the
+        # image itself is not corrupted -- that would need noise on the projector output)
+        prompt = text_form(fact)
+        entity = getattr(fact, "entity", None)
+        subject = entity if entity and entity in prompt else None
+        corrupted = (f"entity {entity!r} in the text form (image facts are traced without the image)" if subject
+                     else "first half of the text form (image facts are traced without the image)")
+    kw: dict = {"subject": subject} if subject else {
+        "subject_positions": list(range(max(1, len(tokenize(model.tokenizer, prompt)) // 2)))}
+    pre = causal_trace(model, prompt, fact.answer, **kw)
+    post = causal_trace(model, prompt, fact.answer, clean_model=edited, **kw)
+    rec = {"fact_id": fact.id,
+           "corrupted": corrupted or ("subject" if fact.subject else "first half of the prompt"),
            "pre": pre.to_json(), "post": post.to_json()}
     with open(out / CAUSAL, "a", encoding="utf-8") as f:
         f.write(json.dumps(rec) + "\n")

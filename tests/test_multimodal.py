@@ -222,16 +222,87 @@ def test_image_facts_on_a_text_model_are_refused(tiny_llama, flag_facts, tmp_pat
     assert not (tmp_path / "run").exists()  # nothing written
 
 
-def test_lora_edit_on_vlm(tiny_vlm, flag_facts):
+@pytest.mark.parametrize("editor_name,config", [("lora", dict(layer=1, lr=0.1, steps=5, early_stop=None)),
+                                                ("rome", dict(layer=0, early_stop=None, v_steps=10))])
+def test_lora_and_rome_edits_on_vlm(tiny_vlm, flag_facts, editor_name, config, tmp_path, monkeypatch):
     from defenses import make_objective
     from defenses.base import editor_for
 
+    monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path))
     fact = attach_images(tiny_vlm, flag_facts[:1])[0]
     before = sequence_logprobs(tiny_vlm, [fact.prompt], [fact.answer])[0].sum()
     obj = make_objective("fact-erasure")
-    editor = editor_for(obj, "lora", dict(layer=1, lr=0.1, steps=5, early_stop=None))
+    editor = editor_for(obj, editor_name, config)
     session = editor.session(tiny_vlm)
-    editor.edit(session, obj, obj.request(fact, flag_facts, []))
+    info = editor.edit(session, obj, obj.request(fact, flag_facts, []))
+    assert info["max_abs_change"] > 0
     after = sequence_logprobs(session.model, [fact.prompt], [fact.answer])[0].sum()
     assert after < before - 0.05
     session.restore()
+
+
+def test_llava_directory_loads_offline_with_its_processor(tiny_tokenizer, tmp_path, images):
+    import probe
+    from conftest import build_tiny_vlm
+    from probe.errors import ModelLoadError
+
+    hf, tok, proc = build_tiny_vlm(tiny_tokenizer)
+    hf.save_pretrained(tmp_path / "llava")
+    proc.save_pretrained(tmp_path / "llava")
+    m = probe.load_model(str(tmp_path / "llava"))
+    assert is_multimodal(m) and type(m.hf).__name__ == "LlavaForConditionalGeneration"
+    assert image_token_count(m) == 4 and m.n_layers == 2
+    p = ImagePrompt("The capital of France is", images[0])
+    ref = probe.wrap_model(hf, tok, name="ref", processor=proc)
+    torch.testing.assert_close(last_token_logprobs(m, [p]), last_token_logprobs(ref, [p]), rtol=0, atol=1e-5)
+    # weights without their processor: a clear error, nothing downloaded
+    hf.save_pretrained(tmp_path / "noproc")
+    with pytest.raises(ModelLoadError, match="processor"):
+        probe.load_model(str(tmp_path / "noproc"))
+
+
+def test_relearning_and_probe_attacks_run_on_a_vlm(tiny_vlm, flag_facts):
+    from attacks import AttackContext, make_attack
+
+    facts = attach_images(tiny_vlm, flag_facts)
+    ctx = AttackContext(facts=facts, deleted=frozenset({facts[0].id}), seed=0)
+    rel = make_attack("relearning").run(tiny_vlm, facts[:1], ctx)[0]
+    n = tiny_vlm.n_layers
+    assert rel.budget == make_attack("head-projection").budget(n) and rel.best_rank >= 1
+    assert all(isinstance(p, ImagePrompt) for p in rel.details["relearn_data"])
+    lp = make_attack("linear-probe", max_train=8).run(tiny_vlm, facts[:1], ctx)[0]
+    assert len(lp.layer_ranks) == n and lp.best_rank >= 1
+
+
+def test_causal_traces_of_image_facts_use_the_text_form(tiny_vlm, flag_facts, tmp_path):
+    import json
+
+    from probe.causal import causal_trace
+    from probe.pipeline import RunConfig, run_main
+
+    fact = attach_images(tiny_vlm, flag_facts[:1])[0]
+    with pytest.raises(InputError, match="text form"):
+        causal_trace(tiny_vlm, fact.prompt, fact.answer, subject_positions=[0])
+    cfg = RunConfig(attacks=["head-projection"], known_rank=10**6, max_facts=1, progress=False, acc_tokens=2,
+                    editor_config={"steps": 1}, causal_traces=1)
+    run_main(tiny_vlm, flag_facts, tmp_path / "run", cfg)
+    rec = json.loads((tmp_path / "run" / "causal_traces.jsonl").read_text().splitlines()[0])
+    assert rec["corrupted"].startswith("entity 'France'") and rec["pre"]["probs"]
+
+
+def test_rome_subject_position_in_an_image_prompt(tiny_vlm, images):
+    from defenses.rome import last_token_index, subject_span
+    from probe.images import expanded_position
+
+    tok = tiny_vlm.tokenizer
+    p = ImagePrompt("The Eiffel Tower is located in the city of", images[0])
+    span = subject_span(p, "Eiffel Tower")
+    i = last_token_index(tok, p, span)
+    ids = tokenize(tok, p)
+    assert ids[0] < 0  # the image placeholder comes first
+    full = tok("<image>\nThe Eiffel Tower", add_special_tokens=True)["input_ids"]
+    assert i == len(full) - 1  # the subject's last token, counted with the image as one token
+    j = expanded_position(tiny_vlm, ids, i)
+    batch = encode(tiny_vlm, [p])
+    assert j == i + image_token_count(tiny_vlm) - 1
+    assert batch.input_ids[0, j].item() == ids[i]  # the same token in the expanded row
