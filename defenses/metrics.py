@@ -72,16 +72,22 @@ def generation_accuracy(model, prompts: Sequence[str], labels: Sequence[str], *,
     Returns:
         One bool per prompt.
     """
-    out: list[bool] = []
+    texts = greedy_continuations(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return [answer_in_text(t, lab) for t, lab in zip(texts, labels)]
+
+
+def greedy_continuations(model, prompts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
+    """Greedy continuations (decoded text, special tokens dropped) of left-padded prompts; image
+    prompts are generated with their images (``pixel_values``)."""
+    out: list[str] = []
     tok = model.tokenizer
     for start in range(0, len(prompts), batch_size):
-        ps = list(prompts[start:start + batch_size])
-        batch = encode(model, ps)
+        batch = encode(model, list(prompts[start:start + batch_size]))
+        extra = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
         with torch.no_grad():
             gen = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                     max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=pad_id(tok))
-        texts = tok.batch_decode(gen[:, batch.seq_len:], skip_special_tokens=True)
-        out.extend(answer_in_text(t, lab) for t, lab in zip(texts, labels[start:start + batch_size]))
+                                    pad_token_id=pad_id(tok), **extra)
+        out.extend(tok.batch_decode(gen[:, batch.seq_len:], skip_special_tokens=True))
     return out
 

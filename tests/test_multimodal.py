@@ -306,3 +306,20 @@ def test_rome_subject_position_in_an_image_prompt(tiny_vlm, images):
     batch = encode(tiny_vlm, [p])
     assert j == i + image_token_count(tiny_vlm) - 1
     assert batch.input_ids[0, j].item() == ids[i]  # the same token in the expanded row
+
+
+def test_accuracy_metrics_generate_with_the_image(tiny_vlm, images):
+    """Regression: greedy generation for the accuracy metrics (random / neighbourhood Δ-Acc) must
+    pass the image; without pixel_values LLaVA silently embeds the image tokens as the zero row."""
+    from attacks.blackbox import sample_continuations
+    from defenses.metrics import generation_accuracy, greedy_continuations
+
+    ps = [ImagePrompt("The capital of France is", images[0]), ImagePrompt("Paris is the capital of", images[1]),
+          "The capital of Japan is"]
+    got = greedy_continuations(tiny_vlm, ps, max_new_tokens=4)
+    want = [r[0] for r in sample_continuations(tiny_vlm, ps, samples=1, max_new_tokens=4, do_sample=False)]
+    assert got == want
+    alone = [greedy_continuations(tiny_vlm, [p], max_new_tokens=4)[0] for p in ps]
+    assert got == alone
+    labels = [g.split()[0] if g.split() else "zzz" for g in got]
+    assert generation_accuracy(tiny_vlm, ps, labels, max_new_tokens=4) == [bool(g.split()) for g in got]
