@@ -32,8 +32,8 @@ Multimodal facts (all optional; see :mod:`probe.image_facts` for a built-in set)
 - ``entity``: what the image shows.
 
 Image paths are relative to the JSONL file's directory (absolute paths allowed); the loader
-turns them into absolute paths and checks that each one exists and is a readable image (PIL
-``verify``). A prompt may contain the placeholder ``<image>`` (where the image goes; without it
+turns them into absolute paths and checks that each one exists and is a readable image (decoded once
+with PIL). A prompt may contain the placeholder ``<image>`` (where the image goes; without it
 the image comes before the prompt) once, and only on a fact that has an ``image`` (for a
 neighbourhood item: that item's ``image``).
 """
@@ -130,7 +130,8 @@ def _check_image(value: Any, *, base: Path, cache: dict, file: str, line: int, f
 
 
 def _image_problem(path: Path) -> str | None:
-    """Why ``path`` is not a readable image, or None (PIL ``open`` + ``verify``: cheap, no decode)."""
+    """Why ``path`` is not a readable image, or None (PIL ``open`` + a full ``load``, so truncated or
+    corrupt pixel data is caught here, with the file and line, not halfway through a run)."""
     if not path.exists():
         return f"image file not found: {path}"
     if path.is_dir():
@@ -139,7 +140,7 @@ def _image_problem(path: Path) -> str | None:
 
     try:
         with Image.open(path) as im:
-            im.verify()
+            im.load()  # a full decode: verify() alone passes truncated or corrupt pixel data
     except UnidentifiedImageError:
         return f"not a readable image (unknown or corrupt format): {path}"
     except OSError as exc:

@@ -363,6 +363,24 @@ def format_evaluation(ev: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_writable(path: Path) -> None:
+    """Raise InputError unless a file can be written at ``path`` (probing with a temporary file)."""
+    import os
+    import tempfile
+
+    from .errors import InputError
+
+    if path.is_dir():
+        raise InputError("is a directory; give a file name such as mini_vlm.pt", file=str(path), field="--out")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise InputError(f"cannot write here ({exc.strerror or exc})", file=str(path), field="--out") from None
+
+
 def train_vlm_main(argv: list[str]) -> int:
     """``probe-attack train-vlm``: train the mini VLM (fixed seed), save it, print its accuracy."""
     import argparse
@@ -396,8 +414,9 @@ def train_vlm_main(argv: list[str]) -> int:
             model = load_mini_vlm(args.eval_only)
             report = None
         else:
-            lm = load_model()
             out = Path(args.out) if args.out else cache_dir() / "mini-vlm" / "mini_vlm.pt"
+            _check_writable(out)  # before ten minutes of training, not after
+            lm = load_model()
             t0 = time.perf_counter()
             last = [t0]
 

@@ -441,3 +441,26 @@ def test_cli_import_unlok_vqa(unlok, capsys):
     assert err.startswith("probe-attack: error:") and f"{unlok.path}:2" in err and "'image_id'" in err
     assert "\n" not in err and not out2.exists()
     assert not [p for p in unlok.tmp.iterdir() if p.name.startswith(".facts2")]  # no temporary left over
+
+
+def test_truncated_image_is_refused_at_load_with_file_line_and_field(tmp_path):
+    """Regression (found by a fresh-user test): a JPEG with truncated pixel data passes PIL's
+    ``verify()`` but fails to decode mid-run; the loader must decode it and name file/line/field."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from probe.errors import InputError
+    from probe.facts import load_facts
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    data = buf.getvalue()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 2])  # a JPEG cut in half: verify() says ok
+    (tmp_path / "facts.jsonl").write_text(
+        '{"id": "a", "prompt": "The capital of this country is", "answer": "Paris"}\n'
+        '{"id": "b", "prompt": "The capital of this country is", "answer": "Paris", "image": "trunc.png"}\n')
+    with pytest.raises(InputError) as err:
+        load_facts(str(tmp_path / "facts.jsonl"))
+    assert err.value.line == 2 and err.value.field == "image" and "trunc.png" in str(err.value)
