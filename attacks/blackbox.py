@@ -302,7 +302,9 @@ def paraphrase_images(fact, strength: str = "hard", *, cumulative: bool = True, 
     image plus ``per_strength`` paraphrase images of every strength up to ``strength``
     ({orig, easy}, {orig, easy, medium}, {orig, easy, medium, hard}); ``cumulative=False`` gives
     ``*_only``: the ``strength`` images alone. A strength with no image falls back to the easy
-    ones, as in the reference (method.md section 3.2).
+    ones, as in the reference (method.md section 3.2) -- or, without easy images, to the first
+    strength that has some; a fallback image may then be used twice (sampled anew), so the budget
+    is the same for every fact with paraphrase images.
 
     Returns:
         Image references (paths or PIL images); empty if the fact has no paraphrase images.
@@ -318,10 +320,10 @@ def paraphrase_images(fact, strength: str = "hard", *, cumulative: bool = True, 
     wanted = STRENGTH_ORDER[:STRENGTH_ORDER.index(strength) + 1] if cumulative else (strength,)
     imgs = []
     for s in wanted:
-        got = list(paras.get(s) or []) or list(paras.get("easy") or [])
-        imgs += [g for g in got[:per_strength] if g not in imgs]
+        got = list(paras.get(s) or []) or next(list(paras[t]) for t in STRENGTH_ORDER if paras.get(t))
+        imgs += got[:per_strength]
     if cumulative and getattr(fact, "image", None):
-        imgs = [fact.image] + [g for g in imgs if g != fact.image]
+        imgs = [fact.image] + imgs
     return imgs
 
 

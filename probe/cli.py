@@ -382,7 +382,8 @@ def format_table(result) -> str:
     for name, a in getattr(result, "other_attacks", {}).items():
         pre = "" if a["success_pre"] is None else f"{100 * a['success_pre']:11.1f}%"
         post = "" if a["success_post"] is None else f"{100 * a['success_post']:11.1f}%"
-        lines.append(f"{name:20s} {'(' + a['kind'] + ')':28s} {a['budget']:4d} {pre:>12s} {post:>13s}")
+        skipped = f"  ({a['n_skipped']} of {a['n_facts'] + a['n_skipped']} facts skipped)" if a.get("n_skipped") else ""
+        lines.append(f"{name:20s} {'(' + a['kind'] + ')':28s} {a['budget']:4d} {pre:>12s} {post:>13s}{skipped}")
     d = result.defense
     if d:
         lines.append("")

@@ -170,6 +170,8 @@ def _image_fields(obj: dict, prompt: str, *, file: str, line: int, base_dir: str
         image = _check_image(image, fld="image", **where)
     out["image"] = image
     _check_placeholder(prompt, image is not None, file=file, line=line, fld="prompt")
+    if not prompt.replace(IMAGE_TOKEN, "").strip():
+        raise InputError(f"has no text besides {IMAGE_TOKEN}", file=file, line=line, field="prompt")
     for i, p in enumerate(obj.get("paraphrases") or []):
         _check_placeholder(p, image is not None, file=file, line=line, fld=f"paraphrases[{i}]")
 
@@ -351,7 +353,7 @@ def load_jsonl(path: str | Path) -> list[Fact]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=str(path), line=lineno) from None
+            raise InputError(f"not valid JSON ({exc.msg}; column {exc.colno})", file=str(path), line=lineno) from None
         fact = fact_from_dict(obj, file=str(path), line=lineno, base_dir=path.parent, image_cache=image_cache)
         if fact.id in seen:
             raise InputError(f"duplicate id {fact.id!r} (first seen on line {seen[fact.id]})", file=str(path),

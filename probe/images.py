@@ -85,6 +85,23 @@ class ImagePrompt(str):
     def __hash__(self):
         return hash((str(self), image_key(self.image)))
 
+    # a total order that includes the image: prompts with the same text and other images sort by
+    # image path, so sorted(set_of_prompts) does not depend on hash randomisation
+    def _key(self):
+        return (str(self), str(image_key(self.image)))
+
+    def __lt__(self, other):
+        return self._key() < _sort_key(other) if isinstance(other, str) else NotImplemented
+
+    def __le__(self, other):
+        return self._key() <= _sort_key(other) if isinstance(other, str) else NotImplemented
+
+    def __gt__(self, other):
+        return self._key() > _sort_key(other) if isinstance(other, str) else NotImplemented
+
+    def __ge__(self, other):
+        return self._key() >= _sort_key(other) if isinstance(other, str) else NotImplemented
+
     @property
     def text(self) -> str:
         """The text with the image placeholder where the image goes."""
@@ -94,6 +111,10 @@ class ImagePrompt(str):
     def with_text(self, text: str) -> "ImagePrompt":
         """Same image, other text."""
         return ImagePrompt(text, self.image)
+
+
+def _sort_key(x: str) -> tuple[str, str]:
+    return x._key() if isinstance(x, ImagePrompt) else (str(x), "")
 
 
 def with_image(text: str, image: Any) -> str:

@@ -108,7 +108,7 @@ def trainable_state(vlm) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_trainable(vlm, state: dict[str, torch.Tensor]) -> None:
+def load_trainable(vlm, state: dict[str, torch.Tensor], source: str = "weights") -> None:
     """Load :func:`trainable_state` weights into ``vlm`` (cast to its dtype).
 
     Raises:
@@ -119,7 +119,7 @@ def load_trainable(vlm, state: dict[str, torch.Tensor]) -> None:
         sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         own = mod.state_dict()
         if set(sub) != set(own) or any(sub[k].shape != own[k].shape for k in own):
-            raise ModelLoadError(f"mini-VLM weights do not match the model ({prefix.rstrip('.')}): "
+            raise ModelLoadError(f"{source}: mini-VLM weights do not match the model ({prefix.rstrip('.')}): "
                                  "retrain with `probe-attack train-vlm`")
         mod.load_state_dict({k: v.to(own[k].dtype) for k, v in sub.items()})
 
@@ -156,7 +156,7 @@ def load_mini_vlm(weights: str | Path | None = None, *, lm=None, device: str | t
         raise ModelLoadError(f"{path}: not a mini-VLM weights file (no 'state')")
     lm = load_model(lm)
     vlm, tok, proc = build_mini_vlm(lm)
-    load_trainable(vlm, state)
+    load_trainable(vlm, state, str(path))
     vlm = vlm.to(device).eval()
     fp = hashlib.sha256(f"mini-vlm:{lm.fingerprint}:{weights_fingerprint(path)}".encode()).hexdigest()[:16]
     return wrap_model(vlm, tok, name="mini-vlm", fingerprint=fp, processor=proc)
@@ -264,7 +264,7 @@ def train_mini_vlm(lm, *, steps: int = 6000, batch_size: int = 64, lr: float = 2
         sched.step()
         losses.append(float(loss.detach()))
         if progress is not None:
-            progress(step, float(loss))
+            progress(step, losses[-1])
     vlm.eval()
     report = TrainReport(steps=steps, seconds=time.perf_counter() - t0, final_loss=float(np.mean(losses[-50:])),
                          losses=losses[:: max(1, steps // 200)], seed=seed, countries=countries)

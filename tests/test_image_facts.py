@@ -464,3 +464,17 @@ def test_truncated_image_is_refused_at_load_with_file_line_and_field(tmp_path):
     with pytest.raises(InputError) as err:
         load_facts(str(tmp_path / "facts.jsonl"))
     assert err.value.line == 2 and err.value.field == "image" and "trunc.png" in str(err.value)
+
+
+def test_prompt_with_only_the_image_placeholder_is_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from probe.errors import InputError
+    from probe.facts import load_facts
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "f.jsonl").write_text('{"id": "a", "prompt": " <image> ", "answer": "Paris", "image": "a.png"}\n')
+    with pytest.raises(InputError) as err:
+        load_facts(str(tmp_path / "f.jsonl"))
+    assert err.value.line == 1 and err.value.field == "prompt" and "no text" in str(err.value)

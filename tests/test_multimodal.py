@@ -323,3 +323,24 @@ def test_accuracy_metrics_generate_with_the_image(tiny_vlm, images):
     assert got == alone
     labels = [g.split()[0] if g.split() else "zzz" for g in got]
     assert generation_accuracy(tiny_vlm, ps, labels, max_new_tokens=4) == [bool(g.split()) for g in got]
+
+
+def test_image_prompts_sort_by_text_then_image(images):
+    """Regression: prompts with equal text and other images must sort deterministically (retain
+    prompts are drawn from sorted sets; text-only ordering left them to hash randomisation)."""
+    a, b, c = (ImagePrompt("The capital of this country is", im) for im in images)
+    t = "The capital of this country is"
+    assert sorted({c, a, b, t}) == [t, a, b, c]  # images[] paths are in order img0 < img1 < img2
+    assert sorted([b, "A", c, a]) == ["A", a, b, c]
+    assert a < b and not b < a and a <= a and c > b >= b and t < a
+
+
+def test_image_rephrase_falls_back_when_strengths_are_missing(tiny_vlm, images):
+    from attacks.blackbox import paraphrase_images
+    from probe.facts import Fact
+
+    f = Fact(id="x", prompt="The capital of this country is", answer="Paris", image=images[0],
+             image_paraphrases={"hard": [images[2]]})
+    assert paraphrase_images(f, "easy") == [images[0], images[2]]
+    assert paraphrase_images(f, "hard") == [images[0], images[2], images[2], images[2]]  # budget stays 4 x 5
+    assert paraphrase_images(f, "medium", cumulative=False) == [images[2]]
