@@ -72,7 +72,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=str(path),
+            raise InputError(f"not valid JSON ({exc.msg}; column {exc.colno})", file=str(path),
                              line=exc.lineno) from None
         return list(enumerate(data, 1))
     out = []
@@ -82,7 +82,7 @@ def read_records(path: str | os.PathLike) -> list[tuple[int, Any]]:
         try:
             out.append((lineno, json.loads(line)))
         except json.JSONDecodeError as exc:
-            raise InputError(f"not valid JSON ({exc.msg} at column {exc.colno})", file=str(path),
+            raise InputError(f"not valid JSON ({exc.msg}; column {exc.colno})", file=str(path),
                              line=lineno) from None
     return out
 
@@ -214,7 +214,31 @@ def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLik
     obj = {"id": rid, "prompt": main_prompt, "answer": answer, "paraphrases": paraphrases,
            "neighborhood": neighborhood, "alt_answer": alt, "image": str(image.absolute()),
            "image_paraphrases": image_paraphrases, "neighborhood_images": neighborhood_images, "subject": subject}
-    return fact_from_dict(obj, file=file, line=line, base_dir=Path.cwd(), image_cache=image_cache)
+    try:
+        return fact_from_dict(obj, file=file, line=line, base_dir=Path.cwd(), image_cache=image_cache)
+    except InputError as exc:  # name the record's own field, not the converted fact's
+        raise InputError(exc.message, file=exc.file, line=exc.line, field=record_field(exc.field)) from None
+
+
+_FIELD_MAP = (("neighborhood", "loc"), ("paraphrases", "rephrase"),
+              ("prompt", "src"), ("answer", "pred"), ("alt_answer", "alt_ans"), ("image", "image_id"))
+
+
+def record_field(field: str | None) -> str | None:
+    """The UnLOK-VQA record field behind a fact field (``paraphrases[1]`` -> ``rephrase[1]``,
+    ``neighborhood[0].prompt`` -> ``loc[0]``, ``prompt`` -> ``src``)."""
+    if not field:
+        return field
+    for ours, theirs in _FIELD_MAP:
+        if field == ours or field.startswith((ours + "[", ours + ".")):
+            rest = field[len(ours):]
+            if ours == "neighborhood":
+                rest = re.sub(r"\.prompt$", "", rest)
+                rest = re.sub(r"\.answer$", "", rest)
+                if field.endswith(".answer"):
+                    return "loc_ans" + rest
+            return theirs + rest
+    return field
 
 
 def import_unlok_vqa(records_path: str | os.PathLike, coco_dir: str | os.PathLike, *,

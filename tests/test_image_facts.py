@@ -381,6 +381,9 @@ def test_import_unlok_vqa(unlok):
     (1, {"pred": None, "answers": None}, "pred", "missing"),
     (2, {"loc": ["nq question: a", "nq question: b"], "loc_ans": ["x"]}, "loc_ans", "answers for"),
     (1, {"alt_ans": []}, "alt_ans", "alt_ans[0]"),
+    # errors found while building the fact name the record's field, not the fact's
+    (2, {"src": "What is <image> this <image>?"}, "src", "occurs 3 times"),  # + the template's own
+    (1, {"rephrase": ["ok?", "<image> twice <image>"]}, "rephrase[1]", "occurs 3 times"),
 ])
 def test_import_unlok_vqa_errors(unlok, index, over, field, match):
     recs = [dict(r) for r in unlok.records]
