@@ -66,6 +66,7 @@ import torch
 from tqdm.auto import tqdm
 
 from probe.errors import PromptTooLongError
+from probe.facts import IMAGE_STRENGTHS
 from probe.interrupt import check as check_interrupt
 from probe.matching import answer_matches
 from probe.rephrase import ATTACK_PREFIXES, insert_prefix
@@ -195,14 +196,19 @@ class SamplingAttack(Attack):
     def attack_fact(self, model, fact, seed: int) -> AttackOutcome:
         """Run the attack on one fact with the run seed ``seed``."""
         prompts = self.prompts(fact)
+        flat, hits, s = self._sample(model, fact, prompts, seed)
+        return AttackOutcome(success=hits > 0, budget=self.budget(), samples=flat, hits=hits,
+                             details={"prompts": prompts, "seed": s})
+
+    def _sample(self, model, fact, prompts: Sequence[str], seed: int) -> tuple[list[str], int, int]:
+        """Sample every prompt under the fact's seed: ``(samples grouped by prompt, how many contain
+        the answer, the fact seed)``."""
         s = fact_seed(seed, fact.id, self.cli_name)
         texts = sample_continuations(model, prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
                                      do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
                                      top_k=self.top_k, seed=s)
         flat = [t for row in texts for t in row]
-        hits = sum(answer_matches(t, fact.answer) for t in flat)
-        return AttackOutcome(success=hits > 0, budget=self.budget(), samples=flat, hits=hits,
-                             details={"prompts": prompts, "seed": s})
+        return flat, sum(answer_matches(t, fact.answer) for t in flat), s
 
     def run(self, model, facts: Sequence, ctx: AttackContext) -> list[AttackOutcome]:
         """One :class:`AttackOutcome` per fact, in order (``samples`` grouped by prompt).
@@ -292,7 +298,7 @@ class Jailbreak(SamplingAttack):
                 for i in range(self.n_prompts)]
 
 
-STRENGTH_ORDER: tuple[str, ...] = ("easy", "medium", "hard")
+STRENGTH_ORDER: tuple[str, ...] = IMAGE_STRENGTHS  # easy, medium, hard
 
 
 def paraphrase_images(fact, strength: str = "hard", *, cumulative: bool = True, per_strength: int = 1) -> list:
@@ -361,14 +367,8 @@ class _ImageAttack(SamplingAttack):
         if not imgs:
             reason = "no image" if not getattr(fact, "image", None) else "no paraphrase images"
             return AttackOutcome.skip(self.budget(), reason)
-        texts_ = self.texts(fact)
-        prompts = [ImagePrompt(str(t), img) for t in texts_ for img in imgs]
-        s = fact_seed(seed, fact.id, self.cli_name)
-        texts = sample_continuations(model, prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
-                                     do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                                     top_k=self.top_k, seed=s)
-        flat = [t for row in texts for t in row]
-        hits = sum(answer_matches(t, fact.answer) for t in flat)
+        prompts = [ImagePrompt(str(t), img) for t in self.texts(fact) for img in imgs]
+        flat, hits, s = self._sample(model, fact, prompts, seed)
         return AttackOutcome(success=hits > 0, budget=len(flat), samples=flat, hits=hits,
                              details={"prompts": [str(p) for p in prompts], "images": [str(i) for i in imgs],
                                       "seed": s})

@@ -47,10 +47,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import InputError
+from .images import IMAGE_TOKEN  # the image placeholder inside a prompt (LLaVA convention)
 
 BUILTIN_FACTS = Path(__file__).parent / "data" / "builtin_facts.jsonl"
-IMAGE_TOKEN = "<image>"
-"""Placeholder for the image inside a prompt (LLaVA convention)."""
 IMAGE_STRENGTHS = ("easy", "medium", "hard")
 """Keys of ``Fact.image_paraphrases``, from the closest to the furthest paraphrase image."""
 
@@ -96,6 +95,11 @@ class Fact:
     def has_image(self) -> bool:
         """True for a multimodal fact (one with an ``image``)."""
         return self.image is not None
+
+    def where(self) -> tuple[str | None, int | None]:
+        """``(file, line)`` this fact was read from (parsed from :attr:`source`; None when unknown)."""
+        file, _, line = (self.source or "").rpartition(":")
+        return file or None, int(line) if line.isdigit() else None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -485,7 +489,7 @@ def check_lengths(model, facts: Sequence[Fact]) -> None:
     if limit is None:
         return
     for f in facts:
-        file, _, line = f.source.rpartition(":")
+        file, line = f.where()
         for fld, text in [("prompt", f.prompt)] + [(f"paraphrases[{i}]", p) for i, p in enumerate(f.paraphrases)] \
                 + [(f"neighborhood[{i}].prompt", n["prompt"]) for i, n in enumerate(f.neighborhood)] \
                 + ([("text_prompt", f.text_prompt)] if f.text_prompt else []):
@@ -494,4 +498,4 @@ def check_lengths(model, facts: Sequence[Fact]) -> None:
             if n_tok + 16 > limit:
                 raise PromptTooLongError(
                     f"{n_tok} tokens: longer than the model's context of {limit} (minus 16 for the answer)",
-                    file=file or None, line=int(line) if line.isdigit() else None, field=fld)
+                    file=file, line=line, field=fld)

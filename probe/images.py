@@ -250,22 +250,21 @@ def image_token_id(model) -> int:
     Raises:
         InputError: the model is text-only.
     """
+    if not is_multimodal(model):
+        raise InputError(f"{model.name} is a text-only model: it cannot take an image", field="image")
+    return int(_config_image_token_id(model))
+
+
+def _config_image_token_id(model) -> int | None:
     cfg = model.hf.config
     tid = getattr(cfg, "image_token_id", None)
-    if tid is None:
-        tid = getattr(cfg, "image_token_index", None)
-    if tid is None or getattr(model, "processor", None) is None:
-        raise InputError(f"{model.name} is a text-only model: it cannot take an image", field="image")
-    return int(tid)
+    return getattr(cfg, "image_token_index", None) if tid is None else tid
 
 
 def is_multimodal(model) -> bool:
-    """Whether ``model`` takes images (a LLaVA-style model with a processor)."""
-    try:
-        image_token_id(model)
-    except InputError:
-        return False
-    return True
+    """Whether ``model`` takes images (a LLaVA-style model with a processor). Cheap: called on
+    every encode."""
+    return getattr(model, "processor", None) is not None and _config_image_token_id(model) is not None
 
 
 def tokenize_image_prompt(tokenizer, prompt: ImagePrompt) -> list[int]:
@@ -313,9 +312,9 @@ def expand_rows(model, rows: Sequence[Sequence[int]]) -> tuple[list[list[int]], 
     Raises:
         InputError: a placeholder on a text-only model.
     """
-    found: list[int] = []
     if not any(is_placeholder(t) for r in rows for t in r):
         return [list(r) for r in rows], None
+    found: list[int] = []
     tid = image_token_id(model)
     n = image_token_count(model)
     out = []
@@ -349,10 +348,10 @@ def attach_images(model, facts):
         neigh_imgs = [n.get("image") for n in getattr(f, "neighborhood", []) if n.get("image")]
         if not multimodal:
             if img or neigh_imgs:
-                file, _, line = (f.source or "").rpartition(":")
+                file, line = f.where()
                 raise InputError(f"fact {f.id!r} has an image but {model.name} is a text-only model; use a "
                                  "multimodal model (--model mini-vlm or a LLaVA directory)",
-                                 file=file or None, line=int(line) if line.isdigit() else None, field="image")
+                                 file=file, line=line, field="image")
             out.append(f)
             continue
         if not img and not neigh_imgs:
