@@ -1,28 +1,24 @@
 """Extraction attacks: decode a "deleted" answer back out of a model.
 
-* Logit-lens whitebox attacks (:mod:`attacks.whitebox`), scored together from one lens sweep:
-  ``head-projection``, ``probability-delta``, ``pd2``.
-* Attacks with their own :meth:`~attacks.base.Attack.run` (:mod:`attacks.base`): blackbox
-  ``question-rephrase`` and ``jailbreak`` (sampling), ``relearning`` (fine-tune after the edit,
-  then attack), and the middle-layer readers ``tuned-lens`` and ``linear-probe``.
+Every attack is an :class:`~attacks.base.Attack` registered by CLI name (:func:`register`) in one
+registry (:data:`ATTACKS`), yielding one :class:`AttackOutcome` per fact:
 
-:func:`make_attack` builds any of them by name; :func:`attack_readout` runs the lens sweep.
+* lens attacks (:mod:`attacks.lens`): ``head-projection``, ``probability-delta``, ``pd2`` on the
+  logit lens, and ``tuned-lens`` (Head Projection on the tuned lens, :mod:`attacks.tuned_lens`);
+* blackbox ``question-rephrase``, ``jailbreak``, ``image-rephrase``, ``multimodal-rephrase``
+  (sampling, :mod:`attacks.blackbox`);
+* ``relearning`` (fine-tune after the edit, then Head Projection, :mod:`attacks.relearning`);
+* ``linear-probe`` (probes trained on the attacked model, :mod:`attacks.linear_probe`).
+
+:func:`make_attack` builds any of them by name; :func:`evaluate_attacks` runs a list of attacks
+on one model state (one lens sweep per readout); :func:`summarize` is the one summary type.
 """
 
-import importlib as _importlib
+from .base import (ATTACKS, CURVE_K, Attack, AttackContext, AttackOutcome, attack_fields, attack_names, make_attack,
+                   register, success_at, summarize)
+from .lens import PD2, HeadProjection, LensAttack, ProbabilityDelta, evaluate_attacks, lens_sweep
+from . import blackbox, relearning, tuned_lens, linear_probe  # noqa: E402,F401  (register themselves)
 
-from .base import ATTACKS, Attack, AttackContext, AttackOutcome, register
-from .whitebox import (CURVE_K, PD2, WHITEBOX_ATTACKS, HeadProjection, ProbabilityDelta, WhiteboxAttack,
-                       all_attack_names, default_layers, make_attack, register_attack, success_at)
-from .run import attack_readout, summarize_attacks
-
-for _mod in ("blackbox", "relearning", "tuned_lens", "linear_probe"):  # register themselves
-    try:
-        _importlib.import_module(f"{__name__}.{_mod}")
-    except ModuleNotFoundError as _exc:  # pragma: no cover - only while a module is absent
-        if _exc.name != f"{__name__}.{_mod}":
-            raise
-
-__all__ = ["ATTACKS", "Attack", "AttackContext", "AttackOutcome", "register", "CURVE_K", "PD2", "WHITEBOX_ATTACKS",
-           "HeadProjection", "ProbabilityDelta", "WhiteboxAttack", "all_attack_names", "default_layers", "make_attack",
-           "register_attack", "success_at", "attack_readout", "summarize_attacks"]
+__all__ = ["ATTACKS", "CURVE_K", "Attack", "AttackContext", "AttackOutcome", "attack_fields", "attack_names",
+           "make_attack", "register", "success_at", "summarize", "PD2", "HeadProjection", "LensAttack",
+           "ProbabilityDelta", "evaluate_attacks", "lens_sweep"]

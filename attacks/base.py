@@ -1,8 +1,6 @@
-"""The attack interface shared by every non-logit-lens attack (blackbox, relearning, probes).
+"""The one attack protocol: every attack is an :class:`Attack`, registered by name with :func:`register`.
 
-The logit-lens attacks (:mod:`attacks.whitebox`) are scored together from one lens sweep; every
-other attack is a small class with a :meth:`Attack.run` method that maps facts on one model state
-to one :class:`AttackOutcome` per fact, registered by CLI name with :func:`register`::
+An attack maps facts on one model state (edited or not) to one :class:`AttackOutcome` per fact::
 
     @register("my-attack")
     @dataclass
@@ -11,25 +9,65 @@ to one :class:`AttackOutcome` per fact, registered by CLI name with :func:`regis
         def budget(self, n_layers): return 20
         def run(self, model, facts, ctx): ...
 
-Attack success@B (Patil, Hase & Bansal, ICLR 2024, section 3) is the fraction of facts whose
-outcome has ``success=True``; every attack is run on the model before and after the deletion.
+Lens attacks (:class:`attacks.lens.LensAttack`: Head Projection, Probability Delta, PD², the
+tuned-lens attack) are attacks too; their ``readout`` (logit or tuned lens) is a parameter, and
+the jobs score every lens attack of one readout from one lens sweep per model state
+(:func:`attacks.lens.evaluate_attacks`). Attack success@B (Patil, Hase & Bansal, ICLR 2024,
+section 3) is the fraction of facts whose outcome has ``success=True``; skipped outcomes are
+counted, not scored (:func:`summarize`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Sequence
 
-ATTACKS: dict[str, type] = {}
+from probe.results import AttackOutcome, AttackSummary
+
+#: Registered attacks: CLI name -> class (the one registry; :func:`register` fills it).
+ATTACKS: dict[str, type["Attack"]] = {}
+
+#: Per-list sizes k at which rank-based attacks report the success-vs-budget curve.
+CURVE_K = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
 
 
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator registering an :class:`Attack` under a CLI name."""
+    """Class decorator registering an :class:`Attack` under a CLI name (sets ``cls.name`` once).
+
+    Raises:
+        ValueError: the name is already taken by another class.
+    """
     def deco(cls: type) -> type:
-        cls.cli_name = name
+        if name in ATTACKS and ATTACKS[name].__qualname__ != cls.__qualname__:
+            raise ValueError(f"attack name {name!r} is already registered by {ATTACKS[name].__qualname__}")
+        cls.name = name
         ATTACKS[name] = cls
         return cls
     return deco
+
+
+def attack_names() -> list[str]:
+    """Every registered attack name, in registration order (the logit-lens attacks first)."""
+    return list(ATTACKS)
+
+
+def make_attack(name: str, **config) -> "Attack":
+    """Instantiate a registered attack by CLI name (``None`` settings are left at their defaults).
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; valid attacks: {', '.join(ATTACKS)}")
+    return ATTACKS[name](**{k: v for k, v in config.items() if v is not None})
+
+
+def attack_fields(name: str) -> set[str]:
+    """The settings (dataclass fields) of a registered attack, e.g. to apply a CLI flag such as
+    ``--bb-tokens`` (field ``max_new_tokens``) to every selected attack that has it."""
+    cls = ATTACKS[name]
+    return {f.name for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else set()
 
 
 @dataclass
@@ -44,6 +82,7 @@ class AttackContext:
         progress: show progress bars.
         cache: per-model-state scratch space (e.g. probes trained on this model state), keyed by
             the attack; the caller gives a fresh dict for every model state.
+        batch_size: prompts per forward pass for batched attacks (None = automatic).
     """
 
     facts: Sequence[Any] = ()
@@ -51,70 +90,94 @@ class AttackContext:
     seed: int = 0
     progress: bool = False
     cache: dict = field(default_factory=dict)
-
-
-@dataclass
-class AttackOutcome:
-    """The result of one attack on one fact.
-
-    Attributes:
-        success: the answer is in the attack's candidate set of size ``budget``.
-        budget: the candidate-set size B this outcome was judged at.
-        best_rank: for rank-based attacks, the best (smallest, 1-based) rank of the answer's
-            first token over the candidate lists (``success == best_rank <= k``); else None.
-        layer_ranks: per decoder layer, the answer's rank under this attack's readout (tuned lens,
-            probe), or None.
-        samples: blackbox attacks: the sampled continuations (text), or None.
-        hits: blackbox attacks: how many samples contain the answer.
-        details: anything else worth keeping (JSON-serialisable).
-        skipped: why the attack could not run on this fact (e.g. an image fact without
-            paraphrase images for ``image-rephrase``), else None. Skipped outcomes are left out of
-            attack success and counted separately.
-    """
-
-    success: bool
-    budget: int
-    best_rank: int | None = None
-    layer_ranks: list[int] | None = None
-    samples: list[str] | None = None
-    hits: int | None = None
-    details: dict = field(default_factory=dict)
-    skipped: str | None = None
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "AttackOutcome":
-        return cls(**d)
-
-    @classmethod
-    def skip(cls, budget: int, reason: str) -> "AttackOutcome":
-        """An outcome for a fact the attack cannot run on (not a failure of the attack)."""
-        return cls(success=False, budget=budget, skipped=reason)
+    batch_size: int | None = None
 
 
 class Attack:
-    """Base class of registered attacks.
+    """Base class of every attack.
 
-    Attributes:
-        cli_name: the registered name (set by :func:`register`).
-        kind: ``"whitebox"``, ``"blackbox"`` or ``"relearning"``.
+    Class attributes:
+        name: the registered CLI name (set once by :func:`register`).
+        kind: ``"whitebox"`` (reads hidden states), ``"blackbox"`` (samples text) or
+            ``"relearning"`` (fine-tunes the attacked model first).
+        readout: what decodes the hidden states (``"logit lens"``, ``"tuned lens"``, ``"probe"``),
+            or None.
+        modality: for multimodal reports: ``"text-only"``, ``"image-only"``, ``"multimodal"``, or
+            None (not a modality attack).
     """
 
-    cli_name = "attack"
-    kind = "blackbox"
-
-    @property
-    def name(self) -> str:
-        return self.cli_name
+    name: ClassVar[str] = "attack"
+    kind: ClassVar[str] = "blackbox"
+    readout: ClassVar[str | None] = None
+    modality: ClassVar[str | None] = None
 
     def budget(self, n_layers: int) -> int:  # pragma: no cover - abstract
+        """Candidate-set size B (samples for blackbox attacks, tokens for rank-based ones)."""
         raise NotImplementedError
+
+    def attack_layers(self, n_layers: int) -> list[int] | None:
+        """The decoder layers this attack reads (None for attacks that read no layer)."""
+        return None
+
+    def per_list_k(self) -> int | None:
+        """Candidates per list for rank-based attacks (success = ``best_rank <= k``), else None."""
+        return None
+
+    def curve_budget(self, n_layers: int, k: int) -> int | None:
+        """The budget at per-list size ``k`` (rank-based attacks), for success-vs-budget curves."""
+        return None
 
     def run(self, model, facts: Sequence[Any], ctx: AttackContext) -> list[AttackOutcome]:  # pragma: no cover
         """One :class:`AttackOutcome` per fact, on ``model`` as it is (edited or not)."""
         raise NotImplementedError
 
     def config(self) -> dict:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        """The attack's settings (JSON-serialisable)."""
+        out = {}
+        for k, v in vars(self).items():
+            if k.startswith("_"):
+                continue
+            out[k] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+def success_at(best_ranks: Sequence[int], k: int) -> float:
+    """Attack success at per-list size k: fraction of facts with ``best_rank <= k`` (nan if none)."""
+    if not best_ranks:
+        return float("nan")
+    return sum(1 for r in best_ranks if r <= k) / len(best_ranks)
+
+
+def _rate(outcomes: Sequence[AttackOutcome]) -> float | None:
+    return sum(bool(o.success) for o in outcomes) / len(outcomes) if outcomes else None
+
+
+def summarize(attack: Attack, n_layers: int, pre: Sequence[AttackOutcome | None],
+              post: Sequence[AttackOutcome | None] | None = None) -> AttackSummary:
+    """The one summary of an attack over facts: success@B before and (if ``post`` is given) after
+    the edit, as fractions (0..1) of the facts the attack did not skip; for rank-based attacks the
+    success-vs-budget curves over :data:`CURVE_K`.
+
+    Args:
+        pre, post: one outcome per fact (parallel lists; ``None`` entries are ignored). A fact
+            skipped before the edit is left out of both.
+    """
+    pairs = [(a, b) for a, b in zip(pre, post if post is not None else [None] * len(pre)) if a is not None]
+    kept = [(a, b) for a, b in pairs if not a.skipped]
+    n_skipped = len(pairs) - len(kept)
+    pre_o = [a for a, _ in kept]
+    post_o = [b for _, b in kept if b is not None and not b.skipped] if post is not None else None
+    k = attack.per_list_k()
+    s = AttackSummary(name=attack.name, kind=attack.kind, budget=attack.budget(n_layers),
+                      success_pre=_rate(pre_o), success_post=_rate(post_o) if post_o is not None else None,
+                      n_facts=len(pre_o), n_skipped=n_skipped, readout=attack.readout, modality=attack.modality,
+                      layers=attack.attack_layers(n_layers), k=k)
+    if k is not None and pre_o and all(o.best_rank is not None for o in pre_o):
+        pre_r = [o.best_rank for o in pre_o]
+        s.curve_k = list(CURVE_K)
+        s.curve_budget = [attack.curve_budget(n_layers, kk) for kk in CURVE_K]
+        s.curve_pre = [success_at(pre_r, kk) for kk in CURVE_K]
+        if post_o and all(o.best_rank is not None for o in post_o):
+            post_r = [o.best_rank for o in post_o]
+            s.curve_post = [success_at(post_r, kk) for kk in CURVE_K]
+    return s

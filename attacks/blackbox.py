@@ -184,7 +184,7 @@ class SamplingAttack(Attack):
 
     def __post_init__(self):
         if self.n_prompts < 1 or self.samples < 1 or self.max_new_tokens < 1:
-            raise ValueError(f"{self.cli_name}: n_prompts, samples and max_new_tokens must be >= 1")
+            raise ValueError(f"{self.name}: n_prompts, samples and max_new_tokens must be >= 1")
 
     def budget(self, n_layers: int = 0) -> int:
         """B = n_prompts x samples (independent of depth)."""
@@ -203,7 +203,7 @@ class SamplingAttack(Attack):
     def _sample(self, model, fact, prompts: Sequence[str], seed: int) -> tuple[list[str], int, int]:
         """Sample every prompt under the fact's seed: ``(samples grouped by prompt, how many contain
         the answer, the fact seed)``."""
-        s = fact_seed(seed, fact.id, self.cli_name)
+        s = fact_seed(seed, fact.id, self.name)
         texts = sample_continuations(model, prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
                                      do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
                                      top_k=self.top_k, seed=s)
@@ -218,7 +218,7 @@ class SamplingAttack(Attack):
             ValueError: an empty answer.
         """
         out = []
-        for fact in tqdm(facts, desc=self.cli_name, disable=not ctx.progress, leave=False):
+        for fact in tqdm(facts, desc=self.name, disable=not ctx.progress, leave=False):
             check_interrupt()
             out.append(self.attack_fact(model, fact, ctx.seed))
         return out
@@ -232,6 +232,8 @@ class QuestionRephrase(SamplingAttack):
     :data:`probe.rephrase.ATTACK_PREFIXES` inserted before the question, sampled
     ``samples`` times each. See the module docstring for how the prompts are chosen.
     """
+
+    modality = "text-only"
 
     def prompts(self, fact) -> list[str]:
         """The ``n_prompts`` attack prompts of ``fact`` (module docstring table)."""
@@ -292,6 +294,8 @@ class Jailbreak(SamplingAttack):
     Same sampling and budget as :class:`QuestionRephrase` (4 x 5 = 20).
     """
 
+    modality = "text-only"
+
     def prompts(self, fact) -> list[str]:
         subject = subject_phrase(fact)
         return [JAILBREAK_PREAMBLES[i % len(JAILBREAK_PREAMBLES)].format(subject=subject) + fact.prompt
@@ -344,7 +348,7 @@ class _ImageAttack(SamplingAttack):
     def __post_init__(self):
         super().__post_init__()
         if self.strength not in STRENGTH_ORDER:
-            raise ValueError(f"{self.cli_name}: image strength must be one of {', '.join(STRENGTH_ORDER)}, "
+            raise ValueError(f"{self.name}: image strength must be one of {', '.join(STRENGTH_ORDER)}, "
                              f"got {self.strength!r}")
 
     def images(self, fact) -> list:
@@ -386,6 +390,8 @@ class ImageRephrase(_ImageAttack):
     (= question rephrase's 4 x 5). Facts without paraphrase images are skipped and counted.
     """
 
+    modality = "image-only"
+
     def texts(self, fact) -> list[str]:
         return [str(fact.prompt)]
 
@@ -399,6 +405,8 @@ class MultimodalRephrase(_ImageAttack):
     that B = 4 prompts x 4 images x 1 = 16 stays comparable with the single-modality attacks'
     B = 20 (``samples=5`` gives the reference's 80). Facts without paraphrase images are skipped.
     """
+
+    modality = "multimodal"
 
     samples: int = 1
 

@@ -7,7 +7,7 @@ attacked). On the attacked model itself (after the edit) it fits one standardise
 logistic regression per layer from the residual stream at the last prompt token to the answer
 string (:mod:`probe.probes`), then decodes each deleted fact's prompt with them.
 
-Candidate set and budget, as for Head Projection (:class:`attacks.whitebox.HeadProjection`): the
+Candidate set and budget, as for Head Projection (:class:`attacks.lens.HeadProjection`): the
 union over the layers ``L`` of the probe's top-``k`` classes, ``B = k |L|`` (no
 de-duplication); success iff the answer is among them, i.e. ``best_rank = min_{l in L} rank_l
 <= k``. With ``k = 4`` and ``|L| = 5``, ``B = 20`` like the logit-lens attacks.
@@ -43,10 +43,10 @@ from typing import Any, Sequence
 
 import torch
 
+from probe.layers import resolve_layers
 from probe.probes import UNRANKED, LayerProbes, train_probes
 
 from .base import Attack, AttackContext, AttackOutcome, register
-from .whitebox import resolve_layer_list
 
 
 def probe_default_layers(n_layers: int, count: int = 5, start_frac: float = 1 / 3) -> list[int]:
@@ -87,6 +87,8 @@ class LinearProbeAttack(Attack):
             Reading the pool's residual stream dominates the cost per model state.
     """
 
+    readout = "probe"
+
     kind = "whitebox"
     k: int = 4
     layers: Sequence[int] | None = None
@@ -100,11 +102,20 @@ class LinearProbeAttack(Attack):
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
             return probe_default_layers(n_layers)
-        return resolve_layer_list(self.layers, n_layers, self.name)
+        return resolve_layers(self.layers, n_layers, self.name)
 
     def budget(self, n_layers: int) -> int:
         """``B = k |L|``."""
         return self.k * len(self.resolve_layers(n_layers))
+
+    def attack_layers(self, n_layers: int) -> list[int]:
+        return self.resolve_layers(n_layers)
+
+    def per_list_k(self) -> int:
+        return self.k
+
+    def curve_budget(self, n_layers: int, k: int) -> int:
+        return k * len(self.resolve_layers(n_layers))
 
     def _train_layers(self, n_layers: int) -> list[int]:
         if self.rank_layers == "all":

@@ -28,7 +28,7 @@ Procedure, per fact (the caller's model is never modified):
    prompt -> answer over all examples in one batch (one nnsight trace per step, via
    :func:`probe.readout.teacher_forced`). Defaults: 10 steps, lr 1e-4, 4 examples (about 0.5-1 s per step
    on SmolLM2-135M on one CPU thread; the loss typically falls by an order of magnitude).
-4. Head Projection (:func:`attacks.run.attack_readout` with ``head-projection``; k = ``k``,
+4. Head Projection (:class:`attacks.lens.HeadProjection`; k = ``k``,
    default layers, B = k x 5 = 20) on the relearned copy, and, if ``rephrase`` is set,
    the question-rephrase attack (B = 20) on the relearned copy with the same seed.
 
@@ -57,8 +57,7 @@ from probe.readout import teacher_forced, teacher_forced_inputs
 
 from .base import Attack, AttackContext, AttackOutcome, register
 from .blackbox import QuestionRephrase, fact_seed
-from .run import attack_readout
-from .whitebox import make_attack
+from .lens import HeadProjection
 
 
 def _same_answer(a: str, b: str) -> bool:
@@ -106,7 +105,7 @@ class Relearning(Attack):
             raise ValueError(f"relearning: data must be 'unrelated' or 'neighborhood', got {self.data!r}")
         if self.steps < 0 or self.n_examples < 1 or self.k < 1:
             raise ValueError("relearning: steps must be >= 0, n_examples and k >= 1")
-        self._hp = make_attack("head-projection", k=self.k)
+        self._hp = HeadProjection(k=self.k)
 
     def config(self) -> dict:
         d = super().config()
@@ -117,6 +116,15 @@ class Relearning(Attack):
     def budget(self, n_layers: int) -> int:
         """The Head Projection budget after relearning: k x number of HP layers (20 for >= 5 layers)."""
         return self._hp.budget(n_layers)
+
+    def attack_layers(self, n_layers: int) -> list[int]:
+        return self._hp.resolve_layers(n_layers)
+
+    def per_list_k(self) -> int:
+        return self.k
+
+    def curve_budget(self, n_layers: int, k: int) -> int:
+        return self._hp.budget(n_layers, k)
 
     # -- what is trained -------------------------------------------------------------------
     def train_layers(self, n_layers: int) -> list[int]:
@@ -203,7 +211,7 @@ class Relearning(Attack):
             return []
         names = self.param_names(model)
         # fail before any work if some fact has no data
-        seeds = [fact_seed(ctx.seed, f.id, self.cli_name) for f in facts]
+        seeds = [fact_seed(ctx.seed, f.id, self.name) for f in facts]
         data = [self.relearn_data(f, ctx, s) for f, s in zip(facts, seeds)]
         clone = clone_model(model, names)
         own = dict(clone.hf.named_parameters())
@@ -212,15 +220,14 @@ class Relearning(Attack):
         qr = QuestionRephrase() if self.rephrase else None
         n_layers = model.n_layers
         out: list[AttackOutcome] = []
-        for fact, seed, pairs in tqdm(list(zip(facts, seeds, data)), desc=self.cli_name, disable=not ctx.progress,
+        for fact, seed, pairs in tqdm(list(zip(facts, seeds, data)), desc=self.name, disable=not ctx.progress,
                                       leave=False):
             check_interrupt()
             with torch.no_grad():
                 for p, o in zip(params, originals):
                     p.copy_(o)
             losses = self.relearn(clone, params, pairs)
-            r = attack_readout(clone, [fact.prompt], [fact.answer], [self._hp])[0]
-            rank = int(r.attack_ranks[self._hp.name])
+            rank = int(self._hp.run(clone, [fact], AttackContext())[0].best_rank)
             hp_ok = rank <= self.k
             qr_ok = qr_hits = None
             if qr is not None:

@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 from probe.facts import Fact
+from probe.results import FactProbs
 from probe.readout import sequence_logprobs
 
 from .metrics import generation_accuracy, mean, neighborhood_score, rewrite_score_erasure, rewrite_score_target
-
-
-@dataclass
-class FactProbs:
-    """Full-answer probabilities (0..1) of one fact on one model state.
-
-    Attributes:
-        prompt: p(answer | prompt).
-        paraphrases: p(answer | paraphrase) for each paraphrase.
-        neighbors: p(neighbour answer | neighbour prompt) for each neighbour.
-        neighbor_acc: greedy-generation correctness per neighbour (None if not measured).
-    """
-
-    prompt: float
-    paraphrases: list[float]
-    neighbors: list[float]
-    neighbor_acc: list[bool] | None = None
 
 
 def fact_probs(model, facts: Sequence[Fact], *, accuracy: bool = True, max_new_tokens: int = 8,

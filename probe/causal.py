@@ -366,7 +366,7 @@ def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
 
     if isinstance(prompt, ImagePrompt):
         raise InputError("causal tracing corrupts token embeddings; an image prompt's image tokens come from the "
-                         "projector, so trace the fact's text form instead (probe.pipeline.text_form)",
+                         "projector, so trace the fact's text form instead (probe.jobs.text_form)",
                          field="prompt")
     clean_model = model if clean_model is None else clean_model
     if clean_model.d_model != model.d_model:

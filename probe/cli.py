@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="retain prompts per edit: other facts' prompts most similar to the deleted one (default 4)")
     run.add_argument("--acc-tokens", type=int, default=8,
                      help="greedy tokens generated for neighborhood accuracy (paper: 36)")
+    run.add_argument("--random-n", type=int, default=10,
+                     help="other facts per edit for the random Δ-Acc (default 10, as UnLOK-VQA)")
     run.add_argument("--causal-traces", type=int, default=0,
                      help="causal traces (layer x position, subject corrupted) of the first N deleted facts, with "
                           "the unedited and the edited model as clean run, in causal_traces.jsonl and the report "
@@ -180,6 +182,21 @@ def _editor_config(args) -> dict:
     return out
 
 
+def _attack_config(args, attacks: list[str]) -> dict:
+    """Per-attack settings from the flags: each flag goes to every selected attack that has the
+    matching field (``--bb-tokens`` -> ``max_new_tokens``, ``--image-strength`` -> ``strength``)."""
+    from attacks import attack_fields
+
+    flags = {"max_new_tokens": args.bb_tokens, "strength": args.image_strength}
+    out: dict = {}
+    for name in attacks:
+        fields = attack_fields(name)
+        cfg = {k: v for k, v in flags.items() if v is not None and k in fields}
+        if cfg:
+            out[name] = cfg
+    return out
+
+
 def _fail(msg: str, code: int = EXIT_INPUT) -> int:
     print(f"probe-attack: error: {msg}", file=sys.stderr)
     return code
@@ -272,7 +289,7 @@ def _run(args) -> int:
 
     from .facts import load_facts
     from .model import load_model
-    from .pipeline import RunConfig, run_attack, run_main
+    from .jobs import RunConfig, run_attack, run_main
 
     if args.out is None:
         if args.resume:
@@ -282,7 +299,7 @@ def _run(args) -> int:
         args.out = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     if args.max_facts is not None and args.max_facts < 1:
         return _fail("--max-facts must be >= 1")
-    from .grid import resolve_names
+    from .jobs import resolve_names
 
     if not [a for a in args.attacks.split(",") if a.strip()]:
         return _fail("--attacks is empty")
@@ -303,11 +320,6 @@ def _run(args) -> int:
         return _fail(f"--device {args.device!r}: {exc}")
     if dev.type == "cuda" and not _torch.cuda.is_available():
         return _fail(f"--device {args.device}: CUDA is not available in this torch build/machine")
-    sampling = ("question-rephrase", "jailbreak", "image-rephrase", "multimodal-rephrase")
-    attack_config: dict = {n: {"max_new_tokens": args.bb_tokens} for n in sampling} if args.bb_tokens else {}
-    if args.image_strength:
-        for n in ("image-rephrase", "multimodal-rephrase"):
-            attack_config.setdefault(n, {})["strength"] = args.image_strength
     editor_config = {}
     if args.command in ("run", "grid"):
         from defenses import OBJECTIVES
@@ -334,6 +346,7 @@ def _run(args) -> int:
             print(f"multimodal model: using the {len(facts)} built-in flag image facts", file=sys.stderr)
     if args.command == "grid" and not args.attacks_given and is_multimodal(model):
         attacks = attacks + [a for a in ("image-rephrase", "multimodal-rephrase") if a not in attacks]
+    attack_config = _attack_config(args, attacks)
     max_facts = args.max_facts
     if max_facts is None and args.facts is None and args.command in ("run", "grid"):
         max_facts = BUILTIN_DEFAULT_MAX
@@ -341,7 +354,7 @@ def _run(args) -> int:
             print(f"using {max_facts} of the {len(facts)} built-in facts (evenly spaced); --max-facts N for more",
                   file=sys.stderr)
     if args.command == "grid":
-        from .grid import GridConfig, run_grid
+        from .jobs import GridConfig, run_grid
 
         gcfg = GridConfig(defenses=defenses, attacks=attacks, editor=args.editor, editor_config=editor_config,
                           attack_config=attack_config,
@@ -358,7 +371,7 @@ def _run(args) -> int:
     if args.command == "run":
         cfg.defense, cfg.editor, cfg.editor_config = args.defense, args.editor, editor_config
         cfg.protocol, cfg.known_rank = args.protocol, args.known_rank
-        cfg.retain_size, cfg.acc_tokens = args.retain_size, args.acc_tokens
+        cfg.retain_size, cfg.acc_tokens, cfg.random_n = args.retain_size, args.acc_tokens, args.random_n
         if args.causal_traces < 0:
             return _fail("--causal-traces must be >= 0")
         cfg.causal_traces = args.causal_traces
@@ -376,28 +389,29 @@ def format_table(result) -> str:
     lines = [f"model {result.model}: {result.n_facts} facts", "",
              f"{'attack':20s} {'layers':28s} {'B':>4s} {'success pre':>12s} {'success post':>13s}"]
     for name, a in result.attacks.items():
+        pre = "" if a.success_pre is None else f"{100 * a.success_pre:11.1f}%"
         post = "" if a.success_post is None else f"{100 * a.success_post:11.1f}%"
-        layers = ",".join(str(x) for x in a.layers)
-        lines.append(f"{name:20s} {layers:28s} {a.budget:4d} {100 * a.success_pre:11.1f}% {post:>13s}")
-    for name, a in getattr(result, "other_attacks", {}).items():
-        pre = "" if a["success_pre"] is None else f"{100 * a['success_pre']:11.1f}%"
-        post = "" if a["success_post"] is None else f"{100 * a['success_post']:11.1f}%"
-        skipped = f"  ({a['n_skipped']} of {a['n_facts'] + a['n_skipped']} facts skipped)" if a.get("n_skipped") else ""
-        lines.append(f"{name:20s} {'(' + a['kind'] + ')':28s} {a['budget']:4d} {pre:>12s} {post:>13s}{skipped}")
+        where = ",".join(str(x) for x in a.layers) if a.layers else "(" + a.kind + ")"
+        skipped = f"  ({a.n_skipped} of {a.n_facts + a.n_skipped} facts skipped)" if a.n_skipped else ""
+        lines.append(f"{name:20s} {where:28s} {a.budget:4d} {pre:>12s} {post:>13s}{skipped}")
     d = result.defense
     if d:
         lines.append("")
-        lines.append(f"defense {d['name']} ({d['editor']}, {d['protocol']}), {d.get('n_deleted', 0)} facts deleted:")
-        for k in ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc", "efficacy",
-                  "target_rewrite_score"):
+        failed = f", {d['n_failed']} failed" if d.get("n_failed") else ""
+        lines.append(f"defense {d['name']} ({d['editor']}, {d['protocol']}), {d.get('n_deleted', 0)} facts deleted"
+                     f"{failed}:")
+        for k in ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc",
+                  "random_delta_acc", "efficacy", "target_rewrite_score"):
             v = d.get(k)
             if isinstance(v, (int, float)):
                 lines.append(f"  {k:24s} {v:.3f}")
     return "\n".join(lines)
 
 
-def format_grid(grid: dict) -> str:
-    """Plain-text grid: attack success@B (%) before -> after, per defense, then the defense scores."""
+def format_grid(grid) -> str:
+    """Plain-text grid (a :class:`~probe.results.GridResult` or its ``grid.json`` dict): attack
+    success@B (%) before -> after, per defense, then the defense scores."""
+    grid = grid.to_dict() if hasattr(grid, "to_dict") else grid
     cells = {(c["defense"], c["attack"]): c for c in grid["cells"]}
     attacks = grid["attacks"]
     defenses = [d for d in grid["defenses"] if any((d, a) in cells for a in attacks)]

@@ -1,36 +1,64 @@
-"""Result objects: plain dataclasses that serialise to JSON and render in Jupyter.
+"""Result objects: dataclasses that serialise to JSON, load back, and render in Jupyter.
 
-The CLI writes them (``results.json`` + the per-fact companion ``per_fact.jsonl``), :mod:`viz`
-reads them, and a notebook user sees the same numbers through ``_repr_html_``.
+The jobs (:mod:`probe.jobs`) write them (``results.json`` + ``per_fact.jsonl`` for a run;
+``grid.json`` + ``pre.jsonl`` + ``units.jsonl`` for a grid), :mod:`viz` reads them, and a
+notebook user sees the same numbers through ``_repr_html_``; :meth:`RunResult.load` and
+:meth:`GridResult.load` read a finished (or interrupted) output folder back.
 
 Units: ``rank`` is 1-based (1 = the model's top token) over the whole vocabulary; ``prob`` is a
-probability (0..1) of the answer's *first* token under the logit lens; ``answer_logprob`` is the
-teacher-forced log-probability (nats) of the *full* answer at the model's output.
+probability (0..1) of the answer's *first* token under the lens; ``answer_logprob`` is the
+teacher-forced log-probability (nats) of the *full* answer at the model's output. Attack successes
+and scores are fractions (0..1).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+
+def median(xs: Sequence[float]) -> float:
+    """The median (mean of the two middle values for an even count; nan for none): the one median
+    of every per-layer summary."""
+    s = sorted(xs)
+    n = len(s)
+    if n == 0:
+        return float("nan")
+    return float(s[n // 2]) if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def mean(xs: Sequence[float | None]) -> float | None:
+    """Mean of the defined values; None (JSON ``null``) when there are none, never NaN."""
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _from_dict(cls, d: dict):
+    """``cls(**d)`` keeping only ``cls``'s fields (records written by other versions load too)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
 
 
 @dataclass
 class LayerReadout:
-    """What the logit lens decodes for one fact on one model state (before or after deletion).
+    """What a lens decodes for one fact on one model state (before or after deletion).
 
     Attributes:
         rank: per layer, 1-based rank of the answer's first token (length ``n_layers``).
         prob: per layer, lens probability of the answer's first token.
-        first_token_prob: the model's own probability of the first answer token (= ``prob[-1]``).
+        first_token_prob: the model's own probability of the first answer token (= ``prob[-1]``
+            under the logit lens).
         answer_logprob: teacher-forced log p(full answer | prompt), nats, sum over answer tokens.
         token_logprobs: per answer token log-probabilities (nats).
         exact_match: greedy decoding reproduces every answer token.
         token_acc: fraction of answer tokens that are the greedy choice under teacher forcing.
-        attack_ranks: per whitebox attack, the best (smallest) rank of the answer over that
-            attack's candidate lists; the attack succeeds at per-list size ``k`` iff ``<= k``.
+        attack_ranks: scratch space of :func:`probe.readout.lens_readout`'s scorers (the lens
+            attacks' best ranks); the jobs move them into :class:`AttackOutcome` records.
     """
 
     rank: list[int]
@@ -42,10 +70,203 @@ class LayerReadout:
     token_acc: float = 0.0
     attack_ranks: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def from_json(cls, d: dict | None) -> "LayerReadout | None":
+        return None if d is None else _from_dict(cls, d)
+
+
+@dataclass
+class AttackOutcome:
+    """The result of one attack on one fact (see :class:`attacks.base.Attack`).
+
+    Attributes:
+        success: the answer is in the attack's candidate set of size ``budget``.
+        budget: the candidate-set size B this outcome was judged at.
+        best_rank: for rank-based attacks, the best (smallest, 1-based) rank of the answer's
+            first token over the candidate lists (``success == best_rank <= k``); else None.
+        layer_ranks: per decoder layer, the answer's rank under this attack's readout (tuned lens,
+            probe), or None.
+        samples: blackbox attacks: the sampled continuations (text), or None.
+        hits: blackbox attacks: how many samples contain the answer.
+        details: anything else worth keeping (JSON-serialisable).
+        skipped: why the attack could not run on this fact (e.g. an image fact without
+            paraphrase images for ``image-rephrase``), else None. Skipped outcomes are left out of
+            attack success and counted separately.
+    """
+
+    success: bool
+    budget: int
+    best_rank: int | None = None
+    layer_ranks: list[int] | None = None
+    samples: list[str] | None = None
+    hits: int | None = None
+    details: dict = field(default_factory=dict)
+    skipped: str | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "AttackOutcome | None":
+        return None if d is None else _from_dict(cls, d)
+
+    @classmethod
+    def skip(cls, budget: int, reason: str) -> "AttackOutcome":
+        """An outcome for a fact the attack cannot run on (not a failure of the attack)."""
+        return cls(success=False, budget=budget, skipped=reason)
+
+
+@dataclass
+class FactProbs:
+    """Full-answer probabilities (0..1) of one fact on one model state (teacher-forced).
+
+    Attributes:
+        prompt: p(answer | prompt).
+        paraphrases: p(answer | paraphrase) for each paraphrase.
+        neighbors: p(neighbour answer | neighbour prompt) for each neighbour.
+        neighbor_acc: greedy-generation correctness per neighbour (None if not measured).
+    """
+
+    prompt: float
+    paraphrases: list[float]
+    neighbors: list[float]
+    neighbor_acc: list[bool] | None = None
+
+    @classmethod
+    def from_json(cls, d: dict) -> "FactProbs":
+        return _from_dict(cls, d)
+
+
+@dataclass
+class EditInfo:
+    """What one edit did (every editor returns it).
+
+    Attributes:
+        steps: optimisation steps taken.
+        losses: the objective's loss before each step (units of the objective).
+        max_abs_change: largest element-wise change of the edited weight.
+        parameter: the edited weight's name (e.g. ``model.layers.9.mlp.down_proj.weight``).
+        seconds: wall time of the edit.
+    """
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    max_abs_change: float = 0.0
+    parameter: str = ""
+    seconds: float = 0.0
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1] if self.losses else None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "final_loss": self.final_loss}
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "EditInfo | None":
+        return None if d is None else _from_dict(cls, d)
+
+
+@dataclass
+class DeletionScores:
+    """Per-fact scores of one deletion (formulas in :mod:`defenses.metrics`; method.md section 5).
+
+    Probabilities ``p_*`` are 0..1; scores are 0..1 (rewrite / paraphrase: how much of the
+    answer's probability the edit removed; neighborhood: how much of the neighbours' it kept);
+    accuracies are fractions of greedy generations containing the label; Δ-Accs are pre − post.
+    ``efficacy`` is 1 when the answer's first token is no longer the model's top-1 output.
+    Target fields are set for target objectives (empty response, error injection) only.
+    """
+
+    p_pre: float | None = None
+    p_post: float | None = None
+    rewrite_score: float | None = None
+    paraphrase_score: float | None = None
+    neighborhood_score: float | None = None
+    neighborhood_acc_pre: float | None = None
+    neighborhood_acc_post: float | None = None
+    neighborhood_delta_acc: float | None = None
+    random_delta_acc: float | None = None
+    efficacy: float | None = None
+    target: str | None = None
+    target_p_pre: float | None = None
+    target_p_post: float | None = None
+    target_rewrite_score: float | None = None
+    target_paraphrase_score: float | None = None
+
+    #: the metrics averaged over facts in every summary (derived from the fields)
+    METRICS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "DeletionScores | None":
+        return None if d is None else _from_dict(cls, d)
+
+    @classmethod
+    def means(cls, scores: Sequence["DeletionScores"]) -> dict[str, float | None]:
+        """Mean of every metric over facts (None where no fact has it)."""
+        return {k: mean([getattr(s, k) for s in scores]) for k in cls.METRICS}
+
+
+DeletionScores.METRICS = tuple(f.name for f in dataclasses.fields(DeletionScores) if f.name != "target")
+
+
+@dataclass
+class ModalReadout:
+    """Image facts on a multimodal model: the same question without the image (``text_prompt``: the
+    fact's text form naming the entity, else the prompt's text), read out by the logit lens."""
+
+    text_prompt: str
+    text_pre: LayerReadout
+    text_post: LayerReadout | None = None
+
+    @classmethod
+    def from_json(cls, d: dict | None) -> "ModalReadout | None":
+        if d is None:
+            return None
+        return cls(d["text_prompt"], LayerReadout.from_json(d["text_pre"]), LayerReadout.from_json(d.get("text_post")))
+
+
+@dataclass
+class PreMeasure:
+    """The unedited model's measurements of one fact, shared by every defense (``pre.jsonl``).
+
+    Attributes:
+        fact_id: the fact.
+        readout: logit-lens readout of the fact's prompt (every layer).
+        outcomes: every attack's outcome on the unedited model.
+        probs: full-answer probabilities of prompt, paraphrases and neighbours.
+        random_ids, random_acc: the other facts drawn for the random Δ-Acc and whether the
+            unedited model answers each (greedy generation).
+        text_readout: image facts: the readout of the fact's text form, else None.
+    """
+
+    fact_id: str
+    readout: LayerReadout
+    outcomes: dict[str, AttackOutcome]
+    probs: FactProbs
+    random_ids: list[str] = field(default_factory=list)
+    random_acc: list[bool] = field(default_factory=list)
+    text_readout: LayerReadout | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "PreMeasure":
+        return cls(d["fact_id"], LayerReadout.from_json(d["readout"]),
+                   {k: AttackOutcome.from_json(v) for k, v in d.get("outcomes", {}).items()},
+                   FactProbs.from_json(d["probs"]), list(d.get("random_ids", [])), list(d.get("random_acc", [])),
+                   LayerReadout.from_json(d.get("text_readout")))
+
 
 @dataclass
 class FactResult:
-    """Everything measured for one fact. ``post`` and ``defense`` are None without a deletion."""
+    """Everything measured for one fact (one deletion unit of a run or grid).
+
+    ``post``, ``scores`` and ``edit`` are None without a deletion (``probe-attack attack``) or when
+    the edit failed (``error`` says why; the fact is counted in ``n_failed`` and left out of every
+    score). ``outcomes[attack] = {"pre": AttackOutcome, "post": AttackOutcome | None}``.
+    """
 
     id: str
     prompt: str
@@ -53,48 +274,90 @@ class FactResult:
     answer_ids: list[int]
     pre: LayerReadout
     post: LayerReadout | None = None
-    defense: dict[str, Any] | None = None
-    outcomes: dict[str, dict] | None = None  # non-lens attacks: {name: {"pre": outcome, "post": outcome}}
-    #: image facts on a multimodal model: the same question without the image ("text_prompt": the
-    #: fact's text form naming the entity, else the prompt's text), read out by the same lens:
-    #: {"text_prompt": str, "text_pre": LayerReadout dict, "text_post": LayerReadout dict | None}
-    modal: dict[str, Any] | None = None
+    scores: DeletionScores | None = None
+    edit: EditInfo | None = None
+    outcomes: dict[str, dict[str, AttackOutcome | None]] = field(default_factory=dict)
+    modal: ModalReadout | None = None
+    defense: str | None = None
+    error: str | None = None
 
     def to_json(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.edit is not None:
+            d["edit"] = self.edit.to_json()
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "FactResult":
-        d = dict(d)
-        d["pre"] = LayerReadout(**d["pre"])
-        d["post"] = LayerReadout(**d["post"]) if d.get("post") else None
-        return cls(**d)
+        return cls(id=d["id"], prompt=d["prompt"], answer=d["answer"], answer_ids=list(d["answer_ids"]),
+                   pre=LayerReadout.from_json(d["pre"]), post=LayerReadout.from_json(d.get("post")),
+                   scores=DeletionScores.from_json(d.get("scores")), edit=EditInfo.from_json(d.get("edit")),
+                   outcomes={k: {ph: AttackOutcome.from_json(o) for ph, o in v.items()}
+                             for k, v in (d.get("outcomes") or {}).items()},
+                   modal=ModalReadout.from_json(d.get("modal")), defense=d.get("defense"), error=d.get("error"))
 
 
 @dataclass
 class AttackSummary:
-    """Attack success@B of one whitebox attack (Patil et al. ICLR 2024 section 3).
+    """Attack success@B of one attack over facts (Patil, Hase & Bansal, ICLR 2024, section 3):
+    the one summary type of every attack, in runs and grid cells.
 
-    ``success_pre``/``success_post`` are fractions of facts (0..1) whose answer's first token is
-    in the candidate set of size ``budget``; ``curve_*`` give success for each per-list size
-    ``k`` in ``curve_k`` with budgets ``curve_budget``.
+    Attributes:
+        success_pre, success_post: fractions (0..1) of the non-skipped facts whose answer is in the
+            candidate set of size ``budget``, before / after the edit (None: not measured).
+        n_facts, n_skipped: facts scored / skipped by the attack (skipped ones are not scored).
+        readout: ``"logit lens"``, ``"tuned lens"``, ``"probe"`` or None; ``modality``:
+            ``"text-only"``, ``"image-only"``, ``"multimodal"`` or None.
+        layers, k: the layers read and the candidates per list (rank-based attacks), else None.
+        curve_*: success for each per-list size ``curve_k`` with budgets ``curve_budget``.
     """
 
     name: str
-    layers: list[int]
-    k: int
+    kind: str
     budget: int
-    success_pre: float
+    success_pre: float | None
     success_post: float | None = None
+    n_facts: int = 0
+    n_skipped: int = 0
+    readout: str | None = None
+    modality: str | None = None
+    layers: list[int] | None = None
+    k: int | None = None
     curve_k: list[int] = field(default_factory=list)
     curve_budget: list[int] = field(default_factory=list)
     curve_pre: list[float] = field(default_factory=list)
     curve_post: list[float] | None = None
 
+    @classmethod
+    def from_json(cls, d: dict) -> "AttackSummary":
+        return _from_dict(cls, d)
+
+
+def per_layer_ranks(readouts: Sequence[LayerReadout]) -> dict[str, list[float]]:
+    """Per-layer aggregates of readouts: median rank, mean log10 rank, mean probability."""
+    cols = list(zip(*[r.rank for r in readouts]))
+    pcols = list(zip(*[r.prob for r in readouts]))
+    return {"median_rank": [median(c) for c in cols],
+            "mean_log10_rank": [sum(math.log10(x) for x in c) / len(c) for c in cols],
+            "mean_prob": [sum(c) / len(c) for c in pcols]}
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
 
 @dataclass
 class RunResult:
-    """One run of the main job (``probe-attack run``) or of ``probe-attack attack``."""
+    """One run of the main job (``probe-attack run``), of ``probe-attack attack`` or of an audit.
+
+    Attributes:
+        facts: per-fact results (``per_fact.jsonl``).
+        attacks: attack name -> :class:`AttackSummary`.
+        defense: the defense's settings and mean scores (``name``, ``editor``, ``editor_config``,
+            ``edit_parameter``, ``protocol``, ``n_deleted``, ``n_failed`` and every
+            :attr:`DeletionScores.METRICS` mean); None without a deletion.
+        meta: the command, facts file, known-fact filter counts, seed, timing, files.
+    """
 
     model: str
     n_layers: int
@@ -103,19 +366,11 @@ class RunResult:
     attacks: dict[str, AttackSummary]
     defense: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
-    other_attacks: dict[str, dict] = field(default_factory=dict)
 
     def summary_json(self) -> dict:
         """The ``results.json`` content (per-fact data lives in ``per_fact.jsonl``)."""
-        attacks = {}
-        for name, a in self.attacks.items():
-            d = asdict(a)
-            if a.success_post is None:
-                d.pop("success_post")
-                d.pop("curve_post")
-            attacks[name] = d
-        attacks.update(self.other_attacks)
-        out = {"model": self.model, "n_layers": self.n_layers, "n_facts": self.n_facts, "attacks": attacks}
+        out = {"model": self.model, "n_layers": self.n_layers, "n_facts": self.n_facts,
+               "attacks": {k: asdict(a) for k, a in self.attacks.items()}}
         if self.defense is not None:
             out["defense"] = self.defense
         out["per_layer"] = self.per_layer()
@@ -123,33 +378,46 @@ class RunResult:
         return out
 
     def per_layer(self) -> dict:
-        """Per-layer aggregates: median rank, mean log10 rank and mean probability, pre and post."""
-        out = {"layers": list(range(self.n_layers))}
+        """Per-layer aggregates (:func:`per_layer_ranks`), before and after the edit."""
+        out: dict[str, Any] = {"layers": list(range(self.n_layers))}
         for phase in ("pre", "post"):
             reads = [getattr(f, phase) for f in self.facts if getattr(f, phase) is not None]
-            if not reads:
-                continue
-            cols = list(zip(*[r.rank for r in reads]))
-            pcols = list(zip(*[r.prob for r in reads]))
-            out[phase] = {
-                "median_rank": [_median(c) for c in cols],
-                "mean_log10_rank": [sum(math.log10(x) for x in c) / len(c) for c in cols],
-                "mean_prob": [sum(c) / len(c) for c in pcols],
-            }
+            if reads:
+                out[phase] = per_layer_ranks(reads)
         return out
 
     def to_json(self) -> str:
         return json.dumps(self.summary_json(), indent=2)
 
+    @classmethod
+    def load(cls, path: str | Path) -> "RunResult":
+        """Read a run's output folder (``results.json`` + ``per_fact.jsonl``) back.
+
+        Raises:
+            FileNotFoundError: no ``results.json`` in ``path``.
+        """
+        path = Path(path)
+        summary = json.loads((path / "results.json").read_text(encoding="utf-8"))
+        facts = []
+        per_fact = path / summary.get("files", {}).get("per_fact", "per_fact.jsonl")
+        if per_fact.is_file():
+            for line in per_fact.read_text(encoding="utf-8").splitlines():
+                try:
+                    facts.append(FactResult.from_json(json.loads(line)))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    break  # torn last line of an interrupted run
+        known = {"model", "n_layers", "n_facts", "attacks", "defense", "per_layer"}
+        return cls(model=summary["model"], n_layers=summary["n_layers"], n_facts=summary["n_facts"], facts=facts,
+                   attacks={k: AttackSummary.from_json(v) for k, v in summary["attacks"].items()},
+                   defense=summary.get("defense"), meta={k: v for k, v in summary.items() if k not in known})
+
     def _repr_html_(self) -> str:
-        rows = []
-        for name, a in self.attacks.items():
-            post = "" if a.success_post is None else f"{100 * a.success_post:.1f}%"
-            rows.append(f"<tr><td>{html.escape(name)}</td><td>{a.budget}</td><td>{100 * a.success_pre:.1f}%</td>"
-                        f"<td>{post}</td></tr>")
+        rows = [f"<tr><td>{html.escape(name)}</td><td>{a.budget}</td><td>{_pct(a.success_pre)}</td>"
+                f"<td>{_pct(a.success_post)}</td></tr>" for name, a in self.attacks.items()]
         dfn = ""
         if self.defense:
-            keys = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc")
+            keys = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc",
+                    "random_delta_acc")
             dfn = "<p>" + html.escape(str(self.defense.get("name"))) + ": " + ", ".join(
                 f"{k} {self.defense[k]:.3f}" for k in keys if isinstance(self.defense.get(k), (int, float))) + "</p>"
         return (f"<p><b>{html.escape(self.model)}</b>, {self.n_facts} facts</p>"
@@ -157,9 +425,108 @@ class RunResult:
                 + "".join(rows) + "</table>" + dfn)
 
 
-def _median(xs) -> float:
-    s = sorted(xs)
-    n = len(s)
-    if n == 0:
-        return float("nan")
-    return float(s[n // 2]) if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+@dataclass
+class Cell(AttackSummary):
+    """One (defense, attack) cell of a grid: the attack's summary over the facts that defense
+    deleted, plus the defense's mean scores (:attr:`DeletionScores.METRICS`) and failure count."""
+
+    defense: str = ""
+    editor: str = ""
+    n_failed: int = 0
+    scores: dict[str, float | None] = field(default_factory=dict)
+
+    def __getattr__(self, name: str):  # cell.rewrite_score etc.
+        scores = self.__dict__.get("scores") or {}
+        if name in DeletionScores.METRICS:
+            return scores.get(name)
+        raise AttributeError(name)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("scores"))
+        d["attack"] = d["name"]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Cell":
+        base = _from_dict(cls, {**d, "name": d.get("name", d.get("attack"))})
+        base.scores = {k: d.get(k) for k in DeletionScores.METRICS}
+        return base
+
+
+@dataclass
+class GridResult:
+    """An attack × defense grid (``probe-attack grid``): ``grid.json`` + its per-fact records.
+
+    Attributes:
+        cells: one :class:`Cell` per (defense, attack) with facts.
+        per_layer: median logit-lens rank per layer, unedited (``pre``) and after each defense
+            (``post[defense]``); ``per_layer_text`` the same for image facts' text forms.
+        complete: every planned (defense, fact) unit is finished.
+    """
+
+    model: str
+    n_layers: int
+    editor: str
+    defenses: list[str]
+    attacks: list[str]
+    cells: list[Cell]
+    per_layer: dict
+    facts_file: str = ""
+    n_facts_input: int = 0
+    n_known: int = 0
+    n_facts: int = 0
+    n_facts_planned: int = 0
+    defenses_started: list[str] = field(default_factory=list)
+    complete: bool = False
+    mean_edit_seconds: float | None = None
+    seconds_this_session: float = 0.0
+    seed: int = 0
+    per_layer_text: dict | None = None
+    image_examples: list | None = None
+
+    def to_dict(self) -> dict:
+        """The ``grid.json`` content."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["cells"] = [c.to_json() for c in self.cells]
+        for k in ("per_layer_text", "image_examples"):
+            if d[k] is None:
+                d.pop(k)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def cell(self, defense: str, attack: str) -> Cell | None:
+        return next((c for c in self.cells if c.defense == defense and c.name == attack), None)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GridResult":
+        d = dict(d)
+        d["cells"] = [Cell.from_json(c) for c in d.get("cells", [])]
+        return _from_dict(cls, d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GridResult":
+        """Read ``grid.json`` from a grid's output folder (or the file itself).
+
+        Raises:
+            FileNotFoundError: no ``grid.json``.
+        """
+        path = Path(path)
+        path = path / "grid.json" if path.is_dir() else path
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(a)}</th>" for a in self.attacks)
+        rows = []
+        for dfn in self.defenses:
+            cells = [self.cell(dfn, a) for a in self.attacks]
+            if not any(cells):
+                continue
+            tds = "".join("<td>—</td>" if c is None or c.success_post is None
+                          else f"<td>{_pct(c.success_pre)} → {_pct(c.success_post)}</td>" for c in cells)
+            rows.append(f"<tr><td>{html.escape(dfn)}</td>{tds}</tr>")
+        return (f"<p><b>{html.escape(self.model)}</b>, editor {html.escape(self.editor)}: {self.n_facts} known facts "
+                f"({'complete' if self.complete else 'partial'})</p>"
+                f"<table><tr><th>defense</th>{head}</tr>" + "".join(rows) + "</table>")

@@ -324,24 +324,28 @@ def all_figures(result: RunResult) -> list[tuple[str, go.Figure]]:
     return out
 
 
-READOUT_OF_ATTACK = {"tuned-lens": "tuned lens", "linear-probe": "probe"}
-
-
 def persistence_figure(result: RunResult) -> go.Figure | None:
-    """Median answer rank per layer under the logit lens and, where the run has them, the tuned
-    lens and the linear probe (attacks ``tuned-lens`` / ``linear-probe``), before vs after the
-    deletion; None when the run has neither of those attacks."""
+    """Median answer rank per layer under the logit lens and under every other readout of the
+    run's attacks that reports per-layer ranks (``AttackSummary.readout``: tuned lens, probe),
+    before vs after the deletion; None when no such attack ran."""
     from .layers import aggregate_layer_rank_figure
 
-    names = [a for a in READOUT_OF_ATTACK if any(f.outcomes and a in f.outcomes for f in result.facts)]
+    names = [n for n, a in result.attacks.items() if a.readout not in (None, "logit lens")
+             and any(_layer_ranks(f, n, "pre") for f in result.facts)]
     if not names:
         return None
     pre: dict = {"logit lens": [f.pre.rank for f in result.facts]}
     post: dict = {"logit lens": [f.post.rank for f in result.facts if f.post is not None]}
-    for a in names:
-        rows = [f.outcomes[a] for f in result.facts if f.outcomes and a in f.outcomes]
-        pre[READOUT_OF_ATTACK[a]] = [o["pre"]["layer_ranks"] for o in rows if o["pre"].get("layer_ranks")]
-        post[READOUT_OF_ATTACK[a]] = [o["post"]["layer_ranks"] for o in rows
-                                      if o.get("post") and o["post"].get("layer_ranks")]
+    for n in names:
+        label = result.attacks[n].readout
+        pre[label] = [r for f in result.facts if (r := _layer_ranks(f, n, "pre"))]
+        post[label] = [r for f in result.facts if (r := _layer_ranks(f, n, "post"))]
     return aggregate_layer_rank_figure(pre, {k: v for k, v in post.items() if v} or None,
                                        title="Median answer rank by layer: logit lens, tuned lens, probe")
+
+
+def _layer_ranks(fact, attack: str, phase: str):
+    o = (fact.outcomes or {}).get(attack, {}).get(phase)
+    if o is None:
+        return None
+    return o.get("layer_ranks") if isinstance(o, dict) else o.layer_ranks

@@ -7,7 +7,8 @@
 * :func:`write_grid_report` -- one self-contained HTML file (plotly.js embedded once), written
   atomically.
 
-All functions take the plain ``grid.json`` dictionary (:func:`probe.grid.run_grid`'s return value).
+Every function takes a :class:`probe.results.GridResult` (what :func:`probe.jobs.run_grid` returns and
+:meth:`~probe.results.GridResult.load` reads back) or its plain ``grid.json`` dictionary.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ SCORE_KEYS = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighb
               "random_delta_acc", "target_rewrite_score", "efficacy", "n_facts", "n_failed")
 
 
+def as_grid_dict(grid) -> dict:
+    """The ``grid.json`` dictionary of a :class:`probe.results.GridResult` (a dict passes through)."""
+    return grid.to_dict() if hasattr(grid, "to_dict") else grid
+
+
 def _matrix(grid: dict):
     defenses = [d for d in grid["defenses"] if any(c["defense"] == d for c in grid["cells"])]
     attacks = list(grid["attacks"])
@@ -38,6 +44,7 @@ def grid_heatmap(grid: dict) -> go.Figure:
     """Heatmap of attack success@B (%) after each defense; row "unedited" = before any edit
     (the mean over defenses of the pre-edit success, which differs only by the facts a defense
     failed on)."""
+    grid = as_grid_dict(grid)
     defenses, attacks, cell = _matrix(grid)
     z, text, hover = [], [], []
     pre_row = []
@@ -73,6 +80,7 @@ def grid_heatmap(grid: dict) -> go.Figure:
 
 def grid_rank_curves(grid: dict) -> go.Figure:
     """Median answer rank per layer (log scale): unedited vs after each defense."""
+    grid = as_grid_dict(grid)
     pl = grid["per_layer"]
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=pl["layers"], y=pl["pre"], mode="lines+markers", name="unedited",
@@ -140,6 +148,7 @@ def _multimodal_section(grid: dict, config: dict) -> str:
 
 def grid_report_html(grid: dict) -> str:
     """The complete offline HTML document for a grid."""
+    grid = as_grid_dict(grid)
     title = f"probe-attack grid: {grid.get('model', '')}"
     meta = {k: grid.get(k) for k in ("model", "editor", "facts_file", "n_facts_input", "n_known", "n_facts",
                                      "complete", "mean_edit_seconds", "seed")}
@@ -171,4 +180,5 @@ def grid_report_html(grid: dict) -> str:
 
 def write_grid_report(grid: dict, path: str | os.PathLike) -> Path:
     """Write :func:`grid_report_html` to ``path`` atomically."""
+    grid = as_grid_dict(grid)
     return write_text_atomic(path, grid_report_html(grid))

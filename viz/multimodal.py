@@ -1,6 +1,6 @@
 """Figures and HTML pieces for vision-language (LLaVA-style) runs: text vs image vs both.
 
-The blackbox attacks on an image fact are grouped by which input they rephrase (:data:`MODALITY`):
+The blackbox attacks on an image fact are grouped by which input they rephrase (the attack's declared ``modality``):
 
 * ``question-rephrase`` and ``jailbreak`` -- *text-only*: rephrased questions, the original image;
 * ``image-rephrase`` -- *image-only*: paraphrase images (same answer), the original question;
@@ -22,26 +22,20 @@ import html
 import io
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import plotly.graph_objects as go
 
 from .layers import _layout, clean_ranks, median_rank_by_layer
 
-__all__ = ["MODALITY", "modality_attacks", "modality_rows", "run_modality_rows", "modality_figure",
+__all__ = ["MODALITIES", "modality_map", "modality_attacks", "modality_rows", "run_modality_rows", "modality_figure",
            "modality_table_html", "run_modality_table_html", "image_rank_figure",
            "grid_image_rank_figure", "image_examples_html", "image_data_uri"]
 
-#: Attack name -> which input it rephrases. Column order of every table and figure here.
-MODALITY: dict[str, str] = {
-    "question-rephrase": "text-only",
-    "jailbreak": "text-only",
-    "image-rephrase": "image-only",
-    "multimodal-rephrase": "multimodal",
-}
+#: The modalities an attack may declare (``Attack.modality``), in column order of every table and figure.
+MODALITIES = ("text-only", "image-only", "multimodal")
 
-_ATTACK_COLORS = {"question-rephrase": "#1f77b4", "jailbreak": "#9467bd", "image-rephrase": "#ff7f0e",
-                  "multimodal-rephrase": "#2ca02c"}
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 _DEFENSE_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f",
                    "#bcbd22", "#17becf")
 _WITH_IMAGE = "with image"
@@ -56,14 +50,25 @@ def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:.1f}%"
 
 
-def modality_attacks(names: Sequence[str]) -> list[str]:
-    """The modality attacks among ``names``, in :data:`MODALITY` order."""
-    present = set(names)
-    return [a for a in MODALITY if a in present]
+def modality_map(records: Iterable[Mapping[str, Any]]) -> dict[str, str]:
+    """Attack name -> modality, from summary or cell records that carry ``modality`` (the
+    attack's declared :attr:`attacks.base.Attack.modality`; records without one are ignored),
+    ordered by :data:`MODALITIES`, then by first appearance."""
+    found: dict[str, str] = {}
+    for r in records:
+        name = r.get("attack") or r.get("name")
+        if r.get("modality") in MODALITIES and name not in found:
+            found[name] = r["modality"]
+    return dict(sorted(found.items(), key=lambda kv: MODALITIES.index(kv[1])))
 
 
-def _label(attack: str, budget: Any) -> str:
-    return f"{MODALITY[attack]}: {attack} (B={budget if budget is not None else '?'})"
+def modality_attacks(mods: Mapping[str, str]) -> list[str]:
+    """The modality attacks of a :func:`modality_map`, in column order."""
+    return list(mods)
+
+
+def _label(attack: str, budget: Any, modality: str) -> str:
+    return f"{modality}: {attack} (B={budget if budget is not None else '?'})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +76,7 @@ def _label(attack: str, budget: Any) -> str:
 
 
 def _entry(attack: str, success: float | None, c: Mapping[str, Any]) -> dict:
-    return {"modality": MODALITY[attack], "success": success, "budget": c.get("budget"),
+    return {"modality": c.get("modality"), "success": success, "budget": c.get("budget"),
             "n_facts": c.get("n_facts"), "n_skipped": c.get("n_skipped", 0) or 0}
 
 
@@ -94,10 +99,11 @@ def modality_rows(cells: list[dict], defenses: Sequence[str] | None = None) -> l
         ``success_post``. An attack a defense has no cell for is absent from that row's dict.
         ``[]`` when no cell is a modality attack.
     """
-    cells = [c for c in cells if c.get("attack") in MODALITY]
+    mods = modality_map(cells)
+    cells = [c for c in cells if c.get("attack") in mods]
     if not cells:
         return []
-    attacks = modality_attacks([c["attack"] for c in cells])
+    attacks = modality_attacks(mods)
     order = list(dict.fromkeys(c["defense"] for c in cells))
     if defenses is not None:
         order = [d for d in defenses if d in set(order)]
@@ -114,19 +120,21 @@ def modality_rows(cells: list[dict], defenses: Sequence[str] | None = None) -> l
     return rows
 
 
-def run_modality_rows(other_attacks: Mapping[str, Mapping[str, Any]]) -> list[dict]:
+def run_modality_rows(summaries: Mapping[str, Any]) -> list[dict]:
     """:func:`modality_rows` for one run: rows ``"before"`` and ``"after"`` the edit.
 
     Args:
-        other_attacks: ``RunResult.other_attacks`` (name -> ``{"name", "kind", "budget",
-            "success_pre", "success_post", "n_facts", "n_skipped"}``).
+        summaries: ``RunResult.attacks`` (name -> :class:`~probe.results.AttackSummary` or its
+            dict: ``name``, ``modality``, ``budget``, ``success_pre``, ``success_post``, ``n_facts``,
+            ``n_skipped``).
 
     Returns:
         ``[{"defense": "before", "attacks": {...}}, {"defense": "after", "attacks": {...}}]`` (the
         "after" row only when some modality attack has a ``success_post``), ``[]`` when no modality
         attack ran.
     """
-    attacks = modality_attacks(list(other_attacks))
+    other_attacks = {k: (v if isinstance(v, Mapping) else vars(v)) for k, v in summaries.items()}
+    attacks = modality_attacks(modality_map(other_attacks.values()))
     if not attacks:
         return []
     rows = [{"defense": "before", "attacks": {a: _entry(a, other_attacks[a].get("success_pre"), other_attacks[a])
@@ -138,7 +146,7 @@ def run_modality_rows(other_attacks: Mapping[str, Mapping[str, Any]]) -> list[di
 
 
 def _grid_rows(grid: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
-    attacks = modality_attacks(list(grid.get("attacks") or []))
+    attacks = modality_attacks(modality_map(grid.get("cells") or []))
     if not attacks:
         return [], []
     cells = [c for c in grid.get("cells") or [] if c.get("attack") in attacks]
@@ -151,6 +159,10 @@ def _budgets(attacks: Sequence[str], rows: Sequence[dict]) -> dict[str, Any]:
         out[a] = next((r["attacks"][a]["budget"] for r in rows if a in r["attacks"]
                        and r["attacks"][a]["budget"] is not None), None)
     return out
+
+
+def _mods(attacks: Sequence[str], rows: Sequence[dict]) -> dict[str, str]:
+    return {a: next(r["attacks"][a]["modality"] for r in rows if a in r["attacks"]) for a in attacks}
 
 
 def _skipped(attacks: Sequence[str], rows: Sequence[dict]) -> dict[str, int]:
@@ -174,24 +186,24 @@ def modality_figure(grid: Mapping[str, Any]) -> go.Figure | None:
         one bar group per modality attack in ``grid["attacks"]`` (legend
         ``"text-only: question-rephrase (B=20)"``), y = success in percent (0..100; a missing value
         is no bar). Trace ``meta``: ``{"kind": "modality", "attack", "modality", "budget"}``.
-        None when none of the :data:`MODALITY` attacks is in ``grid["attacks"]``.
+        None when none of the modality attacks is in ``grid["attacks"]``.
     """
     attacks, rows = _grid_rows(grid)
     if not attacks:
         return None
-    budgets = _budgets(attacks, rows)
+    budgets, mods = _budgets(attacks, rows), _mods(attacks, rows)
     xs = [r["defense"] for r in rows]
     fig = go.Figure()
-    for a in attacks:
+    for i, a in enumerate(attacks):
         ys = []
         for r in rows:
             e = r["attacks"].get(a)
             ys.append(None if e is None or e["success"] is None else 100 * e["success"])
         fig.add_trace(go.Bar(
-            x=xs, y=ys, name=_label(a, budgets[a]), marker={"color": _ATTACK_COLORS[a]},
+            x=xs, y=ys, name=_label(a, budgets[a], mods[a]), marker={"color": _PALETTE[i % len(_PALETTE)]},
             text=["" if y is None else f"{y:.0f}%" for y in ys], textposition="outside",
-            hovertemplate=f"{_esc(a)} ({MODALITY[a]})<br>%{{x}}: %{{y:.1f}}%<extra></extra>",
-            meta={"kind": "modality", "attack": a, "modality": MODALITY[a], "budget": budgets[a]}))
+            hovertemplate=f"{_esc(a)} ({mods[a]})<br>%{{x}}: %{{y:.1f}}%<extra></extra>",
+            meta={"kind": "modality", "attack": a, "modality": mods[a], "budget": budgets[a]}))
     fig.update_layout(
         title={"text": "Text-only vs image-only vs multimodal attacks: success after each edit"},
         barmode="group", template="plotly_white", height=460, xaxis_title="model",
@@ -202,8 +214,8 @@ def modality_figure(grid: Mapping[str, Any]) -> go.Figure | None:
 
 
 def _table(attacks: Sequence[str], rows: Sequence[dict], table_id: str, first: str) -> str:
-    budgets = _budgets(attacks, rows)
-    head = "".join(f"<th>{_esc(MODALITY[a])}: {_esc(a)} (B={_esc(budgets[a] if budgets[a] is not None else '?')})</th>"
+    budgets, mods = _budgets(attacks, rows), _mods(attacks, rows)
+    head = "".join(f"<th>{_esc(mods[a])}: {_esc(a)} (B={_esc(budgets[a] if budgets[a] is not None else '?')})</th>"
                    for a in attacks)
     body = []
     for r in rows:
@@ -211,7 +223,7 @@ def _table(attacks: Sequence[str], rows: Sequence[dict], table_id: str, first: s
         body.append(f"<tr><td>{_esc(r['defense'])}</td>{tds}</tr>")
     skipped = _skipped(attacks, rows)
     notes = [f"{a}: {n} fact{'s' if n != 1 else ''} without paraphrase images skipped"
-             if MODALITY[a] != "text-only" else f"{a}: {n} fact{'s' if n != 1 else ''} skipped"
+             if mods[a] != "text-only" else f"{a}: {n} fact{'s' if n != 1 else ''} skipped"
              for a, n in skipped.items() if n > 0]
     if notes:
         body.append(f"<tr class=\"note\"><td colspan=\"{len(attacks) + 1}\">{_esc('; '.join(notes))}</td></tr>")
@@ -231,7 +243,7 @@ def modality_table_html(grid: Mapping[str, Any], table_id: str = "modality-table
     return _table(attacks, rows, table_id, "model") if attacks else ""
 
 
-def run_modality_table_html(other_attacks: Mapping[str, Mapping[str, Any]],
+def run_modality_table_html(other_attacks: Mapping[str, Any],
                             table_id: str = "modality-table") -> str:
     """:func:`modality_table_html` for one run (rows ``before`` / ``after`` the edit, see
     :func:`run_modality_rows`); ``""`` when no modality attack ran."""

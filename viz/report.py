@@ -77,20 +77,17 @@ def _header(result: RunResult, title: str) -> str:
 
 
 def _attack_table(result: RunResult) -> str:
-    if not result.attacks and not getattr(result, "other_attacks", None):
+    if not result.attacks:
         return "<p class=\"note\">No attacks in this run.</p>\n"
     rows = []
     for name, a in result.attacks.items():
+        where = ", ".join(str(layer) for layer in a.layers) if a.layers else f"({a.kind})"
         rows.append(
-            f"<tr><td>{_esc(name)}</td><td>{a.budget}</td><td>{a.k}</td>"
-            f"<td>{_esc(', '.join(str(layer) for layer in a.layers))}</td>"
+            f"<tr><td>{_esc(name)}</td><td>{a.budget}</td><td>{a.k if a.k is not None else '—'}</td>"
+            f"<td>{_esc(where)}</td><td>{_esc(a.readout or '—')}</td>"
             f"<td>{_pct(a.success_pre)}</td><td>{_pct(a.success_post)}</td></tr>")
-    for name, a in getattr(result, "other_attacks", {}).items():
-        rows.append(
-            f"<tr><td>{_esc(name)}</td><td>{a['budget']}</td><td>—</td><td>({_esc(a['kind'])})</td>"
-            f"<td>{_pct(a['success_pre'])}</td><td>{_pct(a['success_post'])}</td></tr>")
     return ("<table id=\"attack-table\"><thead><tr><th>attack</th><th>budget B</th><th>k per list</th>"
-            "<th>layers</th><th>success pre</th><th>success post</th></tr></thead><tbody>"
+            "<th>layers</th><th>readout</th><th>success pre</th><th>success post</th></tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>\n")
 
 
@@ -121,7 +118,7 @@ def _multimodal_section(result: RunResult, config: dict) -> str:
     if not examples and not modal:
         return ""
     parts = ["<h2>Multimodal</h2>\n"]
-    table = run_modality_table_html(getattr(result, "other_attacks", {}) or {})
+    table = run_modality_table_html(result.attacks)
     if table:
         parts += ["<h3>Text-only vs image-only vs multimodal attacks</h3>\n", table]
     text_pre = [_field(_field(m, "text_pre"), "rank") for _, m in modal if _field(m, "text_pre") is not None]

@@ -1,0 +1,183 @@
+"""The attack x defense grid (``probe-attack grid``): the papers' central table.
+
+For each known fact, every attack runs on the unedited model (:func:`~.deletion.measure_pre`), then
+each selected defense deletes the fact from a fresh copy and every attack and score is measured on
+the edited model (:func:`~.deletion.measure_deletion`, the same unit ``probe-attack run`` uses).
+
+Output folder:
+
+* ``pre.jsonl`` -- one :class:`~probe.results.PreMeasure` per fact (the unedited model);
+* ``units.jsonl`` -- one :class:`~probe.results.FactResult` per (defense, fact), or the reason the
+  edit failed;
+* ``grid.json`` -- the :class:`~probe.results.GridResult`: one cell per (defense, attack), rewritten
+  after every fact (facts are processed one at a time through every defense, so a grid stopped
+  early covers every defense on fewer facts; ``complete`` says whether every planned fact is in);
+* ``report.html`` -- defense x attack heatmap, defense scores, per-layer answer rank per defense.
+
+Records are appended (fsync'd) as each unit finishes; ``resume=True`` skips finished facts and
+defenses, so a kill mid-cell recomputes only the unit that was in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import write_text_atomic
+from ..facts import Fact, check_lengths
+from ..images import attach_images
+from ..interrupt import check as check_interrupt
+from ..results import Cell, DeletionScores, FactResult, GridResult, LayerReadout, PreMeasure, median
+from .config import GridConfig, resolve_names
+from .deletion import Plan, build_plan, image_examples, known_facts, measure_deletion, measure_pre
+from .log import JsonlLog
+from .output import check_output
+
+PRE = "pre.jsonl"
+UNITS = "units.jsonl"
+GRID = "grid.json"
+STAMP = "grid_run.json"
+REPORT = "report.html"
+
+
+def build_cells(plan: Plan, pre: dict[str, PreMeasure], units: Sequence[FactResult], n_layers: int,
+                editor: str) -> list[Cell]:
+    """Aggregate per-fact records into cells: per defense, one :func:`attacks.summarize` per attack
+    over the facts that defense deleted (failed edits counted in ``n_failed``, left out), with the
+    defense's mean scores."""
+    from attacks import summarize
+
+    by_def: dict[str, list[FactResult]] = {}
+    for u in units:
+        by_def.setdefault(u.defense, []).append(u)
+    cells = []
+    for dfn, us in by_def.items():
+        ok = [u for u in us if u.error is None and u.id in pre]
+        scores = DeletionScores.means([u.scores for u in ok if u.scores])
+        for a in plan.attacks:
+            s = summarize(a, n_layers, [pre[u.id].outcomes.get(a.name) for u in ok],
+                          [u.outcomes.get(a.name, {}).get("post") for u in ok])
+            cells.append(Cell(**asdict(s), defense=dfn, editor=editor, n_failed=len(us) - len(ok), scores=scores))
+    return cells
+
+
+def per_layer(pre: dict[str, LayerReadout | None], units: Sequence[tuple[str, LayerReadout | None]],
+              n_layers: int) -> dict:
+    """Median answer rank per layer (:func:`probe.results.median`): unedited, and after each defense."""
+    def med(reads):
+        cols = list(zip(*[r.rank for r in reads]))
+        return [median(c) for c in cols] if cols else []
+
+    out = {"layers": list(range(n_layers)), "pre": med([r for r in pre.values() if r is not None])}
+    by_def: dict[str, list] = {}
+    for d, r in units:
+        if r is not None:
+            by_def.setdefault(d, []).append(r)
+    out["post"] = {d: med(rs) for d, rs in by_def.items()}
+    return out
+
+
+def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, facts_label: str = "",
+             resume: bool = False) -> GridResult:
+    """``probe-attack grid``: every selected defense x attack on the known facts.
+
+    Returns:
+        The :class:`~probe.results.GridResult` (also written to ``grid.json``).
+
+    Raises:
+        RunError: the output folder holds another grid (without ``resume``) or one with other
+            settings; ValueError: unknown defense/attack/editor names.
+    """
+    out = Path(out)
+    facts = list(attach_images(model, facts))
+    defenses = resolve_names(cfg.defenses, "defense")
+    attack_names = resolve_names(cfg.attacks, "attack")
+    plan = build_plan(model, attack_names, defenses, cfg)
+    plan.pool = facts
+    check_lengths(model, facts)
+    stamp = {"command": "grid", "model": model.name, "model_fingerprint": model.fingerprint, "facts": facts_label,
+             **{k: v for k, v in asdict(cfg).items() if k not in ("progress", "defenses")},
+             "editor_config_resolved": {d: e.config() for d, (_, e) in plan.defenses.items()}}
+    check_output(out, "grid", stamp, resume, stamp_file=STAMP, ignore=("editor_config_resolved",))
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    from attacks import AttackContext
+
+    pre_ctx = AttackContext(facts=facts, seed=cfg.seed, cache={}, batch_size=cfg.batch_size)
+    known, n_known = known_facts(model, facts, plan, cfg.known_rank, cfg.max_facts, pre_ctx, progress=cfg.progress)
+    evaluated = frozenset(f.id for f, _, _ in known)
+    pre_ctx.deleted = evaluated
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / STAMP, json.dumps(stamp, indent=2))
+    pre_log, unit_log = JsonlLog(out / PRE), JsonlLog(out / UNITS)
+    pre_done = {r["fact_id"]: PreMeasure.from_json(r) for r in pre_log.records}
+    units = [FactResult.from_json(u) for u in unit_log.records]
+    done_units = {(u.defense, u.id) for u in units}
+
+    def ctx_post():
+        return AttackContext(facts=facts, deleted=evaluated, seed=cfg.seed, cache={}, batch_size=cfg.batch_size)
+
+    from defenses.retain import retain_prompts
+
+    by_id = {f.id: f for f in facts}
+    examples = image_examples([f for f, _, _ in known])
+    result = None
+    # Fact-major order, so a grid stopped early still covers every defense (on fewer facts).
+    for fact, read, lens_out in tqdm(known, desc="facts (all defenses)", disable=not cfg.progress):
+        todo = [d for d in defenses if (d, fact.id) not in done_units]
+        if fact.id in pre_done and not todo:
+            continue
+        check_interrupt()
+        if fact.id not in pre_done:
+            pre_done[fact.id] = measure_pre(model, fact, read, lens_out, plan, pre_ctx, cfg)
+            pre_log.append(pre_done[fact.id].to_json())
+        pre = pre_done[fact.id]
+        for dfn in todo:
+            check_interrupt()
+            objective, _ = plan.defenses[dfn]
+            retain = retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
+            unit = measure_deletion(model, [fact], [pre], dfn, plan, objective.request(fact, facts, retain), cfg,
+                                    ctx_for=ctx_post, by_id=by_id)[0]
+            if unit.error:
+                tqdm.write(f"probe-attack: {dfn}: fact {fact.id}: {unit.error}; skipped")
+            unit_log.append(unit.to_json())
+            units.append(unit)
+        result = _write_grid(out, model, plan, pre_done, units, cfg, defenses, attack_names, n_known, len(facts),
+                             facts_label, t0, len(known), examples)
+    if result is None:  # everything was already finished
+        result = _write_grid(out, model, plan, pre_done, units, cfg, defenses, attack_names, n_known, len(facts),
+                             facts_label, t0, len(known), examples)
+    return result
+
+
+def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units: list[FactResult], cfg: GridConfig,
+                defenses, attack_names, n_known: int, n_input: int, facts_label: str, t0: float,
+                n_facts_planned: int, examples: list) -> GridResult:
+    from viz.grid import write_grid_report
+
+    ok = [u for u in units if u.error is None]
+    edit_s = [u.edit.seconds for u in ok if u.edit is not None]
+    done = {(u.defense, u.id) for u in units}
+    res = GridResult(
+        model=model.name, n_layers=model.n_layers, editor=cfg.editor, defenses=list(defenses),
+        attacks=list(attack_names), cells=build_cells(plan, pre, units, model.n_layers, cfg.editor),
+        per_layer=per_layer({k: p.readout for k, p in pre.items()}, [(u.defense, u.post) for u in ok],
+                            model.n_layers),
+        facts_file=facts_label, n_facts_input=n_input, n_known=n_known, n_facts=len(pre),
+        n_facts_planned=n_facts_planned, defenses_started=sorted({u.defense for u in units}),
+        complete=all((d, f) in done for d in defenses for f in pre) and len(pre) == n_facts_planned,
+        mean_edit_seconds=round(sum(edit_s) / len(edit_s), 2) if edit_s else None,
+        seconds_this_session=round(time.time() - t0, 1), seed=cfg.seed, image_examples=examples or None)
+    if any(p.text_readout is not None for p in pre.values()):
+        res.per_layer_text = per_layer({k: p.text_readout for k, p in pre.items()},
+                                       [(u.defense, u.modal.text_post if u.modal else None) for u in ok],
+                                       model.n_layers)
+    write_text_atomic(out / GRID, res.to_json() + "\n")
+    write_grid_report(res, out / REPORT)
+    return res

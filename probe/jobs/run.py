@@ -1,0 +1,249 @@
+"""``probe-attack run`` (the main job) and ``probe-attack attack`` (attacks only).
+
+A run: known-fact filter -> attacks before the edit -> delete (one fact at a time from a fresh copy,
+the papers' protocol, or all facts in one edit) -> every attack and score after the edit ->
+``results.json`` + ``per_fact.jsonl`` + ``report.html``. Each finished fact is appended to
+``per_fact.jsonl`` (fsync'd) as it ends, so an interrupted run loses no finished work and
+``resume=True`` continues without recomputing it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..atomic import write_text_atomic
+from ..errors import InputError
+from ..facts import Fact, check_lengths
+from ..images import attach_images
+from ..interrupt import check as check_interrupt
+from ..results import DeletionScores, FactResult, RunResult
+from .config import RunConfig
+from .deletion import (Plan, build_plan, evenly_spaced, image_examples, known_facts, measure_deletion, measure_pre,
+                       text_readouts)
+from .log import JsonlLog
+from .output import check_output
+
+PER_FACT = "per_fact.jsonl"
+RUN_STAMP = "run.json"
+RESULTS = "results.json"
+CAUSAL = "causal_traces.jsonl"
+REPORT = "report.html"
+
+
+def _stamp(model, facts_label: str, cfg, command: str) -> dict:
+    d = asdict(cfg)
+    d.pop("progress")
+    return {"command": command, "model": model.name, "model_fingerprint": model.fingerprint,
+            "facts": facts_label, **d}
+
+
+def _ctx(plan: Plan, deleted, cfg, cache: dict | None = None):
+    from attacks import AttackContext
+
+    return AttackContext(facts=plan.pool, deleted=frozenset(deleted), seed=cfg.seed,
+                         cache={} if cache is None else cache, batch_size=cfg.batch_size)
+
+
+def summarize_run(model, results: Sequence[FactResult], plan: Plan, defense: dict | None, meta: dict) -> RunResult:
+    """The :class:`RunResult` of finished facts: one :func:`attacks.summarize` per attack (failed
+    edits left out), the defense's mean scores."""
+    from attacks import summarize
+
+    ok = [r for r in results if r.error is None]
+    deleted = defense is not None
+    summaries = {a.name: summarize(a, model.n_layers, [r.outcomes.get(a.name, {}).get("pre") for r in ok],
+                                   [r.outcomes.get(a.name, {}).get("post") for r in ok] if deleted else None)
+                 for a in plan.attacks}
+    if defense is not None:
+        defense = {**defense, **DeletionScores.means([r.scores for r in ok if r.scores]),
+                   "n_deleted": len(ok), "n_failed": len(results) - len(ok)}
+    return RunResult(model=model.name, n_layers=model.n_layers, n_facts=len(ok), facts=list(ok), attacks=summaries,
+                     defense=defense, meta=meta)
+
+
+def finish(result: RunResult, out: Path) -> RunResult:
+    """Write ``results.json`` and ``report.html`` (with the causal traces, if any) atomically."""
+    from viz.layers import causal_trace_figure
+    from viz.report import write_report
+
+    from .log import read_jsonl
+
+    extra = [(f"Causal trace of fact {rec['fact_id']}: unedited vs edited model as the clean run",
+              causal_trace_figure(rec["pre"], rec["post"])) for rec in read_jsonl(out / CAUSAL)]
+    write_text_atomic(out / RESULTS, result.to_json() + "\n")
+    write_report(result, out / REPORT, extra_figures=extra)
+    return result
+
+
+def _load_finished(log: JsonlLog, keep: set[str]) -> dict[str, FactResult]:
+    done = {}
+    for rec in log.records:
+        try:
+            r = FactResult.from_json(rec)
+        except (KeyError, TypeError):
+            break
+        if r.id in keep:
+            done[r.id] = r
+    return done
+
+
+def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, facts_label: str = "",
+               resume: bool = False) -> RunResult:
+    """``probe-attack attack``: every selected attack on every fact, no filter, no deletion.
+
+    The model may be one the user already edited, so facts it no longer answers are kept.
+    Per-fact results are appended as each batch ends.
+    """
+    from attacks import evaluate_attacks
+
+    from ..readout import auto_batch_size
+    from ..tokens import answer_ids
+
+    out = Path(out)
+    facts = attach_images(model, facts)
+    plan = build_plan(model, cfg.attacks, [], cfg)
+    plan.pool = list(facts)
+    facts = evenly_spaced(list(facts), cfg.max_facts) if cfg.max_facts else list(facts)
+    check_lengths(model, facts)
+    stamp = _stamp(model, facts_label, cfg, "attack")
+    check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",))
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
+    log = JsonlLog(out / PER_FACT)
+    done = _load_finished(log, {f.id for f in facts})
+    todo = [f for f in facts if f.id not in done]
+    ctx = _ctx(plan, [f.id for f in facts], cfg)
+    bs = cfg.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
+    for start in tqdm(range(0, len(todo), bs), desc="attacks", disable=not cfg.progress):
+        check_interrupt()
+        chunk = todo[start:start + bs]
+        reads, outs = evaluate_attacks(model, chunk, plan.attacks, ctx)
+        log.append(*[FactResult(f.id, str(f.prompt), f.answer, answer_ids(model.tokenizer, f.prompt, f.answer),
+                                reads["logit"][i], outcomes={a: {"pre": o[i]} for a, o in outs.items()}).to_json()
+                     for i, f in enumerate(chunk)])
+    finished = _load_finished(log, {f.id for f in facts})
+    ordered = [finished[f.id] for f in facts if f.id in finished]
+    return finish(summarize_run(model, ordered, plan, None, {"command": "attack", "facts_file": facts_label}), out)
+
+
+def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, facts_label: str = "",
+             resume: bool = False) -> RunResult:
+    """``probe-attack run``: the main job.
+
+    1. known-fact filter: keep facts whose answer's first token is at rank <= ``known_rank`` at
+       the model's output (before any deletion), with the lens attacks scored in the same sweep;
+    2. every attack and the reference measurements on the unedited model (:func:`measure_pre`);
+    3. delete with ``cfg.defense`` through ``cfg.editor`` -- one fact at a time from a fresh copy
+       (the papers' protocol) or all facts at once -- and measure every attack and score on the
+       edited model (:func:`measure_deletion`); results appended per fact;
+    4. ``results.json`` + ``report.html``.
+
+    Raises:
+        RunError: the output folder holds another run; ValueError: unknown defense/attack/editor;
+        InputError: a setting that does not fit the model.
+    """
+    out = Path(out)
+    if cfg.protocol not in ("one-at-a-time", "all-at-once"):
+        raise InputError(f"unknown protocol {cfg.protocol!r}; use one-at-a-time or all-at-once", field="protocol")
+    facts = list(attach_images(model, facts))
+    plan = build_plan(model, cfg.attacks, [cfg.defense], cfg, protocol=cfg.protocol)
+    plan.pool = facts
+    check_lengths(model, facts)
+    stamp = _stamp(model, facts_label, cfg, "run")
+    check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",))
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    pre_ctx = _ctx(plan, [], cfg, {})
+    known, n_known = known_facts(model, facts, plan, cfg.known_rank, cfg.max_facts, pre_ctx, progress=cfg.progress,
+                                 desc="filter + attacks (pre)")
+    evaluated = [f.id for f, _, _ in known]
+    pre_ctx.deleted = frozenset(evaluated)  # the unedited model's scratch space, shared by every fact
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
+    log = JsonlLog(out / PER_FACT)
+    done = _load_finished(log, set(evaluated))
+    todo = [k for k in known if k[0].id not in done]
+    causal_log = JsonlLog(out / CAUSAL) if cfg.causal_traces else None
+    n_traced = [len(causal_log.records) if causal_log and resume else 0]
+
+    def trace(edited, fact):
+        if causal_log is not None and n_traced[0] < cfg.causal_traces:
+            causal_log.append(causal_record(model, edited, fact))
+            n_traced[0] += 1
+
+    def ctx_post():
+        return _ctx(plan, evaluated, cfg)
+
+    objective, _ = plan.defenses[cfg.defense]
+    if cfg.protocol == "one-at-a-time":
+        from defenses.retain import retain_prompts
+
+        for fact, read, lens_out in tqdm(todo, desc=f"{cfg.defense} (per fact)", disable=not cfg.progress):
+            check_interrupt()
+            pre = measure_pre(model, fact, read, lens_out, plan, pre_ctx, cfg)
+            retain = retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
+            res = measure_deletion(model, [fact], [pre], cfg.defense, plan, objective.request(fact, facts, retain),
+                                   cfg, ctx_for=ctx_post, during_edit=trace)[0]
+            if res.error:
+                tqdm.write(f"probe-attack: fact {fact.id}: {res.error}; recorded as failed")
+            log.append(res.to_json())
+    elif todo:
+        from defenses import DeletionRequest
+
+        req_facts = [f for f, _, _ in todo]
+        pres = [measure_pre(model, f, r, lo, plan, pre_ctx, cfg) for f, r, lo in todo]
+        pool = sorted({g.prompt for g in facts if g.id not in set(evaluated)})
+        retain = random.Random(cfg.seed).sample(pool, min(cfg.retain_size, len(pool)))
+        reqs = [objective.request(f, facts, []) for f in req_facts]
+        request = DeletionRequest(
+            [p for r in reqs for p in r.prompts], [a for r in reqs for a in r.answers], retain,
+            targets=[t for r in reqs for t in r.targets] if reqs[0].targets is not None else None,
+            subjects=[s for r in reqs for s in (r.subjects or [None] * len(r.prompts))])
+        log.append(*[r.to_json() for r in measure_deletion(model, req_facts, pres, cfg.defense, plan, request, cfg,
+                                                          ctx_for=ctx_post, during_edit=trace)])
+
+    finished = _load_finished(log, set(evaluated))
+    ordered = [finished[i] for i in evaluated if i in finished]
+    _, editor = plan.defenses[cfg.defense]
+    defense = {"name": cfg.defense, "editor": cfg.editor, "editor_config": editor.config(),
+               "edit_parameter": editor.param_name(model), "protocol": cfg.protocol}
+    meta = {"command": "run", "facts_file": facts_label, "n_facts_input": len(facts),
+            "known_filter": {"max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known)}, "seed": cfg.seed,
+            "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT},
+            "image_examples": image_examples([f for f, _, _ in known])}
+    return finish(summarize_run(model, ordered, plan, defense, meta), out)
+
+
+def causal_record(model, edited, fact: Fact) -> dict:
+    """Causal traces of one fact (Meng et al. 2022, section 2.1) with the unedited and with the
+    edited model as the clean run. Facts without a subject corrupt the first half of the prompt's
+    tokens (documented in the record); image facts are traced on their text form."""
+    from ..causal import causal_trace
+    from ..tokens import tokenize
+    from .deletion import text_form
+
+    prompt, subject, corrupted = fact.prompt, fact.subject, None
+    if text_form(fact) is not None:
+        prompt = text_form(fact)
+        entity = getattr(fact, "entity", None)
+        subject = entity if entity and entity in prompt else None
+        corrupted = (f"entity {entity!r} in the text form (image facts are traced without the image)" if subject
+                     else "first half of the text form (image facts are traced without the image)")
+    kw: dict = {"subject": subject} if subject else {
+        "subject_positions": list(range(max(1, len(tokenize(model.tokenizer, prompt)) // 2)))}
+    pre = causal_trace(model, prompt, fact.answer, **kw)
+    post = causal_trace(model, prompt, fact.answer, clean_model=edited, **kw)
+    return {"fact_id": fact.id, "corrupted": corrupted or ("subject" if fact.subject else "first half of the prompt"),
+            "pre": pre.to_json(), "post": post.to_json()}
+
+
+__all__ = ["run_main", "run_attack", "summarize_run", "finish", "causal_record", "text_readouts", "PER_FACT",
+           "RUN_STAMP", "RESULTS", "CAUSAL", "REPORT"]

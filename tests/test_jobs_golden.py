@@ -1,0 +1,131 @@
+"""The one deletion loop: ``run`` and ``grid`` give the numbers they gave before they shared it, and
+agree with each other on every shared metric.
+
+``tests/data/golden_tiny_before_jobs.json`` was written by the code *before* the deletion loop was
+unified (``probe/pipeline.py`` and ``probe/grid.py``), on a tiny Llama taught 13 facts (seeded),
+with constrained fine-tuning: grid cells of 4 defenses x 6 attacks and the run's summaries and
+per-fact scores. Random Δ-Acc is new in ``run``; the grid's per-layer median is now the true
+median (it was the upper median), so per-layer medians are compared through the per-fact ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from probe.facts import Fact
+from probe.jobs import GridConfig, RunConfig, run_grid, run_main
+from probe.results import GridResult, RunResult
+
+GOLDEN = Path(__file__).parent / "data" / "golden_tiny_before_jobs.json"
+
+FACTS = [
+    Fact("fr", "The capital of France is", "Paris", paraphrases=["Paris is the capital of"],
+         neighborhood=[{"prompt": "The capital of Japan is", "answer": "Tokyo"}], alt_answer="Rome"),
+    Fact("jp", "The capital of Japan is", "Tokyo", paraphrases=["Tokyo is the capital of"],
+         neighborhood=[{"prompt": "The capital of France is", "answer": "Paris"}]),
+    Fact("water", "Water is made of hydrogen and", "oxygen", neighborhood=[{"prompt": "The Colosseum is in",
+                                                                          "answer": "Rome"}]),
+    Fact("eiffel", "The Eiffel Tower is located in the city of", "Paris", paraphrases=["The city of the Eiffel Tower is"]),
+    Fact("berlin", "Berlin is in", "Germany", neighborhood=[{"prompt": "Madrid is in", "answer": "Spain"}]),
+    Fact("madrid", "Madrid is in", "Spain"), Fact("rome", "The Colosseum is in", "Rome"),
+    Fact("paris2", "Paris is the capital of", "France"), Fact("tokyo2", "Tokyo is the capital of", "Japan"),
+    Fact("rio", "The city famous for its Carnival in Brazil is", "Rio"), Fact("ger", "Germany has the city", "Berlin"),
+    Fact("fr3", "The Eiffel Tower is in", "Paris"), Fact("jp3", "The capital city of Japan is", "Tokyo"),
+]
+ATTACKS = ["head-projection", "probability-delta", "pd2", "question-rephrase", "relearning", "linear-probe"]
+DEFENSES = ["fact-erasure", "error-injection", "head-projection", "empty-response"]
+COMMON = dict(attacks=ATTACKS, attack_config={"question-rephrase": {"max_new_tokens": 4}},
+              editor_config=dict(layer=0, lr=5e-2, norm_bound=1.0, steps=4), known_rank=10 ** 6, max_facts=4,
+              random_n=2, acc_tokens=2, progress=False)
+
+
+def taught_tiny_llama(tokenizer):
+    """A random tiny Llama (seed 0) taught the facts by 150 Adam steps (seeded, one thread)."""
+    import probe
+    from conftest import _tiny
+
+    hf = _tiny("llama", len(tokenizer)).eval()
+    m = probe.wrap_model(hf, tokenizer, name="tiny-llama")
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        enc = tokenizer([f"{f.prompt} {f.answer}" for f in FACTS], return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        opt = torch.optim.Adam(hf.parameters(), lr=3e-3)
+        hf.train()
+        for _ in range(150):
+            loss = hf(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hf.eval()
+    finally:
+        torch.set_num_threads(threads)
+    return m
+
+
+@pytest.fixture(scope="module")
+def jobs(tiny_tokenizer, tmp_path_factory):
+    model = taught_tiny_llama(tiny_tokenizer)
+    out = tmp_path_factory.mktemp("jobs")
+    grid = run_grid(model, FACTS, out / "grid", GridConfig(defenses=DEFENSES, **COMMON))
+    run = run_main(model, FACTS, out / "run", RunConfig(**COMMON))
+    return grid, run, out
+
+
+def _close(a, b):
+    if isinstance(a, float) or isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    return a == b
+
+
+def test_grid_cells_unchanged_by_the_shared_loop(jobs):
+    grid, _, out = jobs
+    golden = json.loads(GOLDEN.read_text())
+    cells = {(c["defense"], c["attack"]): c for c in grid.to_dict()["cells"]}
+    assert len(cells) == len(golden["grid_cells"]) == 24
+    for old in golden["grid_cells"]:
+        new = cells[(old["defense"], old["attack"])]
+        for k, v in old.items():
+            assert _close(new[k], v), (old["defense"], old["attack"], k, new[k], v)
+    # the written grid.json loads back into the same typed result
+    assert GridResult.load(out / "grid").to_dict()["cells"] == grid.to_dict()["cells"]
+
+
+def test_run_unchanged_by_the_shared_loop(jobs):
+    _, run, out = jobs
+    golden = json.loads(GOLDEN.read_text())
+    for name, old in golden["run_attacks"].items():
+        a = run.attacks[name]
+        assert (a.success_pre, a.success_post, a.budget) == (old["success_pre"], old["success_post"], old["budget"])
+    for k, v in golden["run_defense"].items():
+        if k in ("edit_parameter", "editor_config", "name", "editor", "protocol", "n_deleted") or v is None:
+            assert v is None or run.defense[k] == v, k
+        else:
+            assert _close(run.defense[k], v), (k, run.defense[k], v)
+    by_id = {f.id: f for f in run.facts}
+    for old in golden["run_per_fact"]:
+        f = by_id[old["id"]]
+        assert f.pre.rank == old["pre_rank"] and f.post.rank == old["post_rank"]
+        for k in ("rewrite_score", "paraphrase_score", "neighborhood_score", "p_pre", "p_post"):
+            assert _close(getattr(f.scores, k), old["scores"][k]), (f.id, k)
+    loaded = RunResult.load(out / "run")
+    assert loaded.summary_json() == json.loads((out / "run" / "results.json").read_text())
+    assert [f.to_json() for f in loaded.facts] == [f.to_json() for f in run.facts]
+
+
+def test_run_and_grid_agree_on_every_shared_metric(jobs):
+    grid, run, _ = jobs
+    cells = {c.name: c for c in grid.cells if c.defense == "fact-erasure"}
+    assert run.defense["random_delta_acc"] is not None  # run now measures random Δ-Acc too
+    for name, a in run.attacks.items():
+        c = cells[name]
+        assert (a.success_pre, a.success_post, a.budget, a.n_facts) == (c.success_pre, c.success_post, c.budget,
+                                                                        c.n_facts), name
+    for k, v in cells["head-projection"].scores.items():
+        assert _close(run.defense[k], v) if v is not None else run.defense[k] is None, k
