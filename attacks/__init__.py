@@ -16,9 +16,9 @@ on one model state (one lens sweep per readout); :func:`summarize` is the one su
 
 from .base import (ATTACKS, CURVE_K, Attack, AttackContext, AttackOutcome, attack_fields, attack_names, make_attack,
                    register, success_at, summarize)
-from .lens import PD2, HeadProjection, LensAttack, ProbabilityDelta, evaluate_attacks, lens_sweep
+from .lens import PD2, HeadProjection, LensAttack, ProbabilityDelta, attack_readout, evaluate_attacks
 from . import blackbox, relearning, tuned_lens, linear_probe  # noqa: E402,F401  (register themselves)
 
 __all__ = ["ATTACKS", "CURVE_K", "Attack", "AttackContext", "AttackOutcome", "attack_fields", "attack_names",
            "make_attack", "register", "success_at", "summarize", "PD2", "HeadProjection", "LensAttack",
-           "ProbabilityDelta", "evaluate_attacks", "lens_sweep"]
+           "ProbabilityDelta", "evaluate_attacks", "attack_readout"]

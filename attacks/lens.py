@@ -215,30 +215,32 @@ class PD2(LensAttack):
         return _delta_rank(p[:, 2:] - 2 * p[:, 1:-1] + p[:, :-2], lens.answer, self.sides)
 
 
-def lens_sweep(model, facts: Sequence[Any], attacks: Sequence[LensAttack], ctx: AttackContext | None = None, *,
-               lens: str = "logit", progress: bool = False, desc: str = "lens sweep") -> list[LayerReadout]:
-    """One lens sweep of ``model`` over ``facts`` with ``lens`` (``"logit"`` or ``"tuned"``), scoring
-    the given lens attacks (all of that readout) in the same pass: per-fact
+def attack_readout(model, prompts: Sequence[str], answers: Sequence[str], attacks: Sequence[LensAttack] = (), *,
+                   lens: str = "logit", ctx: AttackContext | None = None, batch_size: int | None = None,
+                   progress: bool = False, desc: str = "lens sweep") -> list[LayerReadout]:
+    """One lens sweep of ``model`` (``lens``: ``"logit"`` or ``"tuned"``) over (prompt, answer) pairs,
+    scoring the given lens attacks (all of that readout) in the same pass: per-fact
     :class:`~probe.results.LayerReadout` (rank and probability of the answer's first token at every
     layer, teacher-forced answer log-probs) with ``attack_ranks[attack.name]`` = the attack's best
     rank. Shapes and units: :func:`probe.readout.lens_readout`."""
-    if not facts:
+    if not prompts:
         return []
     n = model.n_layers
     decoder = None
     if lens != "logit":
-        probe_attack = next((a for a in attacks if a.lens == lens), None) or TUNED_DEFAULT()
-        decoder = probe_attack.decoder(model, ctx)
-    return lens_readout(model, [_field(f, "prompt") for f in facts], [_field(f, "answer") for f in facts],
-                        scorers={a.name: a.scorer(n) for a in attacks}, lens=decoder,
-                        batch_size=ctx.batch_size if ctx is not None else None, progress=progress, desc=desc)
+        owner = next((a for a in attacks if a.lens == lens), None) or _default_tuned()
+        decoder = owner.decoder(model, ctx)
+    if batch_size is None and ctx is not None:
+        batch_size = ctx.batch_size
+    return lens_readout(model, list(prompts), list(answers), scorers={a.name: a.scorer(n) for a in attacks},
+                        lens=decoder, batch_size=batch_size, progress=progress, desc=desc)
 
 
 def _field(fact: Any, name: str):
     return fact[name] if isinstance(fact, dict) else getattr(fact, name)
 
 
-def TUNED_DEFAULT():  # noqa: N802 - the tuned-lens attack with default settings
+def _default_tuned():
     from .tuned_lens import TunedLensAttack
 
     return TunedLensAttack()
@@ -265,8 +267,10 @@ def evaluate_attacks(model, facts: Sequence[Any], attacks: Sequence[Attack], ctx
     kinds = ["logit"] + sorted({a.lens for a in lens_attacks} - {"logit"})
     for kind in kinds:
         if kind not in readouts:
-            readouts[kind] = lens_sweep(model, facts, [a for a in lens_attacks if a.lens == kind], ctx, lens=kind,
-                                        progress=progress, desc=f"{LENS_READOUTS[kind]} sweep")
+            readouts[kind] = attack_readout(model, [_field(f, "prompt") for f in facts],
+                                            [_field(f, "answer") for f in facts],
+                                            [a for a in lens_attacks if a.lens == kind], lens=kind, ctx=ctx,
+                                            progress=progress, desc=f"{LENS_READOUTS[kind]} sweep")
     outcomes: dict[str, list[AttackOutcome]] = {}
     for a in lens_attacks:
         reads = readouts[a.lens]

@@ -391,7 +391,7 @@ def format_table(result) -> str:
     for name, a in result.attacks.items():
         pre = "" if a.success_pre is None else f"{100 * a.success_pre:11.1f}%"
         post = "" if a.success_post is None else f"{100 * a.success_post:11.1f}%"
-        where = ",".join(str(x) for x in a.layers) if a.layers else "(" + a.kind + ")"
+        where = ",".join(str(x) for x in a.layers) if a.layers and a.kind == "whitebox" else "(" + a.kind + ")"
         skipped = f"  ({a.n_skipped} of {a.n_facts + a.n_skipped} facts skipped)" if a.n_skipped else ""
         lines.append(f"{name:20s} {where:28s} {a.budget:4d} {pre:>12s} {post:>13s}{skipped}")
     d = result.defense
@@ -400,8 +400,9 @@ def format_table(result) -> str:
         failed = f", {d['n_failed']} failed" if d.get("n_failed") else ""
         lines.append(f"defense {d['name']} ({d['editor']}, {d['protocol']}), {d.get('n_deleted', 0)} facts deleted"
                      f"{failed}:")
-        for k in ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc",
-                  "random_delta_acc", "efficacy", "target_rewrite_score"):
+        from .results import DeletionScores
+
+        for k in DeletionScores.REPORTED:
             v = d.get(k)
             if isinstance(v, (int, float)):
                 lines.append(f"  {k:24s} {v:.3f}")

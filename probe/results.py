@@ -196,6 +196,10 @@ class DeletionScores:
 
     #: the metrics averaged over facts in every summary (derived from the fields)
     METRICS: ClassVar[tuple[str, ...]] = ()
+    #: the metrics every table and report shows, in this order (the rest stay in the files)
+    REPORTED: ClassVar[tuple[str, ...]] = ("rewrite_score", "paraphrase_score", "neighborhood_score",
+                                           "neighborhood_delta_acc", "random_delta_acc", "efficacy",
+                                           "target_rewrite_score")
 
     @classmethod
     def from_json(cls, d: dict | None) -> "DeletionScores | None":
@@ -416,8 +420,7 @@ class RunResult:
                 f"<td>{_pct(a.success_post)}</td></tr>" for name, a in self.attacks.items()]
         dfn = ""
         if self.defense:
-            keys = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc",
-                    "random_delta_acc")
+            keys = DeletionScores.REPORTED
             dfn = "<p>" + html.escape(str(self.defense.get("name"))) + ": " + ", ".join(
                 f"{k} {self.defense[k]:.3f}" for k in keys if isinstance(self.defense.get(k), (int, float))) + "</p>"
         return (f"<p><b>{html.escape(self.model)}</b>, {self.n_facts} facts</p>"

@@ -190,13 +190,15 @@ def test_relearning_leaves_caller_model_and_changes_copy(make_tiny, monkeypatch,
     before = {k: v.detach().clone() for k, v in m.hf.state_dict().items()}
     flags = [p.requires_grad for p in m.hf.parameters()]
     seen = []
-    real = rl.attack_readout
+    import attacks.lens as lens_mod
+
+    real = lens_mod.attack_readout
 
     def spy(model, *a, **k):
         seen.append({n: p.detach().clone() for n, p in model.hf.named_parameters()})
         return real(model, *a, **k)
 
-    monkeypatch.setattr(rl, "attack_readout", spy)
+    monkeypatch.setattr(lens_mod, "attack_readout", spy)
     a = rl.Relearning(steps=5, lr=1e-2, rephrase=kind == "llama")  # tiny GPT-2: 64 positions only
     ctx = AttackContext(facts=FACTS, deleted=frozenset({"f0"}), seed=0)
     out = a.run(m, FACTS[:2], ctx)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import probe
-from attacks import whitebox as wb
+import attacks as wb
 from probe.model import clone_model
 from probe.tokens import tokenize
 
@@ -284,22 +284,27 @@ def test_probability_delta_detects_jump():
     assert wb.ProbabilityDelta(layers=[1]).best_rank(LensBatch(logits, a), 3).item() > 10 ** 9
 
 
-def test_attack_ranks_in_readout(tiny_llama):
-    from attacks.run import attack_readout, summarize_attacks
+def test_lens_attacks_scored_from_one_sweep(tiny_llama):
+    from attacks import AttackContext, evaluate_attacks, summarize
 
     attacks = [wb.HeadProjection(k=4, layers=[0, 1]), wb.ProbabilityDelta(k=2, layers=[0, 1])]
     prompts, answers = [P1, P2], ["Paris", "oxygen"]
-    out = attack_readout(tiny_llama, prompts, answers, attacks)
+    facts = [probe.facts.Fact(f"f{i}", p, a) for i, (p, a) in enumerate(zip(prompts, answers))]
+    reads, outs = evaluate_attacks(tiny_llama, facts, attacks, AttackContext())
     resid = probe.residual_stream(tiny_llama, prompts)
     lens = probe.lens_logits(tiny_llama, resid)
-    for i, r in enumerate(out):
-        assert r.attack_ranks["head-projection"] == min(r.rank)
+    for i, r in enumerate(reads["logit"]):
+        assert r.attack_ranks == {}  # moved into the outcomes
+        assert outs["head-projection"][i].best_rank == min(r.rank)
         first = probe.answer_ids(tiny_llama.tokenizer, prompts[i], answers[i])[0]
         want = wb.ProbabilityDelta(k=2, layers=[0, 1]).best_rank(LensBatch(lens[i:i + 1], torch.tensor([first])), 2).item()
-        assert r.attack_ranks["probability-delta"] == want
-    summ = summarize_attacks(attacks, 2, out)
-    assert summ["head-projection"].budget == 8 and summ["probability-delta"].budget == 4
-    assert summ["head-projection"].success_pre == wb.success_at([r.attack_ranks["head-projection"] for r in out], 4)
+        assert outs["probability-delta"][i].best_rank == want
+        assert outs["probability-delta"][i].success == (want <= 2)
+    hp = summarize(attacks[0], 2, outs["head-projection"])
+    assert hp.budget == 8 and summarize(attacks[1], 2, outs["probability-delta"]).budget == 4
+    ranks = [min(r.rank) for r in reads["logit"]]
+    assert hp.success_pre == sum(x <= 4 for x in ranks) / 2 and hp.success_post is None
+    assert hp.curve_pre[hp.curve_k.index(1)] == sum(x <= 1 for x in ranks) / 2
 
 
 def test_make_attack():

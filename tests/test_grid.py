@@ -10,7 +10,7 @@ import pytest
 import attacks
 from attacks.base import Attack, AttackOutcome, register
 from probe.facts import Fact
-from probe.grid import PRE, UNITS, GridConfig, resolve_names, run_grid
+from probe.jobs import PRE, UNITS, GridConfig, resolve_names, run_grid
 
 FACTS = [
     Fact("fr", "The capital of France is", "Paris", paraphrases=["Paris is the capital of"],
@@ -50,7 +50,7 @@ def _cfg(**kw):
 
 
 def test_grid_writes_one_cell_per_defense_and_attack(tiny_llama, tmp_path):
-    res = run_grid(tiny_llama, FACTS, tmp_path / "g", _cfg())
+    res = run_grid(tiny_llama, FACTS, tmp_path / "g", _cfg()).to_dict()
     cells = {(c["defense"], c["attack"]): c for c in res["cells"]}
     assert set(cells) == {(d, a) for d in ("fact-erasure", "error-injection")
                           for a in ("head-projection", "test-stub-attack")}
@@ -60,7 +60,7 @@ def test_grid_writes_one_cell_per_defense_and_attack(tiny_llama, tmp_path):
     assert len(units) == 6
     # the cell is the mean of the per-fact outcomes
     fe = [u for u in units if u["defense"] == "fact-erasure"]
-    expect = sum(u["outcomes"]["test-stub-attack"]["success"] for u in fe) / 3
+    expect = sum(u["outcomes"]["test-stub-attack"]["post"]["success"] for u in fe) / 3
     assert cells[("fact-erasure", "test-stub-attack")]["success_post"] == pytest.approx(expect)
     # error injection reports the target-form rewrite score and its target
     ei = [u for u in units if u["defense"] == "error-injection"]
@@ -79,7 +79,7 @@ def test_resume_recomputes_only_the_unfinished_fact(tiny_llama, tmp_path):
     CALLS.clear()
     with pytest.raises(Exception, match="already holds a grid"):
         run_grid(tiny_llama, FACTS, out, _cfg())
-    res = run_grid(tiny_llama, FACTS, out, _cfg(), resume=True)
+    res = run_grid(tiny_llama, FACTS, out, _cfg(), resume=True).to_dict()
     assert len(CALLS) == 1  # only the edited state of the one unfinished (defense, fact)
     assert len((out / UNITS).read_text().splitlines()) == 6
     assert len((out / PRE).read_text().splitlines()) == 3
@@ -105,7 +105,7 @@ def test_a_diverging_defense_skips_that_fact_and_the_grid_goes_on(tiny_llama, tm
 
     CALLS_FLAG = {"nan": True}
     monkeypatch.setattr(FactErasure, "loss", flaky)
-    res = run_grid(tiny_llama, FACTS, tmp_path / "g", _cfg())
+    res = run_grid(tiny_llama, FACTS, tmp_path / "g", _cfg()).to_dict()
     cells = {(c["defense"], c["attack"]): c for c in res["cells"]}
     assert cells[("fact-erasure", "head-projection")]["n_failed"] == 3
     assert cells[("fact-erasure", "head-projection")]["n_facts"] == 0
@@ -122,7 +122,7 @@ def test_unknown_names_list_the_valid_ones():
         resolve_names(["hp"], "attack")
     assert resolve_names("all", "defense")[:6] == ["fact-erasure", "empty-response", "error-injection",
                                                    "head-projection", "max-entropy", "input-rephrasing"]
-    assert "test-stub-attack" in resolve_names("all", "attack") and "head-projection" in attacks.all_attack_names()
+    assert "test-stub-attack" in resolve_names("all", "attack") and "head-projection" in attacks.attack_names()
 
 
 def test_cli_grid_bad_names_exit_2_and_write_nothing(tmp_path, capsys):

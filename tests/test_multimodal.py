@@ -188,23 +188,22 @@ def test_image_attacks_sets_budgets_and_skips(tiny_vlm, flag_facts, images):
 
 
 def test_run_and_grid_on_a_vlm(tiny_vlm, flag_facts, tmp_path):
-    from probe.grid import GridConfig, run_grid
-    from probe.pipeline import RunConfig, run_main
+    from probe.jobs import GridConfig, RunConfig, run_grid, run_main
 
     attacks = ["head-projection", "image-rephrase", "multimodal-rephrase"]
     cfg = RunConfig(attacks=attacks, known_rank=10**6, max_facts=2, progress=False, acc_tokens=2,
                     editor_config={"steps": 2}, attack_config={a: {"max_new_tokens": 2} for a in attacks[1:]})
     res = run_main(tiny_vlm, flag_facts, tmp_path / "run", cfg, facts_label="flags")
     assert res.n_facts == 2
-    assert all(f.modal and f.modal["text_prompt"].startswith("This is the flag of") for f in res.facts)
-    assert all(len(f.modal["text_pre"]["rank"]) == tiny_vlm.n_layers and f.modal["text_post"] for f in res.facts)
-    assert res.other_attacks["image-rephrase"]["n_skipped"] == 0
-    assert res.other_attacks["multimodal-rephrase"]["budget"] == 16
+    assert all(f.modal and f.modal.text_prompt.startswith("This is the flag of") for f in res.facts)
+    assert all(len(f.modal.text_pre.rank) == tiny_vlm.n_layers and f.modal.text_post for f in res.facts)
+    assert res.attacks["image-rephrase"].n_skipped == 0 and res.attacks["image-rephrase"].modality == "image-only"
+    assert res.attacks["multimodal-rephrase"].budget == 16
     assert len(res.meta["image_examples"]) == 2
     gcfg = GridConfig(defenses=["fact-erasure", "head-projection"], attacks=attacks, known_rank=10**6, max_facts=2,
                       random_n=2, acc_tokens=2, progress=False, editor_config={"steps": 2},
                       attack_config={a: {"max_new_tokens": 2} for a in attacks[1:]})
-    grid = run_grid(tiny_vlm, flag_facts, tmp_path / "grid", gcfg, facts_label="flags")
+    grid = run_grid(tiny_vlm, flag_facts, tmp_path / "grid", gcfg, facts_label="flags").to_dict()
     cells = {(c["defense"], c["attack"]): c for c in grid["cells"]}
     assert cells[("fact-erasure", "image-rephrase")]["n_facts"] == 2
     assert cells[("head-projection", "multimodal-rephrase")]["budget"] == 16
@@ -214,7 +213,7 @@ def test_run_and_grid_on_a_vlm(tiny_vlm, flag_facts, tmp_path):
 
 
 def test_image_facts_on_a_text_model_are_refused(tiny_llama, flag_facts, tmp_path):
-    from probe.pipeline import RunConfig, run_main
+    from probe.jobs import RunConfig, run_main
 
     with pytest.raises(InputError) as err:
         run_main(tiny_llama, flag_facts, tmp_path / "run", RunConfig(progress=False))
@@ -278,7 +277,7 @@ def test_causal_traces_of_image_facts_use_the_text_form(tiny_vlm, flag_facts, tm
     import json
 
     from probe.causal import causal_trace
-    from probe.pipeline import RunConfig, run_main
+    from probe.jobs import RunConfig, run_main
 
     fact = attach_images(tiny_vlm, flag_facts[:1])[0]
     with pytest.raises(InputError, match="text form"):

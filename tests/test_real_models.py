@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probe
-from attacks import attack_readout, make_attack, summarize_attacks
+from attacks import AttackContext, attack_readout, evaluate_attacks, make_attack, summarize
 from probe.facts import load_counterfact
 from probe.tokens import encode
 
@@ -70,13 +70,14 @@ def test_known_fact_and_answer_ids(real_model):
 def test_whitebox_attacks_on_counterfact(real_model, counterfact_path):
     facts = load_counterfact(counterfact_path)[:48]
     attacks = [make_attack(n) for n in ("head-projection", "probability-delta", "pd2")]
-    reads = attack_readout(real_model, [f.prompt for f in facts], [f.answer for f in facts], attacks)
-    summ = summarize_attacks(attacks, real_model.n_layers, reads)
+    sweeps, outs = evaluate_attacks(real_model, facts, attacks, AttackContext())
+    reads = sweeps["logit"]
+    summ = {a.name: summarize(a, real_model.n_layers, outs[a.name]) for a in attacks}
     assert all(s.budget == 20 for s in summ.values())
-    known = [r for r in reads if r.rank[-1] == 1]
+    known = [i for i, r in enumerate(reads) if r.rank[-1] == 1]
     assert 5 <= len(known) < 48
     # head projection includes the last layer, so every known fact is found at B=20
-    assert all(r.attack_ranks["head-projection"] == 1 for r in known)
+    assert all(outs["head-projection"][i].best_rank == 1 for i in known)
     hp = summ["head-projection"]
     assert hp.success_pre >= len(known) / len(reads)
     assert hp.curve_pre == sorted(hp.curve_pre)  # success grows with the budget

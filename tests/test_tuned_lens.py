@@ -205,11 +205,11 @@ def test_attack_success_matches_brute_force(make_tiny, deep_tiny):
     assert ATTACKS["tuned-lens"] is TunedLensAttack and TunedLensAttack.kind == "whitebox"
     model = deep_tiny(7)
     lens = _randomise(tl.TunedLens.from_model(model), scale=1.0)
-    attack = TunedLensAttack(batch_size=3)
+    attack = TunedLensAttack()
     layers = attack.resolve_layers(model.n_layers)
     assert layers == tuned_lens_layers(7) and len(layers) == 5 and layers[-1] == 6
     assert attack.budget(model.n_layers) == 20
-    ctx = AttackContext(cache={"tuned-lens": lens})
+    ctx = AttackContext(cache={"tuned-lens": lens}, batch_size=3)
     outcomes = attack.run(model, _facts(), ctx)
     # brute force: one unbatched trace per fact, top-k sets per layer, union
     for fact, out in zip(_facts(), outcomes):

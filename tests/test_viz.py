@@ -17,7 +17,7 @@ import plotly.offline
 import pytest
 
 import viz
-from probe.results import AttackSummary, FactResult, LayerReadout, RunResult
+from probe.results import AttackSummary, DeletionScores, FactResult, LayerReadout, RunResult
 from viz.figures import LAYER_AXIS_TITLE, MAX_FACT_TRACES
 
 N_LAYERS = 8
@@ -64,7 +64,7 @@ def make_result(n_facts: int = N_FACTS, *, post: bool = True, defense: bool = Tr
     facts = [
         FactResult(id=ids[i], prompt=f"prompt {i}", answer=f" answer{i}", answer_ids=[100 + i],
                    pre=_readout(i, "pre", ATTACKS), post=_readout(i, "post", ATTACKS) if post else None,
-                   defense={"rewrite": 1.0} if post and defense else None)
+                   scores=DeletionScores(rewrite_score=1.0) if post and defense else None)
         for i in range(n_facts)
     ]
     attacks = {}
@@ -72,7 +72,7 @@ def make_result(n_facts: int = N_FACTS, *, post: bool = True, defense: bool = Tr
         ks = [1, 2, 5, 10]
         budgets = [k * (j + 2) * 4 for k in ks]
         attacks[name] = AttackSummary(
-            name=name, layers=list(range(N_LAYERS // 2, N_LAYERS)), k=5, budget=budgets[2],
+            name=name, kind="whitebox", layers=list(range(N_LAYERS // 2, N_LAYERS)), k=5, budget=budgets[2],
             success_pre=_curve(1.0 - 0.1 * j)[2], success_post=_curve(0.5 - 0.1 * j)[2] if post else None,
             curve_k=ks, curve_budget=budgets, curve_pre=_curve(1.0 - 0.1 * j),
             curve_post=_curve(0.5 - 0.1 * j) if post else None)
@@ -280,7 +280,7 @@ def test_report_html_embeds_plotly_once_and_all_figures():
     assert "<dt>defense</dt><dd>max-entropy</dd>" in text
     # results table: attack, budget B, success pre/post
     for name, a in res.attacks.items():
-        row = (f"<tr><td>{name}</td><td>{a.budget}</td><td>{a.k}</td><td>4, 5, 6, 7</td>"
+        row = (f"<tr><td>{name}</td><td>{a.budget}</td><td>{a.k}</td><td>4, 5, 6, 7</td><td>—</td>"
                f"<td>{100 * a.success_pre:.1f}%</td><td>{100 * a.success_post:.1f}%</td></tr>")
         assert row in text
     assert "<tr><td>rewrite_score</td><td>0.9700</td></tr>" in text

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 import viz
-from probe.results import FactResult, RunResult
+from probe.results import AttackSummary, RunResult
 from viz.grid import grid_report_html
 from viz.multimodal import (
-    MODALITY,
+    MODALITIES,
+    modality_map,
     grid_image_rank_figure,
     image_data_uri,
     image_examples_html,
@@ -41,9 +42,14 @@ def _n_images(page: str) -> int:
 # a hand-made grid
 
 
+MOD = {"question-rephrase": "text-only", "jailbreak": "text-only", "image-rephrase": "image-only",
+       "multimodal-rephrase": "multimodal"}
+
+
 def _cell(defense, attack, pre, post, budget=20, n_facts=10, n_skipped=0, kind="blackbox"):
     return {"defense": defense, "attack": attack, "kind": kind, "budget": budget, "success_pre": pre,
-            "success_post": post, "n_facts": n_facts, "n_skipped": n_skipped, "rewrite_score": 0.9}
+            "success_post": post, "n_facts": n_facts, "n_skipped": n_skipped, "rewrite_score": 0.9,
+            "modality": MOD.get(attack)}
 
 
 def make_grid(attacks=("head-projection", "question-rephrase", "jailbreak", "image-rephrase",
@@ -70,8 +76,15 @@ def make_grid(attacks=("head-projection", "question-rephrase", "jailbreak", "ima
 
 
 def test_modality_map():
-    assert MODALITY == {"question-rephrase": "text-only", "jailbreak": "text-only",
-                        "image-rephrase": "image-only", "multimodal-rephrase": "multimodal"}
+    """Modalities come from the attacks' declared ``modality`` (recorded in every summary and cell),
+    in :data:`MODALITIES` order; attacks without one are not modality attacks."""
+    import attacks
+
+    assert {n: c.modality for n, c in attacks.ATTACKS.items() if c.modality} == MOD
+    assert MODALITIES == ("text-only", "image-only", "multimodal")
+    cells = [_cell("d", a, 0, 0) for a in ("multimodal-rephrase", "head-projection", "image-rephrase", "jailbreak")]
+    assert modality_map(cells) == {"jailbreak": "text-only", "image-rephrase": "image-only",
+                                   "multimodal-rephrase": "multimodal"}
 
 
 def test_modality_rows_values():
@@ -97,9 +110,10 @@ def test_modality_rows_values():
 
 def test_run_modality_rows():
     others = {"image-rephrase": {"name": "image-rephrase", "kind": "blackbox", "budget": 12, "success_pre": 0.5,
-                                 "success_post": 0.25, "n_facts": 4, "n_skipped": 1},
+                                 "success_post": 0.25, "n_facts": 4, "n_skipped": 1, "modality": "image-only"},
               "question-rephrase": {"name": "question-rephrase", "kind": "blackbox", "budget": 20,
-                                    "success_pre": 1.0, "success_post": None, "n_facts": 5, "n_skipped": 0},
+                                    "success_pre": 1.0, "success_post": None, "n_facts": 5, "n_skipped": 0,
+                                    "modality": "text-only"},
               "other": {"name": "other", "kind": "blackbox", "budget": 1, "success_pre": 0, "success_post": 0,
                         "n_facts": 5, "n_skipped": 0}}
     rows = run_modality_rows(others)
@@ -278,29 +292,19 @@ def test_grid_report_text_only_has_no_multimodal_sections():
         make_grid(("head-projection", "question-rephrase")))
 
 
-@dataclass
-class _ModalFact(FactResult):
-    """A FactResult with the ``modal`` field (works before and after it is added to probe.results)."""
-
-    modal: dict | None = None
-
-
 def _modal_result(tmp_path, *, examples=True) -> RunResult:
     res = make_result(n_facts=4)
     facts = []
     for i, f in enumerate(res.facts):
         text_pre = {"rank": [r // 2 + 1 for r in f.pre.rank], "prob": f.pre.prob}
         text_post = {"rank": [r * 2 for r in f.post.rank], "prob": f.post.prob}
-        fields = {k: getattr(f, k) for k in ("id", "prompt", "answer", "answer_ids", "pre", "post", "defense",
-                                             "outcomes")}
-        facts.append(_ModalFact(**fields, modal={"text_prompt": f"text {i}", "text_pre": text_pre,
-                                                 "text_post": text_post} if i < 3 else None))
+        f.modal = {"text_prompt": f"text {i}", "text_pre": text_pre, "text_post": text_post} if i < 3 else None
+        facts.append(f)
     res.facts = facts
-    res.other_attacks = {"image-rephrase": {"name": "image-rephrase", "kind": "blackbox", "budget": 12,
-                                            "success_pre": 0.75, "success_post": 0.25, "n_facts": 4, "n_skipped": 0},
-                         "multimodal-rephrase": {"name": "multimodal-rephrase", "kind": "blackbox", "budget": 24,
-                                                 "success_pre": 1.0, "success_post": 0.5, "n_facts": 3,
-                                                 "n_skipped": 1}}
+    res.attacks["image-rephrase"] = AttackSummary("image-rephrase", "blackbox", 12, 0.75, 0.25, n_facts=4,
+                                                  modality="image-only")
+    res.attacks["multimodal-rephrase"] = AttackSummary("multimodal-rephrase", "blackbox", 24, 1.0, 0.5, n_facts=3,
+                                                       n_skipped=1, modality="multimodal")
     if examples:
         res.meta["image_examples"] = _examples(tmp_path)[:2]
     return res
@@ -343,7 +347,8 @@ def test_report_html_examples_only_and_plain_run(tmp_path):
     assert plain.count('class="plotly-graph-div"') == 6
     # modal facts without examples: the table is absent when no modality attack ran
     res2 = _modal_result(tmp_path, examples=False)
-    res2.other_attacks = {}
+    for name in ("image-rephrase", "multimodal-rephrase"):
+        del res2.attacks[name]
     text2 = viz.report_html(res2)
     assert "<h2>Multimodal</h2>" in text2 and 'id="multimodal-figure-0"' in text2
     assert "modality-table" not in text2 and "image-examples" not in text2

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import plotly.graph_objects as go
 
+from probe.results import DeletionScores
+
 if TYPE_CHECKING:  # viz only reads the dataclasses; importing probe at runtime would pull in torch
     from probe.results import FactResult, LayerReadout, RunResult
 
@@ -51,7 +53,8 @@ MAX_FACT_TRACES = 50
 #: The two model states a fact can be read out on, in plotting order.
 PHASES = ("pre", "post")
 #: Defense metrics drawn by :func:`defense_scores`, in order.
-DEFENSE_KEYS = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc")
+#: the defense metrics drawn and tabulated (one list, from the result type)
+DEFENSE_KEYS = DeletionScores.REPORTED
 
 _PHASE_COLOR = {"pre": "#1f77b4", "post": "#d62728"}
 _PHASE_LABEL = {"pre": "pre (before deletion)", "post": "post (after deletion)"}

@@ -21,11 +21,11 @@ import plotly.graph_objects as go
 import plotly.offline
 
 from probe.atomic import write_text_atomic
+from probe.results import DeletionScores
 
 from .multimodal import grid_image_rank_figure, image_examples_html, modality_figure, modality_table_html
 
-SCORE_KEYS = ("rewrite_score", "paraphrase_score", "neighborhood_score", "neighborhood_delta_acc",
-              "random_delta_acc", "target_rewrite_score", "efficacy", "n_facts", "n_failed")
+SCORE_KEYS = DeletionScores.REPORTED + ("n_facts", "n_failed")
 
 
 def as_grid_dict(grid) -> dict:

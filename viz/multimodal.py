@@ -146,7 +146,8 @@ def run_modality_rows(summaries: Mapping[str, Any]) -> list[dict]:
 
 
 def _grid_rows(grid: Mapping[str, Any]) -> tuple[list[str], list[dict]]:
-    attacks = modality_attacks(modality_map(grid.get("cells") or []))
+    listed = set(grid.get("attacks") or [])
+    attacks = [a for a in modality_attacks(modality_map(grid.get("cells") or [])) if a in listed]
     if not attacks:
         return [], []
     cells = [c for c in grid.get("cells") or [] if c.get("attack") in attacks]

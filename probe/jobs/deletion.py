@@ -162,12 +162,13 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, known_rank: int, max_f
     Raises:
         RunError: no fact is known.
     """
-    from attacks import evaluate_attacks, lens_sweep
+    from attacks import attack_readout, evaluate_attacks
 
     from .output import RunError
 
     logit = [a for a in plan.lens_attacks if a.lens == "logit"]
-    reads = lens_sweep(model, facts, logit, ctx, progress=progress, desc=desc)
+    reads = attack_readout(model, [f.prompt for f in facts], [f.answer for f in facts], logit, ctx=ctx,
+                           progress=progress, desc=desc)
     kept = [i for i, r in enumerate(reads) if r.rank[-1] <= known_rank]
     n_known = len(kept)
     if max_facts:

@@ -196,17 +196,9 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                 tqdm.write(f"probe-attack: fact {fact.id}: {res.error}; recorded as failed")
             log.append(res.to_json())
     elif todo:
-        from defenses import DeletionRequest
-
-        req_facts = [f for f, _, _ in todo]
         pres = [measure_pre(model, f, r, lo, plan, pre_ctx, cfg) for f, r, lo in todo]
-        pool = sorted({g.prompt for g in facts if g.id not in set(evaluated)})
-        retain = random.Random(cfg.seed).sample(pool, min(cfg.retain_size, len(pool)))
-        reqs = [objective.request(f, facts, []) for f in req_facts]
-        request = DeletionRequest(
-            [p for r in reqs for p in r.prompts], [a for r in reqs for a in r.answers], retain,
-            targets=[t for r in reqs for t in r.targets] if reqs[0].targets is not None else None,
-            subjects=[s for r in reqs for s in (r.subjects or [None] * len(r.prompts))])
+        req_facts = [f for f, _, _ in todo]
+        request = all_at_once_request(objective, req_facts, facts, set(evaluated), cfg)
         log.append(*[r.to_json() for r in measure_deletion(model, req_facts, pres, cfg.defense, plan, request, cfg,
                                                           ctx_for=ctx_post, during_edit=trace)])
 
@@ -220,6 +212,20 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT},
             "image_examples": image_examples([f for f, _, _ in known])}
     return finish(summarize_run(model, ordered, plan, defense, meta), out)
+
+
+def all_at_once_request(objective, req_facts: Sequence[Fact], facts: Sequence[Fact], evaluated: set[str], cfg):
+    """One :class:`~defenses.base.DeletionRequest` deleting every fact of ``req_facts`` in one edit;
+    retain prompts: ``retain_size`` prompts of facts that are not evaluated (seeded)."""
+    from defenses import DeletionRequest
+
+    pool = sorted({g.prompt for g in facts if g.id not in evaluated})
+    retain = random.Random(cfg.seed).sample(pool, min(cfg.retain_size, len(pool)))
+    reqs = [objective.request(f, facts, []) for f in req_facts]
+    return DeletionRequest(
+        [p for r in reqs for p in r.prompts], [a for r in reqs for a in r.answers], retain,
+        targets=[t for r in reqs for t in r.targets] if reqs[0].targets is not None else None,
+        subjects=[s for r in reqs for s in (r.subjects or [None] * len(r.prompts))])
 
 
 def causal_record(model, edited, fact: Fact) -> dict:

@@ -34,7 +34,7 @@ def main() -> None:
         t = time.perf_counter()
         out = attack.run(model, todo, ctx)
         dt = (time.perf_counter() - t) / len(todo)
-        label = attack.cli_name + ("" if getattr(attack, "rephrase", True) else " (HP only)")
+        label = attack.name + ("" if getattr(attack, "rephrase", True) else " (HP only)")
         print(f"{label:28s} {dt:6.2f} s/fact  success {sum(o.success for o in out)}/{len(out)}")
 
 

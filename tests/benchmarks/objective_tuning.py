@@ -30,7 +30,7 @@ def main() -> None:
     from defenses.retain import retain_prompts
     from probe import load_model
     from probe.facts import load_counterfact
-    from probe.pipeline import evenly_spaced
+    from probe.jobs import evenly_spaced
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=6)

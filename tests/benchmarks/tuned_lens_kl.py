@@ -83,7 +83,7 @@ def compare_on_facts(model, lens, path: str, n: int) -> dict:
     """Per-layer median rank / top-4 rate of the answer under both lenses, and success@20 of
     logit-lens Head Projection vs the tuned-lens attack, on the first ``n`` facts."""
     from attacks.tuned_lens import tuned_lens_layers
-    from attacks.whitebox import HeadProjection
+    from attacks import HeadProjection
     from probe.facts import load_facts
     from probe.readout import lens_readout
 
