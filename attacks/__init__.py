@@ -13,7 +13,7 @@ import importlib as _importlib
 
 from .base import ATTACKS, Attack, AttackContext, AttackOutcome, register
 from .whitebox import (CURVE_K, PD2, WHITEBOX_ATTACKS, HeadProjection, ProbabilityDelta, WhiteboxAttack,
-                       all_attack_names, default_layers, make_attack, register_attack, success_at)
+                       all_attack_names, make_attack, register_attack, success_at)
 from .run import attack_readout, summarize_attacks
 
 for _mod in ("blackbox", "relearning", "tuned_lens", "linear_probe"):  # register themselves
@@ -24,5 +24,5 @@ for _mod in ("blackbox", "relearning", "tuned_lens", "linear_probe"):  # registe
             raise
 
 __all__ = ["ATTACKS", "Attack", "AttackContext", "AttackOutcome", "register", "CURVE_K", "PD2", "WHITEBOX_ATTACKS",
-           "HeadProjection", "ProbabilityDelta", "WhiteboxAttack", "all_attack_names", "default_layers", "make_attack",
+           "HeadProjection", "ProbabilityDelta", "WhiteboxAttack", "all_attack_names", "make_attack",
            "register_attack", "success_at", "attack_readout", "summarize_attacks"]

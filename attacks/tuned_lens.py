@@ -9,7 +9,7 @@ rank over the layers of L is ``<= k``.
 
 Default layers: 5 layers evenly spaced from the middle of the network (depth n/2) to the last
 layer (SmolLM2-135M, 30 layers: {15, 18, 22, 26, 29}; B = 4 x 5 = 20, the papers' budget). The
-logit-lens Head Projection uses the last quarter (:func:`attacks.whitebox.default_layers`:
+logit-lens Head Projection uses the last quarter (:func:`probe.layers.spread_layers`:
 {22, 24, 26, 27, 29}), where the logit lens is already readable; the point of a tuned lens is to
 read earlier layers, so the span reaches back to the middle while keeping the last layer, where
 the model itself says the answer. Measured on SmolLM2 (300 CounterFact facts, lens trained for 8
@@ -32,19 +32,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from probe.layers import resolve_layers, spread_layers
 from probe.tuned_lens import TunedLens, get_tuned_lens, tuned_lens_readout
 
 from .base import Attack, AttackContext, AttackOutcome, register
-from .whitebox import default_layers, resolve_layer_list
 
 #: Tuned lenses already loaded in this process, by model fingerprint (loaded once per process).
 _LENSES: dict[str, TunedLens] = {}
-
-
-def tuned_lens_layers(n_layers: int, count: int = 5) -> list[int]:
-    """``count`` layers evenly spaced from depth ``n_layers / 2`` to the last layer (all layers if
-    ``n_layers <= count``)."""
-    return default_layers(n_layers, count, 0.5)
 
 
 def _field(fact: Any, name: str):
@@ -58,7 +52,8 @@ class TunedLensAttack(Attack):
 
     Attributes:
         k: candidates per layer (default 4).
-        layers: decoder layers (negative allowed); None = :func:`tuned_lens_layers`.
+        layers: decoder layers (negative allowed); None = 5 layers spread from half depth to the last layer
+            (:func:`probe.layers.spread_layers` with ``span_frac=0.5``).
         batch_size: prompts per trace (None = auto).
         train_if_missing: train (and cache) a lens when none is cached, else raise
             ``FileNotFoundError``.
@@ -80,8 +75,8 @@ class TunedLensAttack(Attack):
             ValueError: a layer outside ``[-n_layers, n_layers)``.
         """
         if self.layers is None:
-            return tuned_lens_layers(n_layers)
-        return resolve_layer_list(self.layers, n_layers, self.name)
+            return spread_layers(n_layers, 5, span_frac=0.5)
+        return resolve_layers(self.layers, n_layers, f"{self.name}: layer")
 
     def budget(self, n_layers: int, k: int | None = None) -> int:
         """Candidate-set size B = k |L|."""

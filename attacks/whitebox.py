@@ -31,40 +31,8 @@ from typing import Sequence
 
 import torch
 
+from probe.layers import resolve_layers, spread_layers
 from probe.readout import LensBatch, answer_rank, answer_rank_two_sided
-
-
-def default_layers(n_layers: int, count: int, span_frac: float) -> list[int]:
-    """``count`` layers evenly spaced over the last ``span_frac`` of depth, ending at the last layer.
-
-    The span is widened to at least ``count`` layers so the layers are distinct.
-    """
-    if n_layers <= count:
-        return list(range(n_layers))
-    start = n_layers - max(count, int(round(span_frac * n_layers)))
-    pts = torch.linspace(start, n_layers - 1, count).round().long().tolist()
-    out = sorted(set(int(p) for p in pts))
-    # rounding can merge neighbours on short spans: fill from the end
-    cand = n_layers - 1
-    while len(out) < count and cand >= 0:
-        if cand not in out:
-            out.append(cand)
-        cand -= 1
-    return sorted(out)
-
-
-def resolve_layer_list(layers, n_layers: int, name: str) -> list[int]:
-    """Sorted, distinct, non-negative decoder-layer indices of ``layers`` (negative allowed).
-
-    Raises:
-        ValueError: a layer outside ``[-n_layers, n_layers)`` (the message names the attack).
-    """
-    out = []
-    for layer in layers:
-        if not -n_layers <= int(layer) < n_layers:
-            raise ValueError(f"{name}: layer {layer} out of range for {n_layers} layers")
-        out.append(int(layer) % n_layers)
-    return sorted(set(out))
 
 
 @dataclass
@@ -82,7 +50,7 @@ class WhiteboxAttack:
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
             return self.default_layers(n_layers)
-        return resolve_layer_list(self.layers, n_layers, self.name)
+        return resolve_layers(self.layers, n_layers, f"{self.name}: layer")
 
     def default_layers(self, n_layers: int) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -119,7 +87,7 @@ class HeadProjection(WhiteboxAttack):
     k: int = 4
 
     def default_layers(self, n_layers: int) -> list[int]:
-        return default_layers(n_layers, 5, 0.25)
+        return spread_layers(n_layers, 5, span_frac=0.25)
 
     def n_lists(self, n_layers: int) -> int:
         return len(self.resolve_layers(n_layers))
@@ -146,7 +114,7 @@ class ProbabilityDelta(WhiteboxAttack):
     sides: str = "both"
 
     def default_layers(self, n_layers: int) -> list[int]:
-        return default_layers(n_layers, 6, 0.2)
+        return spread_layers(n_layers, 6, span_frac=0.2)
 
     def n_lists(self, n_layers: int) -> int:
         return max(0, len(self.resolve_layers(n_layers)) - 1) * (2 if self.sides == "both" else 1)
@@ -169,7 +137,7 @@ class PD2(WhiteboxAttack):
     sides: str = "both"
 
     def default_layers(self, n_layers: int) -> list[int]:
-        return default_layers(n_layers, 7, 0.22)
+        return spread_layers(n_layers, 7, span_frac=0.22)
 
     def n_lists(self, n_layers: int) -> int:
         return max(0, len(self.resolve_layers(n_layers)) - 2) * (2 if self.sides == "both" else 1)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from .interrupt import check as check_interrupt
 from .images import attach_images
 from .pipeline import RunError, image_examples, known_facts, text_readouts
 from .results import LayerReadout
+from .seeds import RANDOM_ACC, fact_rng
 
 PRE = "pre.jsonl"
 UNITS = "units.jsonl"
@@ -182,7 +182,7 @@ def evaluate_state(model, facts: Sequence[Fact], lens_attacks, other_attacks, ct
 def random_facts_for(fact: Fact, pool: Sequence[Fact], n: int, seed: int) -> list[Fact]:
     """``n`` other facts (never ``fact``), seeded by the fact id, for the random Δ-Acc."""
     others = [g for g in pool if g.id != fact.id]
-    rng = random.Random(f"random-acc:{seed}:{fact.id}")
+    rng = fact_rng(seed, RANDOM_ACC, fact.id)
     return rng.sample(others, min(n, len(others)))
 
 
@@ -255,9 +255,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     objectives = {d: make_objective(d, **cfg.objective_config.get(d, {})) for d in defenses}
     editors = {d: editor_for(obj, cfg.editor, cfg.editor_config) for d, obj in objectives.items()}
     for d, editor in editors.items():
-        editor.param_name(model)
-        if hasattr(editor, "check_layers"):  # ROME: defense layers must not precede the edit layer
-            editor.check_layers(model, objectives[d])
+        editor.check(model, objectives[d])
     for d, obj in objectives.items():  # validate defense layers before anything is written
         obj.layers(model.n_layers)
     facts = list(facts)
@@ -350,8 +348,8 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
             scores["efficacy"] = float(post_reads[0].rank[-1] > 1)
             session.restore()
             unit = {"defense": dfn, "fact_id": fact.id, "readout": asdict(post_reads[0]), "outcomes": outs[0],
-                    "scores": scores, "edit": {"steps": info["steps"], "final_loss": info["losses"][-1],
-                                               "max_abs_change": info["max_abs_change"], "seconds": round(edit_s, 2)}}
+                    "scores": scores, "edit": {"steps": info.steps, "final_loss": info.losses[-1],
+                                               "max_abs_change": info.max_abs_change, "seconds": round(edit_s, 2)}}
             if text_post is not None:
                 unit["text_readout"] = asdict(text_post)
             unit_log.append(unit)

@@ -364,12 +364,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     attack_objs, others = _attacks(cfg.attacks, cfg.attack_config)
     objective = make_objective(cfg.defense)
     editor = editor_for(objective, cfg.editor, cfg.editor_config)
-    editor.param_name(model)  # validates the edit layer before anything is written
-    objective.layers(model.n_layers)  # validates defense layers
-    if hasattr(editor, "check_layers"):  # ROME: defense layers must not precede the edit layer
-        editor.check_layers(model, objective)
-    if cfg.protocol == "all-at-once" and cfg.editor == "rome":
-        raise InputError("the rome editor edits one fact per edit; use --protocol one-at-a-time", field="protocol")
+    editor.check(model, objective, cfg.protocol)  # edit/defense layers, protocol: before anything is written
     facts = list(facts)
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "run")
@@ -422,8 +417,8 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             text_post = text_readouts(session.model, [fact], attack_objs)[0]
             post_out = _other_outcomes(session.model, [fact], others, facts, evaluated, cfg.seed)[0] if others else {}
             post_probs = fact_probs(session.model, [fact], max_new_tokens=cfg.acc_tokens)[0]
-            scores = {**deletion_scores(probs, post_probs), "edit_steps": info["steps"],
-                      "max_abs_change": info["max_abs_change"], "final_loss": info["losses"][-1]}
+            scores = {**deletion_scores(probs, post_probs), "edit_steps": info.steps,
+                      "max_abs_change": info.max_abs_change, "final_loss": info.losses[-1]}
             if target:
                 scores.update(target_scores(t_pre, target_probs(session.model, fact, target)), target=target)
             if n_traced[0] < cfg.causal_traces:
@@ -449,8 +444,8 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
         post_probs = fact_probs(session.model, req_facts, max_new_tokens=cfg.acc_tokens)
         texts_post = text_readouts(session.model, req_facts, attack_objs, batch_size=cfg.batch_size)
         session.restore()
-        appender.append([record(f, r, p, {**deletion_scores(a, b), "edit_steps": info["steps"],
-                                          "max_abs_change": info["max_abs_change"]}, None, tp, tq)
+        appender.append([record(f, r, p, {**deletion_scores(a, b), "edit_steps": info.steps,
+                                          "max_abs_change": info.max_abs_change}, None, tp, tq)
                          for (f, r), p, a, b, tp, tq in zip(todo, posts, pre_probs, post_probs, texts_pre, texts_post)])
 
     finished = read_finished(out / PER_FACT)
