@@ -21,7 +21,7 @@ Differences from the reference code (method.md sections 1 and 3.2):
 
 * **Sampling parameters are explicit.** The papers leave temperature and top-p unset, i.e. use
   the model's own ``generation_config``. For reproducibility across models we pass a complete
-  :class:`transformers.GenerationConfig` instead: plain ancestral sampling with
+  generation config instead (:class:`probe.generate.Decoding`): plain ancestral sampling with
   ``temperature=1.0``, ``top_p=1.0``, ``top_k=0`` (no truncation; Hugging Face's global default
   would otherwise be ``top_k=50``), ``repetition_penalty=1.0``, one beam, generation stops at
   the model's EOS. All of these are attack fields and can be changed.
@@ -50,58 +50,33 @@ m >= 4                    prompt, p_{m-2}, p_{m-1}, p_m
 
 Reproducibility: each fact is sampled in its own ``generate`` call (its ``n_prompts`` prompts
 left-padded into one batch, ``num_return_sequences=samples``) under a seed derived from
-``ctx.seed``, the attack name and the fact id (:func:`fact_seed`), inside
+``ctx.seed``, the attack name and the fact id (:func:`probe.seeds.fact_seed`), inside
 :func:`torch.random.fork_rng`, so the samples do not depend on which other facts are attacked
 or in what order, and the caller's global RNG state is left untouched.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
-from probe.errors import PromptTooLongError
 from probe.facts import IMAGE_STRENGTHS
 from probe.interrupt import check as check_interrupt
 from probe.matching import answer_matches
+from probe.generate import Decoding, generate
 from probe.rephrase import ATTACK_PREFIXES, insert_prefix
-from probe.tokens import encode, pad_id
+from probe.seeds import fact_seed
 
 from .base import Attack, AttackContext, AttackOutcome, register
-
-
-def fact_seed(seed: int, fact_id: str, salt: str = "") -> int:
-    """A 63-bit seed from the run seed, a salt (the attack name) and the fact id.
-
-    Stable across processes and Python versions (SHA-256, not ``hash``).
-    """
-    h = hashlib.sha256(f"{int(seed)}\x1f{salt}\x1f{fact_id}".encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
-
-
-def _fork_devices(device: torch.device) -> list:
-    if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []
-
-
-def _eos_id(model):
-    gc = getattr(model.hf, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None) if gc is not None else None
-    if eos is None:
-        eos = getattr(model.tokenizer, "eos_token_id", None)
-    return eos
 
 
 def sample_continuations(model, prompts: Sequence[str], *, samples: int = 5, max_new_tokens: int = 36,
                          do_sample: bool = True, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                          seed: int | None = None) -> list[list[str]]:
-    """Continuations of each prompt from one batched ``generate`` call.
+    """Continuations of each prompt from one batched ``generate`` call (:func:`probe.generate.generate`).
 
     The prompts are left-padded (:func:`probe.tokens.encode`) with an attention mask and
     ``position_ids = cumsum(mask) - 1``, so absolute-position models (GPT-2) continue a padded
@@ -128,32 +103,8 @@ def sample_continuations(model, prompts: Sequence[str], *, samples: int = 5, max
         PromptTooLongError: a prompt plus ``max_new_tokens`` exceeds the model's context window.
         ValueError: ``samples < 1`` or ``max_new_tokens < 1``.
     """
-    from transformers import GenerationConfig
-
-    if samples < 1 or max_new_tokens < 1:
-        raise ValueError("samples and max_new_tokens must be >= 1")
-    batch = encode(model, list(prompts))
-    limit = model.context_length
-    if limit is not None and batch.seq_len + max_new_tokens > limit:
-        longest = int(batch.lengths.max())
-        raise PromptTooLongError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the "
-                                 f"model's context of {limit}", field="prompt")
-    tok = model.tokenizer
-    cfg = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_return_sequences=samples, num_beams=1,
-               do_sample=do_sample, pad_token_id=pad_id(tok), eos_token_id=_eos_id(model),
-               repetition_penalty=1.0, no_repeat_ngram_size=0)
-    if do_sample:
-        cfg.update(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
-    gen_cfg = GenerationConfig(**cfg)
-    with torch.random.fork_rng(devices=_fork_devices(batch.input_ids.device)):
-        if seed is not None:
-            torch.manual_seed(seed)
-        with torch.inference_mode():
-            extra = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
-            out = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    position_ids=batch.position_ids, generation_config=gen_cfg, **extra)
-    texts = tok.batch_decode(out[:, batch.seq_len:], skip_special_tokens=True)
-    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+    return generate(model, prompts, Decoding(max_new_tokens=max_new_tokens, samples=samples, do_sample=do_sample,
+                                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
 
 
 @dataclass
@@ -203,7 +154,7 @@ class SamplingAttack(Attack):
     def _sample(self, model, fact, prompts: Sequence[str], seed: int) -> tuple[list[str], int, int]:
         """Sample every prompt under the fact's seed: ``(samples grouped by prompt, how many contain
         the answer, the fact seed)``."""
-        s = fact_seed(seed, fact.id, self.name)
+        s = fact_seed(seed, self.name, fact.id)
         texts = sample_continuations(model, prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
                                      do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
                                      top_k=self.top_k, seed=s)

@@ -82,7 +82,7 @@ class LensAttack(Attack):
         """
         if self.layers is None:
             return self.default_layers(n_layers)
-        return resolve_layers(self.layers, n_layers, self.name)
+        return resolve_layers(self.layers, n_layers, f"{self.name}: layer")
 
     def attack_layers(self, n_layers: int) -> list[int]:
         return self.resolve_layers(n_layers)
@@ -152,7 +152,7 @@ class HeadProjection(LensAttack):
     k: int = 4
 
     def default_layers(self, n_layers: int) -> list[int]:
-        return spread_layers(n_layers, 5, 0.25)
+        return spread_layers(n_layers, 5, span_frac=0.25)
 
     def n_lists(self, n_layers: int) -> int:
         return len(self.resolve_layers(n_layers))
@@ -179,7 +179,7 @@ class ProbabilityDelta(LensAttack):
     sides: str = "both"
 
     def default_layers(self, n_layers: int) -> list[int]:
-        return spread_layers(n_layers, 6, 0.2)
+        return spread_layers(n_layers, 6, span_frac=0.2)
 
     def n_lists(self, n_layers: int) -> int:
         return max(0, len(self.resolve_layers(n_layers)) - 1) * (2 if self.sides == "both" else 1)
@@ -202,7 +202,7 @@ class PD2(LensAttack):
     sides: str = "both"
 
     def default_layers(self, n_layers: int) -> list[int]:
-        return spread_layers(n_layers, 7, 0.22)
+        return spread_layers(n_layers, 7, span_frac=0.22)
 
     def n_lists(self, n_layers: int) -> int:
         return max(0, len(self.resolve_layers(n_layers)) - 2) * (2 if self.sides == "both" else 1)

@@ -41,31 +41,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-
-from probe.layers import resolve_layers
+from probe.layers import resolve_layers, spread_layers
 from probe.probes import UNRANKED, LayerProbes, train_probes
 
 from .base import Attack, AttackContext, AttackOutcome, register
-
-
-def probe_default_layers(n_layers: int, count: int = 5, start_frac: float = 1 / 3) -> list[int]:
-    """``count`` layers evenly spaced from ``round(start_frac * n_layers)`` to the last layer.
-
-    Models with at most ``count`` layers use all of them. Rounding collisions are filled with the
-    nearest unused layers below the last one.
-    """
-    if n_layers <= count:
-        return list(range(n_layers))
-    start = min(int(round(start_frac * n_layers)), n_layers - count)
-    pts = torch.linspace(start, n_layers - 1, count).round().long().tolist()
-    out = sorted(set(int(p) for p in pts))
-    cand = n_layers - 1
-    while len(out) < count and cand >= 0:
-        if cand not in out:
-            out.append(cand)
-        cand -= 1
-    return sorted(out)
 
 
 @register("linear-probe")
@@ -75,7 +54,8 @@ class LinearProbeAttack(Attack):
 
     Attributes:
         k: classes per layer in the candidate set.
-        layers: the attack's layers ``L`` (None: :func:`probe_default_layers`).
+        layers: the attack's layers ``L`` (None: 5 layers spread from a third of depth to the last,
+            :func:`probe.layers.spread_layers` with ``start_frac=1/3``).
         rank_layers: ``"all"`` trains a probe at every decoder layer so that
             ``AttackOutcome.layer_ranks`` covers all layers (for layer-wise plots); ``"attack"``
             trains only ``L`` (about ``n_layers / |L|`` times faster) and leaves
@@ -101,8 +81,8 @@ class LinearProbeAttack(Attack):
 
     def resolve_layers(self, n_layers: int) -> list[int]:
         if self.layers is None:
-            return probe_default_layers(n_layers)
-        return resolve_layers(self.layers, n_layers, self.name)
+            return spread_layers(n_layers, 5, start_frac=1 / 3)
+        return resolve_layers(self.layers, n_layers, f"{self.name}: layer")
 
     def budget(self, n_layers: int) -> int:
         """``B = k |L|``."""

@@ -16,7 +16,7 @@ Procedure, per fact (the caller's model is never modified):
    project's ``constrained-ft`` defense, as the reference attacker fine-tunes the edited module).
    The clone is built once per :meth:`Relearning.run` and its trained weights are reset to the
    attacked model's values before every fact.
-2. Relearning data (``data``), chosen with a per-fact seed (:func:`attacks.blackbox.fact_seed`):
+2. Relearning data (``data``), chosen with a per-fact seed (:func:`probe.seeds.fact_seed`):
 
    * ``"unrelated"`` (default): ``n_examples`` facts drawn from ``ctx.facts`` that are not in
      ``ctx.deleted``, are not the fact itself, and whose answer differs from the fact's answer
@@ -49,14 +49,16 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from defenses.constrained_ft import only_trainable
 from probe.interrupt import check as check_interrupt
 from probe.matching import normalize_answer
-from probe.model import clone_model
+from probe.arch import mlp_out_weight_name
+from probe.layers import layer_at_depth, resolve_layers
+from probe.model import clone_model, only_trainable
 from probe.readout import teacher_forced, teacher_forced_inputs
+from probe.seeds import fact_seed
 
 from .base import Attack, AttackContext, AttackOutcome, register
-from .blackbox import QuestionRephrase, fact_seed
+from .blackbox import QuestionRephrase
 from .lens import HeadProjection
 
 
@@ -134,16 +136,11 @@ class Relearning(Attack):
             ValueError: an explicit layer out of range.
         """
         if self.layers is not None:
-            out = []
-            for layer in self.layers:
-                if not -n_layers <= int(layer) < n_layers:
-                    raise ValueError(f"relearning: layer {layer} out of range for {n_layers} layers")
-                out.append(int(layer) % n_layers)
-            return sorted(set(out))
-        return sorted({int(round(f * (n_layers - 1))) for f in self.layer_fracs})
+            return resolve_layers(self.layers, n_layers, "relearning: layer")
+        return sorted({layer_at_depth(n_layers, f) for f in self.layer_fracs})
 
     def param_names(self, model) -> list[str]:
-        return [f"{model.arch.layers}.{i}.{model.arch.mlp_out}.weight" for i in self.train_layers(model.n_layers)]
+        return [mlp_out_weight_name(model, i) for i in self.train_layers(model.n_layers)]
 
     # -- data ------------------------------------------------------------------------------
     def relearn_data(self, fact, ctx: AttackContext, seed: int) -> list[tuple[str, str]]:
@@ -211,7 +208,7 @@ class Relearning(Attack):
             return []
         names = self.param_names(model)
         # fail before any work if some fact has no data
-        seeds = [fact_seed(ctx.seed, f.id, self.name) for f in facts]
+        seeds = [fact_seed(ctx.seed, self.name, f.id) for f in facts]
         data = [self.relearn_data(f, ctx, s) for f, s in zip(facts, seeds)]
         clone = clone_model(model, names)
         own = dict(clone.hf.named_parameters())

@@ -48,7 +48,7 @@ _LENSES: dict[str, TunedLens] = {}
 def tuned_lens_layers(n_layers: int, count: int = 5) -> list[int]:
     """``count`` layers evenly spaced from depth ``n_layers / 2`` to the last layer (all layers if
     ``n_layers <= count``)."""
-    return spread_layers(n_layers, count, 0.5)
+    return spread_layers(n_layers, count, span_frac=0.5)
 
 
 def tuned_lens_for(model, ctx: AttackContext | None = None, *, train_if_missing: bool = True,

@@ -11,7 +11,9 @@ import importlib as _importlib
 from . import fact_erasure, objectives  # noqa: F401  (register the objectives)
 from .base import (EDITORS, OBJECTIVES, DeletionRequest, Objective, ObjectiveInputs, make_editor, make_objective,
                    register_editor, register_objective)
-from .constrained_ft import ConstrainedFineTune, DefenseDiverged, EditSession
+from .base import editor_for
+from .constrained_ft import ConstrainedFineTune
+from .editor import DefenseDiverged, EditFailed, EditInfo, Editor, EditSession
 from .fact_erasure import FactErasure
 from .metrics import (generation_accuracy, neighborhood_score, rewrite_score_erasure, rewrite_score_target)
 from .objectives import EmptyResponse, ErrorInjection, HeadProjectionDefense, InputRephrasing, MaxEntropy
@@ -24,6 +26,7 @@ for _mod in ("lora", "rome"):  # editors registered by their own modules
             raise
 
 __all__ = ["EDITORS", "OBJECTIVES", "DeletionRequest", "Objective", "ObjectiveInputs", "make_editor", "make_objective",
-           "register_editor", "register_objective", "ConstrainedFineTune", "DefenseDiverged", "EditSession",
+           "register_editor", "register_objective", "editor_for", "ConstrainedFineTune", "Editor", "EditInfo", "EditFailed",
+           "DefenseDiverged", "EditSession",
            "FactErasure", "EmptyResponse", "ErrorInjection", "HeadProjectionDefense", "InputRephrasing", "MaxEntropy",
            "generation_accuracy", "neighborhood_score", "rewrite_score_erasure", "rewrite_score_target"]

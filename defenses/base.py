@@ -32,9 +32,9 @@ def register_objective(name: str) -> Callable[[type], type]:
 
 
 def register_editor(name: str) -> Callable[[type], type]:
-    """Class decorator registering an editor under a CLI name."""
+    """Class decorator registering an editor under a CLI name (exposed as ``editor.name``)."""
     def deco(cls: type) -> type:
-        cls.cli_name = name
+        cls.name = name
         EDITORS[name] = cls
         return cls
     return deco

@@ -14,99 +14,24 @@ is never modified, and :meth:`EditSession.restore` puts the original weights bac
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from probe.arch import get_attr_path
-from probe.interrupt import check as check_interrupt
-from probe.model import ProbeModel, clone_model
+from probe.model import only_trainable
 
 from .base import DeletionRequest, Objective, register_editor
-from .forward import objective_step_loss, prepare, retain_reference, stop_threshold
-
-
-class DefenseDiverged(RuntimeError):
-    """The defense loss became NaN or infinite."""
-
-
-@contextlib.contextmanager
-def only_trainable(model: ProbeModel, params: list[torch.nn.Parameter]):
-    """Temporarily set ``requires_grad`` on ``params`` only (restores every flag on exit)."""
-    flags = {p: p.requires_grad for p in model.hf.parameters()}
-    keep = {id(p) for p in params}
-    try:
-        for p in model.hf.parameters():
-            p.requires_grad_(id(p) in keep)
-        yield
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-
-
-@dataclass
-class EditSession:
-    """A clone of the model with one editable weight, and its exact original value.
-
-    Attributes:
-        model: the clone being edited (shares all other weights with the original).
-        param_name: the edited parameter's fully-qualified name.
-        original: a copy of the parameter before any edit.
-    """
-
-    model: ProbeModel
-    param_name: str
-    original: torch.Tensor
-
-    @property
-    def param(self) -> torch.nn.Parameter:
-        return dict(self.model.hf.named_parameters())[self.param_name]
-
-    def restore(self) -> None:
-        """Put the original weights back (bit-identical)."""
-        with torch.no_grad():
-            self.param.copy_(self.original)
-
-    def max_abs_change(self) -> float:
-        return float((self.param.detach() - self.original).abs().max())
-
-
-class OneMLPEditor:
-    """Shared plumbing of the editors that change one decoder layer's MLP output projection
-    (``down_proj`` / ``c_proj`` / ``fc_out``): the layer (``layer``, else ``layer_frac`` of
-    depth), the weight's name, and an :class:`EditSession` on a copy-on-write clone."""
-
-    layer: int | None
-    layer_frac: float
-
-    def resolve_layer(self, model: ProbeModel) -> int:
-        """The edit layer (non-negative). Raises ValueError when out of range."""
-        n = model.n_layers
-        layer = int(round(self.layer_frac * (n - 1))) if self.layer is None else int(self.layer)
-        if not -n <= layer < n:
-            raise ValueError(f"edit layer {layer} out of range for {n} layers")
-        return layer % n
-
-    def param_name(self, model: ProbeModel) -> str:
-        """Fully-qualified name of the edited weight (validates the layer)."""
-        return f"{model.arch.layers}.{self.resolve_layer(model)}.{model.arch.mlp_out}.weight"
-
-    def session(self, model: ProbeModel) -> EditSession:
-        """A copy-on-write clone of ``model`` owning a private copy of the edited weight."""
-        name = self.param_name(model)
-        get_attr_path(model.hf, name.rsplit(".", 1)[0])  # raises AttributeError with the path
-        clone = clone_model(model, [name])
-        return EditSession(clone, name, dict(clone.hf.named_parameters())[name].detach().clone())
+from .editor import Editor, EditSession, Steps
+from .forward import objective_step_loss, prepare, retain_reference
 
 
 @register_editor("constrained-ft")
 @dataclass
-class ConstrainedFineTune(OneMLPEditor):
+class ConstrainedFineTune(Editor):
     """Constrained fine-tuning of one layer's MLP output projection.
 
     Attributes:
-        layer: decoder layer to edit; None = ``round(layer_frac * (n_layers - 1))``.
+        layer: decoder layer to edit; None = ``layer_frac`` of depth (:func:`probe.layers.layer_at_depth`).
         layer_frac: relative depth of the default layer.
         steps: Adam steps per edit.
         lr: Adam learning rate.
@@ -126,25 +51,12 @@ class ConstrainedFineTune(OneMLPEditor):
     retain_weight: float = 1.0
     early_stop: float | str | None = "auto"
     optimizer: str = "adam"
-    cli_name: str = field(default="constrained-ft", repr=False)
 
-    def config(self) -> dict:
-        d = asdict(self)
-        d.pop("cli_name", None)
-        return d
-
-    def edit(self, session: EditSession, objective: Objective, request: DeletionRequest) -> dict:
-        """Optimise ``objective`` on ``session.model`` in place (restore with ``session.restore()``).
-
-        Every step is one nnsight trace (:func:`defenses.forward.objective_forward`): the
-        deletion rows, the lens at the objective's defense layers and the retain prompts.
-
-        Returns:
-            ``{"losses": [...], "steps": n, "max_abs_change": float}``.
-
-        Raises:
-            DefenseDiverged: the loss became NaN/inf (weights are restored first).
-        """
+    @contextlib.contextmanager
+    def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):
+        """Adam (or SGD) on the weight, clamped into ``[W0 - norm_bound, W0 + norm_bound]`` after
+        every step. Every step is one nnsight trace (:func:`defenses.forward.objective_forward`):
+        the deletion rows, the lens at the objective's defense layers and the retain prompts."""
         model = session.model
         param = session.param
         w0 = session.original
@@ -152,24 +64,18 @@ class ConstrainedFineTune(OneMLPEditor):
             raise ValueError(f"unknown optimizer {self.optimizer!r}; use adam or sgd")
         prep = prepare(model, objective, request, retain=bool(self.retain_weight))
         retain_ref = retain_reference(model, prep)
-        stop = stop_threshold(self.early_stop, objective)
+        stop = self._stop(objective)
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([param], lr=self.lr)
-        losses: list[float] = []
+
+        def loss(step: int):
+            opt.zero_grad(set_to_none=True)
+            return objective_step_loss(model, prep, objective, retain_ref, self.retain_weight)
+
+        def update(loss: torch.Tensor) -> None:
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                param.copy_(torch.clamp(param, w0 - self.norm_bound, w0 + self.norm_bound))
+
         with only_trainable(model, [param]), torch.enable_grad():
-            for _ in range(self.steps):
-                check_interrupt()
-                opt.zero_grad(set_to_none=True)
-                loss, obj_val = objective_step_loss(model, prep, objective, retain_ref,
-                                                    self.retain_weight)
-                val = float(loss.detach())
-                if not math.isfinite(val):
-                    session.restore()
-                    raise DefenseDiverged(f"defense loss became {val} after {len(losses)} steps")
-                losses.append(val)
-                if stop is not None and obj_val < stop:
-                    break
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    param.copy_(torch.clamp(param, w0 - self.norm_bound, w0 + self.norm_bound))
-        return {"losses": losses, "steps": len(losses), "max_abs_change": session.max_abs_change()}
+            yield Steps(self.steps, loss, update, stop)

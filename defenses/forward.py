@@ -135,12 +135,3 @@ def stop_threshold(editor_value, objective: Objective) -> float | None:
         return objective.stop_below
     return editor_value
 
-
-def defense_layers_default(n_layers: int, frac: float = 0.3) -> list[int]:
-    """The last ``round(frac * n_layers)`` layers (at least one), ending at the output layer.
-
-    UnLOK-VQA's LLaVA-7B runs defend layers 23-32 of 32 (hidden-state indices; our 22-31),
-    i.e. the last ~30% of depth including the last layer (method.md section 4.1)."""
-    n = max(1, int(round(frac * n_layers)))
-    return list(range(n_layers - n, n_layers))
-

@@ -36,18 +36,18 @@ envoy is never rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import torch
 
 from probe.arch import get_attr_path
-from probe.interrupt import check as check_interrupt
-from probe.model import wrap_model
+from probe.model import only_trainable, wrap_model
 
 from .base import DeletionRequest, Objective, register_editor
-from .constrained_ft import DefenseDiverged, EditSession, OneMLPEditor, only_trainable
-from .forward import objective_step_loss, prepare, retain_reference, stop_threshold
+from .editor import Editor, EditSession, Steps
+from .forward import objective_step_loss, prepare, retain_reference
 
 
 def _is_conv1d(module) -> bool:
@@ -72,11 +72,11 @@ def lr_factor(step: int, steps: int, warmup_ratio: float, schedule: str) -> floa
 
 @register_editor("lora")
 @dataclass
-class LoRA(OneMLPEditor):
+class LoRA(Editor):
     """LoRA fine-tuning of one layer's MLP output projection, merged after training.
 
     Attributes:
-        layer: decoder layer to edit; None = ``round(layer_frac * (n_layers - 1))``.
+        layer: decoder layer to edit; None = ``layer_frac`` of depth (:func:`probe.layers.layer_at_depth`).
         layer_frac: relative depth of the default layer (UnLOK-VQA: layer 7 of 32, ~0.22;
             SmolLM2-135M: layer 6 of 30).
         rank: LoRA rank r.
@@ -107,25 +107,15 @@ class LoRA(OneMLPEditor):
     retain_weight: float = 1.0
     early_stop: float | str | None = "auto"
     seed: int = 0
-    cli_name: str = field(default="lora", repr=False)
 
-    def config(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        out.pop("cli_name", None)
-        return out
-
-    def edit(self, session: EditSession, objective: Objective, request: DeletionRequest) -> dict:
-        """Train a LoRA adapter on ``objective``, merge it into ``session.model``'s weight.
-
-        Returns:
-            ``{"losses": [...], "steps": n, "max_abs_change": float}``: per step the total loss
-            (objective + retain KL, nats for the KL); the number of forward passes; the largest
-            absolute change of the merged weight.
+    @contextlib.contextmanager
+    def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):
+        """Train a LoRA adapter on ``objective`` (AdamW, the lr schedule set before every step),
+        then merge it into ``session.model``'s weight. On error the adapter is removed (the base
+        restores the weight).
 
         Raises:
             ValueError: unknown ``schedule``.
-            DefenseDiverged: the loss became NaN/inf (the adapter is removed and the weight
-                restored first).
         """
         from peft import LoraConfig, LoraModel
 
@@ -137,14 +127,13 @@ class LoRA(OneMLPEditor):
         conv1d = _is_conv1d(get_attr_path(hf, module_name))
         prep = prepare(model, objective, request, retain=bool(self.retain_weight))
         retain_ref = retain_reference(model, prep)
-        stop = stop_threshold(self.early_stop, objective)
+        stop = self._stop(objective)
 
         flags = {p: p.requires_grad for p in hf.parameters()}
         modes = {m: m.training for m in hf.modules()}
         devices = [model.device.index or 0] if model.device.type == "cuda" else []
         cfg = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, bias="none",
                          target_modules=[module_name], fan_in_fan_out=conv1d)
-        losses: list[float] = []
         tuner = None
         merged = False
         try:
@@ -158,33 +147,28 @@ class LoRA(OneMLPEditor):
                                      processor=model.processor)
                 lora_layer.lora_dropout.train()
                 opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+                def loss(step: int):
+                    for group in opt.param_groups:
+                        group["lr"] = self.lr * lr_factor(step, self.steps, self.warmup_ratio, self.schedule)
+                    opt.zero_grad(set_to_none=True)
+                    return objective_step_loss(adapted, prep, objective, retain_ref, self.retain_weight)
+
+                def update(loss: torch.Tensor) -> None:
+                    loss.backward()
+                    opt.step()
+
                 with only_trainable(adapted, params), torch.enable_grad():
-                    for step in range(self.steps):
-                        check_interrupt()
-                        for group in opt.param_groups:
-                            group["lr"] = self.lr * lr_factor(step, self.steps, self.warmup_ratio, self.schedule)
-                        opt.zero_grad(set_to_none=True)
-                        loss, obj_val = objective_step_loss(adapted, prep, objective, retain_ref,
-                                                            self.retain_weight)
-                        val = float(loss.detach())
-                        if not math.isfinite(val):
-                            raise DefenseDiverged(f"defense loss became {val} after {len(losses)} steps")
-                        losses.append(val)
-                        if stop is not None and obj_val < stop:
-                            break
-                        loss.backward()
-                        opt.step()
+                    yield Steps(self.steps, loss, update, stop)
             with torch.no_grad():
                 tuner.merge_and_unload()  # W <- W + (alpha / r) B A, module tree back to the original
             merged = True
         except BaseException:
             if tuner is not None and not merged:
                 tuner.unload()
-            session.restore()
             raise
         finally:
             for p, f in flags.items():
                 p.requires_grad_(f)
             for m, t in modes.items():
                 m.train(t)
-        return {"losses": losses, "steps": len(losses), "max_abs_change": session.max_abs_change()}

@@ -25,10 +25,8 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
-
 from probe.matching import answer_matches
-from probe.tokens import encode, pad_id
+from probe.generate import greedy_texts
 
 REWRITE_FLOOR = 2e-8
 
@@ -78,16 +76,5 @@ def generation_accuracy(model, prompts: Sequence[str], labels: Sequence[str], *,
 
 def greedy_continuations(model, prompts: Sequence[str], *, max_new_tokens: int = 8, batch_size: int = 16) -> list[str]:
     """Greedy continuations (decoded text, special tokens dropped) of left-padded prompts; image
-    prompts are generated with their images (``pixel_values``)."""
-    out: list[str] = []
-    tok = model.tokenizer
-    for start in range(0, len(prompts), batch_size):
-        batch = encode(model, list(prompts[start:start + batch_size]))
-        extra = {} if batch.pixel_values is None else {"pixel_values": batch.pixel_values}
-        with torch.no_grad():
-            gen = model.hf.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                    max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=pad_id(tok), **extra)
-        out.extend(tok.batch_decode(gen[:, batch.seq_len:], skip_special_tokens=True))
-    return out
-
+    prompts are generated with their images (``pixel_values``). See :func:`probe.generate.greedy_texts`."""
+    return greedy_texts(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)

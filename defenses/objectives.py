@@ -18,33 +18,28 @@ logit-lens distribution (probabilities) at the last prompt token of decoder laye
   :data:`probe.rephrase.DEFENSE_PREFIXES` inserted; disjoint from the attack's prefixes).
 
 Defense layers default to the last 30% of depth including the output layer (LLaVA-7B: 23-32 of
-32 in the papers' hidden-state indexing), see :func:`defenses.forward.defense_layers_default`.
+32 in the papers' hidden-state indexing), see :func:`probe.layers.last_layers`.
 """
 
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from probe.layers import last_layers, resolve_layers
 from probe.rephrase import DEFENSE_PREFIXES, insert_prefix
+from probe.seeds import ERROR_TARGET, fact_rng
 
 from .base import DeletionRequest, Objective, ObjectiveInputs, register_objective
-from .forward import defense_layers_default
 
 
 def _resolve_layers(layers: Sequence[int] | None, frac: float, n_layers: int) -> list[int]:
     if layers is None:
-        return defense_layers_default(n_layers, frac)
-    out = []
-    for layer in layers:
-        if not -n_layers <= int(layer) < n_layers:
-            raise ValueError(f"defense layer {layer} out of range for {n_layers} layers")
-        out.append(int(layer) % n_layers)
-    return sorted(set(out))
+        return last_layers(n_layers, frac)
+    return resolve_layers(layers, n_layers, "defense layer")
 
 
 def _target_nll(inputs: ObjectiveInputs) -> torch.Tensor:
@@ -82,7 +77,7 @@ def other_answer(fact, facts, seed: int = 0) -> str:
     pool = sorted({f.answer for f in facts if f.answer.strip().lower() != fact.answer.strip().lower()})
     if not pool:
         raise ValueError(f"fact {fact.id}: no alt_answer and no other fact's answer to inject")
-    return random.Random(f"{seed}:{fact.id}").choice(pool)
+    return fact_rng(seed, ERROR_TARGET, fact.id).choice(pool)
 
 
 @register_objective("error-injection")

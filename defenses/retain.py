@@ -11,10 +11,10 @@ the neighbourhood score stays an honest held-out measurement.
 
 from __future__ import annotations
 
-import random
 from typing import Sequence
 
 from probe.facts import Fact
+from probe.seeds import RETAIN, fact_rng
 
 
 def _words(text: str) -> set:
@@ -38,4 +38,4 @@ def retain_prompts(fact: Fact, facts: Sequence[Fact], size: int, *, sim_frac: fl
     similar = sorted(pool, key=lambda p: (-len(ref & _words(p)) / (1 + len(_words(p))), p))[:n_sim]
     chosen = set(similar)
     rest = [p for p in pool if p not in chosen]
-    return similar + random.Random(f"{seed}:{fact.id}").sample(rest, size - n_sim)
+    return similar + fact_rng(seed, RETAIN, fact.id).sample(rest, size - n_sim)

@@ -61,20 +61,19 @@ read after its MLP, so equality is allowed); otherwise :meth:`ROME.edit` raises 
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+import contextlib
+from dataclasses import dataclass, field
 
 import torch
 
-from probe.arch import get_attr_path
+from probe.arch import get_attr_path, mlp_out_envoy
 from probe.images import ImagePrompt, expanded_position
-from probe.interrupt import check as check_interrupt
-from probe.model import ProbeModel
+from probe.model import ProbeModel, only_trainable
 from probe.tokens import encode_ids, tokenize
 
 from .base import DeletionRequest, Objective, register_editor
-from .constrained_ft import DefenseDiverged, EditSession, OneMLPEditor, only_trainable
-from .forward import objective_forward, prepare, retain_kl, stop_threshold
+from .editor import EditFailed, Editor, EditSession, Steps
+from .forward import objective_forward, prepare, retain_kl
 from .rome_stats import key_covariance
 
 #: Context prefixes for the key average and the v* rows (the plain prompt is always row 0).
@@ -153,11 +152,11 @@ def _is_conv1d(module) -> bool:
 
 @register_editor("rome")
 @dataclass
-class ROME(OneMLPEditor):
+class ROME(Editor):
     """Rank-One Model Editing of one layer's MLP output projection (see the module docstring).
 
     Attributes:
-        layer: decoder layer to edit; None = ``round(layer_frac * (n_layers - 1))``.
+        layer: decoder layer to edit; None = ``layer_frac`` of depth (:func:`probe.layers.layer_at_depth`).
         layer_frac: relative depth of the default layer (ROME edits layer 5-7 of 28-32: ~0.2;
             SmolLM2-135M: layer 6 of 30).
         v_steps: forward passes of the v* optimisation (the last one only measures, as in the
@@ -193,13 +192,13 @@ class ROME(OneMLPEditor):
     retain_weight: float = 5.0
     v_exact: bool = True
     early_stop: float | str | None = "auto"
-    cli_name: str = field(default="rome", repr=False)
     _mom2: dict = field(default_factory=dict, repr=False, compare=False)
+
+    multi_fact = False  # one key/value pair per edit: refuses the all-at-once protocol
 
     # -- editor interface -----------------------------------------------------------------
     def config(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
-        out.pop("cli_name", None)
+        out = super().config()
         out["context_prefixes"] = list(self.context_prefixes)
         return out
 
@@ -211,6 +210,10 @@ class ROME(OneMLPEditor):
         if key not in self._mom2:
             self._mom2[key] = key_covariance(model, layer, param_name, n_tokens=self.mom2_tokens)
         return self._mom2[key]
+
+    def _check(self, model: ProbeModel, objective: Objective) -> None:
+        """Every defense layer of ``objective`` must be at or after the edit layer."""
+        self.check_layers(model, objective)
 
     def check_layers(self, model: ProbeModel, objective: Objective) -> int:
         """The edit layer, after checking that no defense layer of ``objective`` precedes it.
@@ -240,25 +243,23 @@ class ROME(OneMLPEditor):
         return subjects
 
     # -- the edit -------------------------------------------------------------------------
-    def edit(self, session: EditSession, objective: Objective, request: DeletionRequest) -> dict:
-        """Optimise v* for ``objective`` and write the rank-one update into ``session.model``.
-
-        Returns:
-            ``{"losses": [...], "steps": n, "max_abs_change": float, "delta_norm": float,
-            "v_init_norm": float}``: per forward pass the total loss (objective + KL + weight
-            decay); ``steps`` forward passes; the largest absolute weight change; ``|delta|`` and
-            ``|v_init|`` (L2, activation units).
+    @contextlib.contextmanager
+    def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):
+        """Optimise v* for ``objective`` (the loop's steps), then write the rank-one update into
+        ``session.model``. ``EditInfo.extra``: ``delta_norm`` and ``v_init_norm`` (L2,
+        activation units); ``losses``: per forward pass the total loss (objective + KL + weight
+        decay).
 
         Raises:
             ValueError: a defense layer precedes the edit layer, the request holds several facts,
                 or a subject does not occur in its prompt (nothing is modified).
-            DefenseDiverged: the loss became NaN/inf (weights are restored first).
+            EditFailed: v* became non-finite (the base restores the weight).
         """
         model = session.model
         tok = model.tokenizer
         layer = self.check_layers(model, objective)
         subjects = self._one_fact(request)
-        env = get_attr_path(model.layer_envoy(layer), model.arch.mlp_out)
+        env = mlp_out_envoy(model, layer)
         module = get_attr_path(model.hf, session.param_name.rsplit(".", 1)[0])
 
         # rows: every prompt under every context prefix (row 0: the first prompt, plain)
@@ -333,51 +334,47 @@ class ROME(OneMLPEditor):
             with torch.no_grad():  # delta = 0: the unedited model
                 _, ref = objective_forward(model, prep)
             retain_ref = ref[n_sub - prep.n_del:]
-        stop = stop_threshold(self.early_stop, objective)
+        stop = self._stop(objective)
         opt = torch.optim.Adam([delta], lr=self.v_lr)
         max_norm = self.clamp_norm_factor * v_init.norm()
         v_norm2 = v_init.norm() ** 2
-        losses: list[float] = []
-        kl_ref = None
+        kl_ref = [None]
         n_ess = n_sub - prep.n_del
+
+        def loss(step: int):
+            opt.zero_grad(set_to_none=True)
+            inputs, extra_lp = objective_forward(model, prep, intervene=add_delta)
+            obj = objective.loss(inputs)
+            obj_val = float(obj.detach())
+            total = obj + self.v_weight_decay * delta.norm() / v_norm2
+            if n_ess:
+                if kl_ref[0] is None:  # delta = 0 on the first pass: the unedited distribution
+                    kl_ref[0] = extra_lp[:n_ess].detach()
+                total = total + self.kl_factor * torch.nn.functional.kl_div(
+                    kl_ref[0], extra_lp[:n_ess], log_target=True, reduction="batchmean")
+            if retain_ref is not None:
+                total = total + self.retain_weight * retain_kl(extra_lp[n_ess:], retain_ref)
+            return total, obj_val
+
+        def update(loss: torch.Tensor) -> None:
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                if delta.norm() > max_norm:
+                    delta.mul_(max_norm / delta.norm())
+
+        steps = Steps(self.v_steps, loss, update, stop, measure_last=True)
         with only_trainable(model, []), torch.enable_grad():
-            for it in range(self.v_steps):
-                check_interrupt()
-                opt.zero_grad(set_to_none=True)
-                inputs, extra_lp = objective_forward(model, prep, intervene=add_delta)
-                obj = objective.loss(inputs)
-                obj_val = float(obj.detach())
-                loss = obj + self.v_weight_decay * delta.norm() / v_norm2
-                if n_ess:
-                    if kl_ref is None:  # delta = 0 on the first pass: the unedited distribution
-                        kl_ref = extra_lp[:n_ess].detach()
-                    loss = loss + self.kl_factor * torch.nn.functional.kl_div(
-                        kl_ref, extra_lp[:n_ess], log_target=True, reduction="batchmean")
-                if retain_ref is not None:
-                    loss = loss + self.retain_weight * retain_kl(extra_lp[n_ess:], retain_ref)
-                val = float(loss.detach())
-                if not math.isfinite(val):
-                    session.restore()
-                    raise DefenseDiverged(f"defense loss became {val} after {len(losses)} steps")
-                losses.append(val)
-                if (stop is not None and obj_val < stop) or it == self.v_steps - 1:
-                    break
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    if delta.norm() > max_norm:
-                        delta.mul_(max_norm / delta.norm())
+            yield steps
 
         # rank-one update: W <- W + delta u^T / (u^T k)   (u already scaled so that u . k = 1)
         d = delta.detach().double()
         if not bool(torch.isfinite(d).all()):
-            session.restore()
-            raise DefenseDiverged("v* optimisation produced a non-finite delta")
+            raise EditFailed("v* optimisation produced a non-finite delta")
         upd = torch.outer(d, u.to(d.device))  # [d_out, d_in]
         if _is_conv1d(module):
             upd = upd.T  # Conv1D stores the weight as [d_in, d_out]
         param = session.param
         with torch.no_grad():
             param.copy_((param.double() + upd).to(param.dtype))
-        return {"losses": losses, "steps": len(losses), "max_abs_change": session.max_abs_change(),
-                "delta_norm": float(delta.detach().norm()), "v_init_norm": float(v_init.norm())}
+        steps.extra.update(delta_norm=float(delta.detach().norm()), v_init_norm=float(v_init.norm()))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from probe.arch import get_attr_path
+from probe.arch import mlp_out_envoy
 from probe.atomic import save_torch_atomic
 from probe.model import cache_dir
 from probe.tokens import encode_ids, tokenize
@@ -123,7 +123,7 @@ def compute_key_covariance(model, layer: int, *, n_tokens: int = 20480, seq_len:
     seq_len = min(seq_len, ctx) if ctx else seq_len
     rows = _windows(model, n_tokens, seq_len)
     n_prefix = len(tokenize(model.tokenizer, ""))
-    env = get_attr_path(model.layer_envoy(layer), model.arch.mlp_out)
+    env = mlp_out_envoy(model, layer)
     acc, count = None, 0
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):

@@ -198,3 +198,25 @@ def check_unembedding(hf_model: nn.Module, arch: Architecture) -> None:
                 f"{type(hf_model).__name__}: the config ties word embeddings but {arch.unembed}.weight and "
                 f"{arch.embed}.weight are different tensors; the output layer may be randomly initialised. "
                 "Call model.tie_weights() or fix the checkpoint.")
+
+
+def mlp_out_path(model, layer: int) -> str:
+    """Module path (from ``model.hf``) of decoder layer ``layer``'s MLP output projection
+    (``down_proj`` / ``c_proj`` / ``fc_out``), e.g. ``model.layers.7.mlp.down_proj``."""
+    return f"{model.arch.layers}.{int(layer)}.{model.arch.mlp_out}"
+
+
+def mlp_out_weight_name(model, layer: int) -> str:
+    """Fully-qualified parameter name of layer ``layer``'s MLP output weight
+    (``model.layers.7.mlp.down_proj.weight``)."""
+    return mlp_out_path(model, layer) + ".weight"
+
+
+def mlp_out_module(model, layer: int) -> nn.Module:
+    """Layer ``layer``'s MLP output projection module (raises AttributeError naming the path)."""
+    return get_attr_path(model.hf, mlp_out_path(model, layer))
+
+
+def mlp_out_envoy(model, layer: int):
+    """The nnsight envoy of layer ``layer``'s MLP output projection (for ``.input``/``.output``)."""
+    return get_attr_path(model.layer_envoy(layer), model.arch.mlp_out)

@@ -13,6 +13,7 @@ Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -369,6 +370,20 @@ def clone_model(model: ProbeModel, copy_params: list[str]) -> ProbeModel:
     twin.to(model.device).eval()
     return wrap_model(twin, model.tokenizer, name=model.name, fingerprint=model.fingerprint,
                       processor=model.processor)
+
+
+@contextlib.contextmanager
+def only_trainable(model: ProbeModel, params: list[torch.nn.Parameter]):
+    """Temporarily set ``requires_grad`` on ``params`` only (restores every flag on exit)."""
+    flags = {p: p.requires_grad for p in model.hf.parameters()}
+    keep = {id(p) for p in params}
+    try:
+        for p in model.hf.parameters():
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
 
 
 def wrap_model(hf_model: nn.Module, tokenizer: Any, *, name: str = "model", fingerprint: str = "",

@@ -13,6 +13,7 @@ import nnsight
 import torch
 from tqdm.auto import tqdm
 
+from .layers import resolve_layers
 from .tokens import Batch, encode
 
 
@@ -41,18 +42,7 @@ def normalize_layers(model, layers: int | Sequence[int] | None) -> list[int]:
     Raises:
         IndexError: a layer outside ``[-n_layers, n_layers)``.
     """
-    n = model.n_layers
-    if layers is None:
-        return list(range(n))
-    if isinstance(layers, int):
-        layers = [layers]
-    out = []
-    for layer in layers:
-        layer = int(layer)
-        if not -n <= layer < n:
-            raise IndexError(f"layer {layer} out of range for a model with {n} layers")
-        out.append(layer % n)
-    return sorted(set(out))
+    return resolve_layers(layers, model.n_layers, "layer", error=IndexError)
 
 
 def capture(model, batch: Batch, layers: Sequence[int], pos_index: torch.Tensor, *,

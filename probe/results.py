@@ -40,7 +40,7 @@ def mean(xs: Sequence[float | None]) -> float | None:
 
 def _from_dict(cls, d: dict):
     """``cls(**d)`` keeping only ``cls``'s fields (records written by other versions load too)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
@@ -139,28 +139,31 @@ class FactProbs:
 
 @dataclass
 class EditInfo:
-    """What one edit did (every editor returns it).
+    """What one edit did (every editor returns it; JSON via :func:`dataclasses.asdict`).
 
     Attributes:
-        steps: optimisation steps taken.
-        losses: the objective's loss before each step (units of the objective).
-        max_abs_change: largest element-wise change of the edited weight.
-        parameter: the edited weight's name (e.g. ``model.layers.9.mlp.down_proj.weight``).
-        seconds: wall time of the edit.
+        steps: forward passes of the optimisation (= ``len(losses)``).
+        losses: the total loss of every step (objective + the editor's regularisers).
+        max_abs_change: largest absolute change of the edited weight.
+        parameter: the edited weight's fully-qualified name.
+        seconds: wall-clock time of the edit.
+        extra: editor-specific numbers (ROME: ``delta_norm``, ``v_init_norm``).
+        final_loss: the last step's loss (None when no step ran).
     """
 
     steps: int
-    losses: list[float] = field(default_factory=list)
-    max_abs_change: float = 0.0
-    parameter: str = ""
+    losses: list[float]
+    max_abs_change: float
+    parameter: str
     seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+    final_loss: float | None = field(init=False)
 
-    @property
-    def final_loss(self) -> float | None:
-        return self.losses[-1] if self.losses else None
+    def __post_init__(self):
+        self.final_loss = self.losses[-1] if self.losses else None
 
     def to_json(self) -> dict:
-        return {**asdict(self), "final_loss": self.final_loss}
+        return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict | None) -> "EditInfo | None":

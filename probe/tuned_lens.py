@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from .errors import ProbeAttackError
 from .interrupt import check as check_interrupt
+from .layers import resolve_layer
 from .lens import LogitLens
 from .residual import get_resid
 
@@ -159,10 +160,7 @@ class TunedLens(nn.Module):
         return torch.log_softmax(self.logits(resid, layer), -1)
 
     def _layer(self, layer: int) -> int:
-        layer = int(layer)
-        if not -self.n_layers <= layer < self.n_layers:
-            raise IndexError(f"layer {layer} out of range for a lens with {self.n_layers} layers")
-        return layer % self.n_layers
+        return resolve_layer(layer, self.n_layers, "layer", error=IndexError)
 
     # -- persistence -----------------------------------------------------------------------
     def _meta(self) -> dict:

@@ -88,7 +88,7 @@ def test_editors_registered():
     assert isinstance(make_editor("lora"), LoRA) and isinstance(make_editor("rome"), ROME)
     cfg = make_editor("rome").config()
     assert cfg["v_lr"] == 0.5 and cfg["clamp_norm_factor"] == 4.0 and cfg["kl_factor"] == 0.0625
-    assert "_mom2" not in cfg and "cli_name" not in cfg
+    assert "_mom2" not in cfg and "cli_name" not in cfg and "name" not in cfg
     cfg = make_editor("lora").config()
     assert (cfg["rank"], cfg["alpha"], cfg["dropout"], cfg["weight_decay"]) == (2, 6.0, 0.05, 0.0)
 
@@ -99,6 +99,101 @@ def test_param_name_validates_layer(tiny_llama, kind):
     assert make(kind, layer=-1).param_name(tiny_llama) == "model.layers.1.mlp.down_proj.weight"
     with pytest.raises(ValueError, match="out of range"):
         make(kind, layer=2).param_name(tiny_llama)
+
+
+# ---------------------------------------------------------------------------------------------
+# the Editor base: name, check(), applied(), EditInfo, EditFailed
+
+
+def test_editor_names_are_the_registered_ones():
+    for name, cls in defenses.EDITORS.items():
+        assert issubclass(cls, defenses.Editor) and cls.name == name and make_editor(name).name == name
+        assert not hasattr(cls, "cli_name")
+    assert defenses.DefenseDiverged is defenses.EditFailed
+
+
+@pytest.mark.parametrize("kind", ["constrained-ft", "lora", "rome"])
+def test_check_validates_before_anything_is_written(tiny_llama, kind):
+    from probe.errors import InputError
+
+    obj = make_objective("fact-erasure")
+    make_editor(kind, layer=1).check(tiny_llama, obj)
+    with pytest.raises(ValueError, match="edit layer 5 out of range for 2 layers"):
+        make_editor(kind, layer=5).check(tiny_llama, obj)
+    with pytest.raises(ValueError, match="defense layer 7 out of range"):
+        make_editor(kind, layer=0).check(tiny_llama, HeadProjectionDefense(defense_layers=[7]))
+    with pytest.raises(InputError, match="unknown protocol") as err:
+        make_editor(kind).check(tiny_llama, obj, protocol="sometimes")
+    assert err.value.field == "protocol"
+    if kind == "rome":
+        with pytest.raises(ValueError, match="before it"):
+            make_editor(kind, layer=1).check(tiny_llama, HeadProjectionDefense(defense_layers=[0, 1]))
+        with pytest.raises(InputError, match="the rome editor edits one fact per edit") as err:
+            make_editor(kind).check(tiny_llama, obj, protocol="all-at-once")
+        assert err.value.field == "protocol"
+    else:
+        make_editor(kind, layer=1).check(tiny_llama, HeadProjectionDefense(defense_layers=[0, 1]))
+        make_editor(kind).check(tiny_llama, obj, protocol="all-at-once")
+
+
+@pytest.mark.parametrize("kind", ["constrained-ft", "lora", "rome"])
+def test_applied_edits_a_reused_clone_and_restores(tiny_llama, kind):
+    import dataclasses
+    import json
+
+    model = tiny_llama
+    orig = snapshot(model)
+    editor = make(kind, layer=0) if kind != "constrained-ft" else make_editor(kind, layer=0, steps=4,
+                                                                              norm_bound=0.05, lr=1e-2,
+                                                                              early_stop=None)
+    f = known_fact(model, 1, P1)
+    p0 = prob(model, f.prompt, f.answer)
+    clones = []
+    for _ in range(2):
+        with editor.applied(model, make_objective("fact-erasure"), erase_request(f)) as edit:
+            info = edit.info
+            clones.append(edit.model)
+            assert isinstance(info, defenses.EditInfo)
+            assert info.parameter == "model.layers.0.mlp.down_proj.weight" == editor.param_name(model)
+            assert info.steps == len(info.losses) >= 2 and info.final_loss == info.losses[-1]
+            assert info.max_abs_change > 0 and info.seconds > 0
+            assert prob(edit.model, f.prompt, f.answer) < p0
+            assert_state(model, orig)  # the caller's model is untouched
+            json.dumps(dataclasses.asdict(info))
+        assert_state(edit.model, orig)  # restored bit for bit
+    assert clones[0] is clones[1]  # one clone per model, re-used
+    # restored on error too, and the editor can be applied again afterwards
+    with pytest.raises(KeyError):
+        with editor.applied(model, make_objective("fact-erasure"), erase_request(f)) as edit:
+            assert edit.info.max_abs_change > 0
+            raise KeyError("boom")
+    assert_state(edit.model, orig)
+    with pytest.raises(RuntimeError, match="already applied"):
+        with editor.applied(model, make_objective("fact-erasure"), erase_request(f)):
+            with editor.applied(model, make_objective("fact-erasure"), erase_request(f)):
+                pass
+    assert_state(clones[0], orig)
+    if kind == "rome":
+        assert set(info.extra) == {"delta_norm", "v_init_norm"}
+
+
+@pytest.mark.parametrize("kind", ["constrained-ft", "lora", "rome"])
+def test_non_finite_loss_restores_and_raises_edit_failed(tiny_llama, kind):
+    class NaNObjective(defenses.Objective):
+        cli_name = "nan"
+
+        def loss(self, inputs):
+            return inputs.seq_logprobs[0].sum() * float("nan")
+
+    orig = snapshot(tiny_llama)
+    editor = make(kind, layer=0) if kind != "constrained-ft" else make_editor(kind, layer=0)
+    with pytest.raises(defenses.EditFailed, match="nan") as err:
+        with editor.applied(tiny_llama, NaNObjective(), DeletionRequest([P1], [A1], subjects=[None])):
+            pass
+    assert isinstance(err.value, defenses.DefenseDiverged)
+    sess = editor._cached_session(tiny_llama)
+    assert_state(sess.model, orig) and sess.max_abs_change() == 0.0
+    assert not any("lora" in k for k in sess.model.hf.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +214,8 @@ def test_erasure_restore_and_session_reuse(tiny_llama, kind):
         info = editor.edit(sess, make_objective("fact-erasure"), erase_request(f))
         p1 = prob(sess.model, f.prompt, f.answer)
         assert p1 < 0.5 * p0, (f.prompt, p0, p1)
-        assert info["steps"] == len(info["losses"]) >= 2
-        assert info["max_abs_change"] == pytest.approx(sess.max_abs_change()) and info["max_abs_change"] > 0
+        assert info.steps == len(info.losses) >= 2
+        assert info.max_abs_change == pytest.approx(sess.max_abs_change()) and info.max_abs_change > 0
         assert_state(sess.model, orig, except_name=name)  # only the edited weight moved
         assert not torch.equal(sess.param.detach(), orig[name])
         assert_state(model, orig)  # the caller's model is untouched
@@ -159,7 +254,7 @@ def test_lora_retain_and_multi_prompt(tiny_llama):
     p0 = [prob(sess.model, p, a) for p, a in zip(req.prompts, req.answers)]
     info = editor.edit(sess, make_objective("fact-erasure"), req)
     p1 = [prob(sess.model, p, a) for p, a in zip(req.prompts, req.answers)]
-    assert sum(p1) < 0.5 * sum(p0) and len(info["losses"]) == FAST_LORA["steps"]
+    assert sum(p1) < 0.5 * sum(p0) and len(info.losses) == FAST_LORA["steps"]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma3"])
@@ -216,8 +311,8 @@ def test_head_projection_pushes_answer_out_of_top_k(tiny_llama, kind):
     sess = editor.session(model)
     info = editor.edit(sess, objective, DeletionRequest([P1], [answer], subjects=[None]))
     after = lens_rank(sess.model, P1, answer, 1)
-    assert after >= k > before, (before, after, info["losses"])
-    assert info["losses"][-1] < info["losses"][0]
+    assert after >= k > before, (before, after, info.losses)
+    assert info.losses[-1] < info.losses[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +341,7 @@ def test_rome_rank_one_and_clamp(tiny_llama, subject):
     f = known_fact(tiny_llama, 1, P1, subject)
     info = editor.edit(sess, make_objective("fact-erasure"), erase_request(f))
     assert rank_of_change(sess.param, w0) == 1
-    assert 0 < info["delta_norm"] <= 4.0 * info["v_init_norm"] * (1 + 1e-5)
+    assert 0 < info.extra["delta_norm"] <= 4.0 * info.extra["v_init_norm"] * (1 + 1e-5)
 
 
 def test_rome_covariance_cache(tiny_llama, make_tiny, tmp_path, monkeypatch):

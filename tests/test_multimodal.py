@@ -234,7 +234,7 @@ def test_lora_and_rome_edits_on_vlm(tiny_vlm, flag_facts, editor_name, config, t
     editor = editor_for(obj, editor_name, config)
     session = editor.session(tiny_vlm)
     info = editor.edit(session, obj, obj.request(fact, flag_facts, []))
-    assert info["max_abs_change"] > 0
+    assert info.max_abs_change > 0
     after = sequence_logprobs(session.model, [fact.prompt], [fact.answer])[0].sum()
     assert after < before - 0.05
     session.restore()

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import defenses
+import probe.model
 from defenses.forward import objective_forward, prepare
 from defenses.objectives import head_projection_loss, normalized_entropy_gap, other_answer
 from probe.facts import Fact
@@ -61,7 +62,7 @@ def test_target_objectives_raise_target_probability(tiny_llama, name, target):
     obj, sess, info = _edit(tiny_llama, name)
     assert obj.target_for(FACT, [FACT, OTHER]) == target
     assert _p(sess.model, FACT.prompt, target) > 2 * before
-    assert info["losses"][-1] < info["losses"][0]
+    assert info.losses[-1] < info.losses[0]
 
 
 def test_error_injection_falls_back_to_another_answer():
@@ -165,7 +166,7 @@ def test_hidden_state_loss_uses_one_forward_pass_with_gradients(tiny_llama):
     try:
         prep = prepare(sess.model, obj, obj.request(FACT, [FACT], ["The sky is"]))
         param = sess.param
-        with defenses.constrained_ft.only_trainable(sess.model, [param]), torch.enable_grad():
+        with probe.model.only_trainable(sess.model, [param]), torch.enable_grad():
             inputs, retain_lp = objective_forward(sess.model, prep)
             loss = obj.loss(inputs)
             loss.backward()

@@ -812,16 +812,16 @@ def test_R1_constrained_ft_edits_only_its_weight(tiny_llama):
     assert name == "model.layers.0.mlp.down_proj.weight"
     info = editor.edit(sess, defenses.FactErasure(),
                        defenses.DeletionRequest(prompts=[P1, P2], answers=["Paris", "oxygen"]))
-    assert info["steps"] == 3 and len(info["losses"]) == 3
-    assert all(torch.isfinite(torch.tensor(info["losses"])))
-    assert info["losses"][-1] < info["losses"][0]
+    assert info.steps == 3 and len(info.losses) == 3
+    assert all(torch.isfinite(torch.tensor(info.losses)))
+    assert info.losses[-1] < info.losses[0]
 
     w = sess.param.detach()
     w0 = original[name]
     change = (w - w0).abs().max().item()
     assert change > 0
     assert change <= 1e-2 * (1 + 1e-5) + 1e-7
-    assert info["max_abs_change"] == pytest.approx(change)
+    assert info.max_abs_change == pytest.approx(change)
     grad = sess.param.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.norm() > 0
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from attacks.base import ATTACKS, AttackContext
-from attacks.linear_probe import LinearProbeAttack, probe_default_layers
+from attacks.linear_probe import LinearProbeAttack
+from probe.layers import spread_layers
 from probe.causal import (CausalTrace, _clean_run, _positions_by_decoding, causal_trace, embedding_noise_std,
                           restored_probs, subject_token_positions)
 from probe.errors import InputError
@@ -109,6 +110,10 @@ def test_probe_dataset_on_tiny_model(tiny_llama):
 
 class _FakeModel:
     n_layers = 6
+
+
+def probe_default_layers(n):
+    return spread_layers(n, 5, start_frac=1 / 3)
 
 
 def test_default_layers():

@@ -101,7 +101,7 @@ def test_fact_erasure_on_smollm2(smollm2):
     post = fact_probs(session.model, [fact])[0]
     scores = deletion_scores(pre, post)
     assert scores["rewrite_score"] > 0.9
-    assert 0 < info["max_abs_change"] <= editor.norm_bound + 1e-7
+    assert 0 < info.max_abs_change <= editor.norm_bound + 1e-7
     session.restore()
     assert session.max_abs_change() == 0.0
     # the caller's model was never modified

@@ -200,14 +200,15 @@ def _facts():
 
 def test_attack_success_matches_brute_force(make_tiny, deep_tiny):
     from attacks.base import ATTACKS, AttackContext
-    from attacks.tuned_lens import TunedLensAttack, tuned_lens_layers
+    from attacks.tuned_lens import TunedLensAttack
+    from probe.layers import spread_layers
 
     assert ATTACKS["tuned-lens"] is TunedLensAttack and TunedLensAttack.kind == "whitebox"
     model = deep_tiny(7)
     lens = _randomise(tl.TunedLens.from_model(model), scale=1.0)
     attack = TunedLensAttack()
     layers = attack.resolve_layers(model.n_layers)
-    assert layers == tuned_lens_layers(7) and len(layers) == 5 and layers[-1] == 6
+    assert layers == spread_layers(7, 5, span_frac=0.5) and len(layers) == 5 and layers[-1] == 6
     assert attack.budget(model.n_layers) == 20
     ctx = AttackContext(cache={"tuned-lens": lens}, batch_size=3)
     outcomes = attack.run(model, _facts(), ctx)
@@ -230,10 +231,11 @@ def test_attack_success_matches_brute_force(make_tiny, deep_tiny):
 
 
 def test_attack_layers_and_defaults():
-    from attacks.tuned_lens import TunedLensAttack, tuned_lens_layers
+    from attacks.tuned_lens import TunedLensAttack
+    from probe.layers import spread_layers
 
-    assert tuned_lens_layers(30) == [15, 18, 22, 26, 29]
-    assert tuned_lens_layers(2) == [0, 1]
+    assert spread_layers(30, 5, span_frac=0.5) == [15, 18, 22, 26, 29]
+    assert spread_layers(2, 5, span_frac=0.5) == [0, 1]
     assert TunedLensAttack().budget(30) == 20 and TunedLensAttack().budget(2) == 8
     assert TunedLensAttack(layers=[-1, 3, 3]).resolve_layers(30) == [3, 29]
     with pytest.raises(ValueError, match="out of range"):

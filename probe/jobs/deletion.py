@@ -13,15 +13,13 @@ This is where :mod:`attacks` and :mod:`defenses` meet (with :mod:`probe.cli`).
 from __future__ import annotations
 
 import contextlib
-import random
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from ..facts import Fact
 from ..images import ImagePrompt, plain_text
-from ..results import (AttackOutcome, DeletionScores, EditInfo, FactResult, LayerReadout, ModalReadout,
-                       PreMeasure)
+from ..results import AttackOutcome, DeletionScores, FactResult, LayerReadout, ModalReadout, PreMeasure
+from ..seeds import RANDOM_ACC, fact_rng
 from ..tokens import answer_ids as _answer_ids
 
 
@@ -75,23 +73,9 @@ def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str],
     for d in defense_names:
         objective = make_objective(d, **cfg.objective_config.get(d, {}))
         editor = editor_for(objective, cfg.editor, cfg.editor_config)
-        _check_editor(editor, model, objective, protocol)
+        editor.check(model, objective, protocol)
         defenses[d] = (objective, editor)
     return Plan(attacks=attacks, defenses=defenses, seed=cfg.seed)
-
-
-def _check_editor(editor, model, objective, protocol: str) -> None:
-    if hasattr(editor, "check"):
-        editor.check(model, objective, protocol=protocol)
-        return
-    from ..errors import InputError  # editors without check(): the same validations
-
-    editor.param_name(model)
-    objective.layers(model.n_layers)
-    if hasattr(editor, "check_layers"):
-        editor.check_layers(model, objective)
-    if protocol == "all-at-once" and getattr(editor, "cli_name", "") == "rome":
-        raise InputError("the rome editor edits one fact per edit; use --protocol one-at-a-time", field="protocol")
 
 
 # ----------------------------------------------------------------------------------------
@@ -109,7 +93,7 @@ def evenly_spaced(items: list, n: int) -> list:
 def random_facts_for(fact: Fact, pool: Sequence[Fact], n: int, seed: int) -> list[Fact]:
     """``n`` other facts (never ``fact``), seeded by the fact id, for the random Δ-Acc."""
     others = [g for g in pool if g.id != fact.id]
-    rng = random.Random(f"random-acc:{seed}:{fact.id}")
+    rng = fact_rng(seed, RANDOM_ACC, fact.id)
     return rng.sample(others, min(n, len(others)))
 
 
@@ -204,46 +188,6 @@ def measure_pre(model, fact: Fact, readout: LayerReadout, lens_outcomes: dict[st
                       text_readouts(model, [fact])[0])
 
 
-def _apply(editor, model, objective, request):
-    """``editor.applied(...)`` (the edited model and its :class:`EditInfo`; restored on exit)."""
-    if hasattr(editor, "applied"):
-        return editor.applied(model, objective, request)
-    return _session_applied(editor, model, objective, request)
-
-
-@contextlib.contextmanager
-def _session_applied(editor, model, objective, request):
-    sessions = editor.__dict__.setdefault("_job_sessions", {})
-    session = sessions.get(id(model))
-    if session is None:
-        session = sessions[id(model)] = editor.session(model)
-    t0 = time.time()
-    try:
-        info = editor.edit(session, objective, request)
-    except BaseException:
-        session.restore()
-        raise
-    edit = _Edit(session.model, EditInfo(steps=info["steps"], losses=list(info["losses"]),
-                                         max_abs_change=info["max_abs_change"], parameter=editor.param_name(model),
-                                         seconds=round(time.time() - t0, 2)))
-    try:
-        yield edit
-    finally:
-        session.restore()
-
-
-@dataclass
-class _Edit:
-    model: Any
-    info: EditInfo
-
-
-def _edit_failures() -> tuple[type[BaseException], ...]:
-    import defenses
-
-    return (getattr(defenses, "EditFailed", defenses.DefenseDiverged), ValueError)
-
-
 def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], defense: str, plan: Plan, request,
                      cfg, *, ctx_for: Callable[[], Any], during_edit: Callable[[Any, Fact], None] | None = None,
                      by_id: dict[str, Fact] | None = None) -> list[FactResult]:
@@ -262,6 +206,7 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
         measurements.
     """
     from attacks import evaluate_attacks
+    from defenses import EditFailed
     from defenses.evaluate import deletion_scores, fact_probs, random_accuracy, target_probs, target_scores
 
     objective, editor = plan.defenses[defense]
@@ -275,8 +220,8 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
 
     with contextlib.ExitStack() as stack:
         try:
-            edit = stack.enter_context(_apply(editor, model, objective, request))
-        except _edit_failures() as exc:
+            edit = stack.enter_context(editor.applied(model, objective, request))
+        except (EditFailed, ValueError) as exc:
             out = []
             for i, f in enumerate(facts):
                 r = base(i, f)

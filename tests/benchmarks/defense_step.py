@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import defenses  # noqa: E402
-from defenses.constrained_ft import only_trainable  # noqa: E402
+from probe.model import only_trainable  # noqa: E402
 from defenses.forward import objective_forward, prepare  # noqa: E402
 from defenses.objectives import head_projection_loss  # noqa: E402
 from probe import load_model  # noqa: E402

@@ -58,7 +58,7 @@ def main() -> None:
             t0 = time.time()
             info = editor.edit(session, make_objective("fact-erasure"), req)
             secs.append(time.time() - t0)
-            steps.append(info["steps"])
+            steps.append(info.steps)
             scores.append(deletion_scores(p, fact_probs(session.model, [f], accuracy=False)[0]))
             session.restore()
         row = {"editor": name, **kw, "layer": editor.resolve_layer(model), "n_facts": len(known),

@@ -64,7 +64,7 @@ def main() -> None:
                 t0 = time.time()
                 info = ed.edit(sess, obj, obj.request(f, facts, retain_prompts(f, facts, 4, sim_frac=1.0)))
                 rec["sec"].append(time.time() - t0)
-                rec["steps"].append(info["steps"])
+                rec["steps"].append(info.steps)
                 post = fact_probs(sess.model, [f], accuracy=False)[0]
                 sc = deletion_scores(pre, post)
                 rec["rewrite"].append(sc["rewrite_score"])

@@ -45,7 +45,8 @@ def main() -> None:
 
     import probe
     from attacks.base import AttackContext
-    from attacks.linear_probe import LinearProbeAttack, probe_default_layers
+    from attacks.linear_probe import LinearProbeAttack
+    from probe.layers import spread_layers
     from probe.causal import causal_trace
     from probe.facts import load_counterfact
     from probe.probes import cross_validated_accuracy, probe_dataset, train_probes
@@ -77,7 +78,7 @@ def main() -> None:
     t = time.perf_counter()
     X, y = probe_dataset(model, known)
     out["read_s"] = round(time.perf_counter() - t, 2)
-    L = probe_default_layers(model.n_layers)
+    L = spread_layers(model.n_layers, 5, start_frac=1 / 3)
     for mi in (30, 100):
         t = time.perf_counter()
         p = train_probes(X, y, max_iter=mi)

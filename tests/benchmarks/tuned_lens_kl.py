@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 def compare_on_facts(model, lens, path: str, n: int) -> dict:
     """Per-layer median rank / top-4 rate of the answer under both lenses, and success@20 of
     logit-lens Head Projection vs the tuned-lens attack, on the first ``n`` facts."""
-    from attacks.tuned_lens import tuned_lens_layers
+    from probe.layers import spread_layers
     from attacks import HeadProjection
     from probe.facts import load_facts
     from probe.readout import lens_readout
@@ -105,7 +105,7 @@ def compare_on_facts(model, lens, path: str, n: int) -> dict:
         print(f"{layer:5d}  {med_l[-1]:10.0f}  {med_t[-1]:10.0f}  {sum(r <= 4 for r in rl) / len(rl):10.2f}  "
               f"{sum(r <= 4 for r in rt) / len(rt):10.2f}")
     hp_layers = HeadProjection().resolve_layers(L)
-    tl_layers = tuned_lens_layers(L)
+    tl_layers = spread_layers(L, 5, span_frac=0.5)
     hp = sum(min(r.rank[i] for i in hp_layers) <= 4 for r in logit) / len(logit)
     tlk = sum(min(r.rank[i] for i in tl_layers) <= 4 for r in tuned) / len(tuned)
     known = [i for i, r in enumerate(logit) if r.rank[-1] == 1]
