@@ -49,10 +49,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from defenses.constrained_ft import only_trainable
 from probe.interrupt import check as check_interrupt
 from probe.matching import normalize_answer
-from probe.model import clone_model
+from probe.model import clone_model, only_trainable
 from probe.readout import teacher_forced, teacher_forced_inputs
 
 from .base import Attack, AttackContext, AttackOutcome, register

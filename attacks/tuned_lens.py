@@ -19,7 +19,7 @@ lens: 0-4 %), 16 % at 22, 5 % at 21 and ~0 before; success@20 is 0.58 with these
 layers are included for coverage of what a deletion may leave there, not because an unedited
 135M model already states the answer there. Models with 5 layers or fewer use all of them.
 
-The lens is the one trained on the *unedited* model (:func:`probe.tuned_lens.get_tuned_lens`,
+The lens is the one trained on the *unedited* model (:func:`probe.lens_training.get_tuned_lens`,
 keyed by ``model.fingerprint``, which edited clones share with their original): the attacker
 learns the translators once, from the model before deletion and from generic text, and decodes
 the edited model's residuals with them through the edited model's own final norm and unembedding.
@@ -32,7 +32,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from probe.tuned_lens import TunedLens, get_tuned_lens, tuned_lens_readout
+from probe.lens_training import get_tuned_lens
+from probe.readout import lens_readout
+from probe.tuned_lens import TunedLens
 
 from .base import Attack, AttackContext, AttackOutcome, register
 from .whitebox import default_layers, resolve_layer_list
@@ -112,8 +114,8 @@ class TunedLensAttack(Attack):
         lens = self.lens(model, ctx)
         prompts = [_field(f, "prompt") for f in facts]
         answers = [_field(f, "answer") for f in facts]
-        readouts = tuned_lens_readout(model, prompts, answers, lens, batch_size=self.batch_size,
-                                      progress=ctx.progress, desc="tuned-lens attack")
+        readouts = lens_readout(model, prompts, answers, lens=lens, batch_size=self.batch_size,
+                                progress=ctx.progress, desc="tuned-lens attack")
         budget = self.budget(n)
         out = []
         for r in readouts:

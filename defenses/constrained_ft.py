@@ -13,7 +13,6 @@ is never modified, and :meth:`EditSession.restore` puts the original weights bac
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -21,7 +20,7 @@ import torch
 
 from probe.arch import get_attr_path
 from probe.interrupt import check as check_interrupt
-from probe.model import ProbeModel, clone_model
+from probe.model import ProbeModel, clone_model, only_trainable  # noqa: F401  (only_trainable: re-export)
 
 from .base import DeletionRequest, Objective, register_editor
 from .forward import objective_step_loss, prepare, retain_reference, stop_threshold
@@ -29,20 +28,6 @@ from .forward import objective_step_loss, prepare, retain_reference, stop_thresh
 
 class DefenseDiverged(RuntimeError):
     """The defense loss became NaN or infinite."""
-
-
-@contextlib.contextmanager
-def only_trainable(model: ProbeModel, params: list[torch.nn.Parameter]):
-    """Temporarily set ``requires_grad`` on ``params`` only (restores every flag on exit)."""
-    flags = {p: p.requires_grad for p in model.hf.parameters()}
-    keep = {id(p) for p in params}
-    try:
-        for p in model.hf.parameters():
-            p.requires_grad_(id(p) in keep)
-        yield
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
 
 
 @dataclass

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import probe
-from probe import mini_vlm
+from probe.vlm import mini_vlm
 from probe.images import ImagePrompt, image_token_count, is_multimodal
 
 
@@ -38,7 +38,7 @@ def test_training_is_reproducible(smollm2):
 
 @pytest.mark.real
 def test_mini_vlm_loads_and_answers_from_the_image(smollm2):
-    from probe import flags
+    from probe.vlm import flags
     from probe.readout import last_token_logprobs
     from probe.tokens import answer_ids
 
