@@ -126,10 +126,6 @@ class TunedLens(nn.Module, Lens):
         """Same as :meth:`logits` (logits, fp32)."""
         return self.logits(resid, layer)
 
-    def log_probs(self, resid: torch.Tensor, layer: int | None = None) -> torch.Tensor:
-        """Tuned-lens log-probabilities (nats, fp32), shapes as :meth:`logits`."""
-        return torch.log_softmax(self.logits(resid, layer), -1)
-
     def _layer(self, layer: int) -> int:
         layer = int(layer)
         if not -self.n_layers <= layer < self.n_layers:

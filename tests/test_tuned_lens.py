@@ -314,3 +314,25 @@ def test_training_text_filter(counterfact_path):
     assert {"Paris", "Danielle Darrieux", "French"} <= excluded  # built-in + CounterFact answers and subjects
     assert corpus.excluded_phrases() < excluded  # the library reads no CounterFact of its own
     assert "Zanzibar" in corpus.excluded_phrases(["Zanzibar"]) - corpus.excluded_phrases()
+
+
+def test_tuned_lens_is_a_subcommand_of_the_one_parser(capsys):
+    from probe.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["tuned-lens", "--help"])
+    assert exc.value.code == 0 and "--exclude-facts FILE" in capsys.readouterr().out
+    args = build_parser().parse_args(["tuned-lens"])
+    assert (args.model, args.minutes, args.steps, args.out, args.retrain, args.seed, args.device, args.quiet,
+            args.exclude_facts) == (None, 8.0, None, None, False, 0, "cpu", False, None)
+
+
+def test_both_lenses_implement_the_lens_interface(make_tiny):
+    model = make_tiny("llama")
+    resid = probe.residual_stream(model, PROMPTS[:2])  # [B, L, d]
+    logit, tuned = LogitLens.from_model(model), tl.TunedLens.from_model(model)
+    assert isinstance(logit, probe.Lens) and isinstance(tuned, probe.Lens)
+    ref = probe.logit_lens(model, resid)
+    assert torch.equal(logit.log_probs(resid), ref) and torch.equal(logit.logits(resid[:, 1], 1), logit(resid[:, 1]))
+    assert torch.equal(tuned.log_probs(resid), ref)  # identity translators: the logit lens exactly
+    assert torch.equal(tuned.log_probs(resid[:, 1], 1), logit.log_probs(resid[:, 1]))
