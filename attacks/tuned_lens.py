@@ -22,7 +22,7 @@ lens: 0-4 %), 16 % at 22, 5 % at 21 and ~0 before; success@20 is 0.58 with these
 layers are included for coverage of what a deletion may leave there, not because an unedited
 135M model already states the answer there. Models with 5 layers or fewer use all of them.
 
-The lens is the one trained on the *unedited* model (:func:`probe.tuned_lens.get_tuned_lens`,
+The lens is the one trained on the *unedited* model (:func:`probe.lens_training.get_tuned_lens`,
 keyed by ``model.fingerprint``, which edited clones share with their original): the attacker
 learns the translators once, from the model before deletion and from generic text, and decodes
 the edited model's residuals with them through the edited model's own final norm and unembedding.
@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from probe.layers import spread_layers
-from probe.tuned_lens import TunedLens, get_tuned_lens
+from probe.lens_training import get_tuned_lens
+from probe.tuned_lens import TunedLens
 
 from .base import AttackContext, register
 from .lens import HeadProjection

@@ -4,7 +4,8 @@ Meng et al. (2022), "Locating and Editing Factual Associations in GPT", section 
 rank-one update is whitened by C, the uncentred covariance of the keys k (the inputs of the MLP
 output projection ``down_proj`` / ``c_proj``) over generic text. The reference code estimates C
 from 100k Wikipedia samples; nothing may be downloaded here, so the text is the **docstrings of a
-fixed list of Python standard-library modules** (parsed from their source files) (English technical prose shipped with every
+fixed list of Python standard-library modules** (parsed from their source files with
+:mod:`probe.corpus`, which also supplies the tuned lens's text; English technical prose shipped with every
 Python, deterministic for a Python version, no generation cost), shuffled by document with a
 fixed seed and cut into ``seq_len``-token windows. The token count (``n_tokens``, default 20480)
 is much smaller than ROME's; :class:`defenses.rome.ROME` adds a small ridge to C before solving.
@@ -17,9 +18,7 @@ and the trace stops right after the edited layer.
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import importlib.util
 import random
 import re
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from probe.arch import mlp_out_envoy
 from probe.atomic import save_torch_atomic
+from probe.corpus import module_docstrings
 from probe.model import cache_dir
 from probe.tokens import encode_ids, tokenize
 
@@ -49,29 +49,12 @@ _CORPUS: str | None = None
 def stats_corpus() -> str:
     """The statistics text: unique docstrings (> 80 characters) of :data:`STDLIB_MODULES` -- the
     module's and those of its public classes, functions and methods -- read from the modules'
-    *source files* with :mod:`ast` (nothing is imported or executed, so runtime patching, e.g. by
-    pytest, cannot change the text), shuffled by document (``random.Random(0)``) and separated by
-    blank lines. Deterministic for a given Python installation."""
+    *source files* with :mod:`ast` (:func:`probe.corpus.module_docstrings`: nothing is imported or
+    executed, so runtime patching, e.g. by pytest, cannot change the text), shuffled by document
+    (``random.Random(0)``) and separated by blank lines. Deterministic for a given Python installation."""
     global _CORPUS
     if _CORPUS is None:
-        docs, seen = [], set()
-        for name in STDLIB_MODULES:
-            try:
-                spec = importlib.util.find_spec(name)
-                origin = spec.origin if spec is not None else None
-                if not origin or not origin.endswith(".py"):
-                    continue
-                tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
-            except Exception:  # pragma: no cover - platform-specific or unreadable module
-                continue
-            nodes = [tree] + [n for n in ast.walk(tree)
-                              if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
-                              and not n.name.startswith("_")]
-            for node in nodes:
-                doc = ast.get_docstring(node)
-                if doc and len(doc) > 80 and doc not in seen:
-                    seen.add(doc)
-                    docs.append(doc)
+        docs = module_docstrings(STDLIB_MODULES, min_chars=81, public_only=True)
         random.Random(0).shuffle(docs)
         _CORPUS = "\n\n".join(docs)
     return _CORPUS

@@ -3,7 +3,8 @@
     probe-attack run    [--model M] [--facts F] [--defense fact-erasure] [--attacks ...] [--out DIR]
     probe-attack attack [--model M] [--facts F] [--attacks ...] [--out DIR]
     probe-attack grid   [--model M] [--facts F] [--defenses all] [--attacks all] [--editor constrained-ft] [--out DIR]
-    probe-attack tuned-lens [--model M] [--minutes 8] [--out FILE]
+    probe-attack tuned-lens [--model M] [--minutes 8] [--out FILE] [--exclude-facts FILE]
+    probe-attack train-vlm [--steps 6000] [--seed 0] [--out F.pt] [--eval-only WEIGHTS]
     probe-attack models
     probe-attack image-facts --out DIR [--relations capital,language] [--per-strength 2] [--seed 0]
     probe-attack import-unlok-vqa RECORDS --coco DIR [--paraphrase-images DIR] [--neighborhood-images DIR] --out F
@@ -139,10 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
                      help="root of the neighbourhood images (neigh_easy/, neigh_med/, neighborhood_images_hard/)")
     unl.add_argument("--limit", type=int, default=None, help="import the first N records")
     unl.add_argument("--out", required=True, help="output facts file (.jsonl)")
-    sub.add_parser("tuned-lens", help="train (or load) the model's tuned lens and print the per-layer KL table",
-                   add_help=False)
-    sub.add_parser("train-vlm", help="train the mini VLM (vision tower + projector on frozen SmolLM2) and print "
-                                     "its accuracy", add_help=False)
+    tl = sub.add_parser("tuned-lens", help="train (or load) the model's tuned lens and print the per-layer KL table",
+                        description="Train (or load from the cache) the tuned lens of a model and print, per decoder "
+                                    "layer, the held-out KL(final || lens) in nats of the logit lens and of the tuned "
+                                    "lens.")
+    tl.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m)")
+    tl.add_argument("--minutes", type=float, default=8.0, help="training wall-clock budget (default 8)")
+    tl.add_argument("--steps", type=int, default=None, help="maximum Adam steps (default: until --minutes)")
+    tl.add_argument("--out", default=None, help="also write the report as JSON to this file")
+    tl.add_argument("--retrain", action="store_true", help="train even if a cached lens exists (and replace it)")
+    tl.add_argument("--exclude-facts", metavar="FILE", default=None,
+                    help="facts file (JSONL or CounterFact JSON) whose answers and subjects are dropped from the "
+                         "training text, besides the built-in facts' (e.g. the CounterFact file you evaluate on)")
+    tl.add_argument("--seed", type=int, default=0)
+    tl.add_argument("--device", default="cpu")
+    tl.add_argument("--quiet", action="store_true", help="no progress bars")
+    vlm = sub.add_parser("train-vlm", help="train the mini VLM (vision tower + projector on frozen SmolLM2) and "
+                                           "print its accuracy",
+                         description="Train the mini VLM's vision tower and projector (anchor alignment on "
+                                     "procedurally drawn flags, frozen SmolLM2-135M) and report top-1 "
+                                     "first-token accuracy on fresh easy/medium/hard images next to the "
+                                     "text-only ceiling. Deterministic for a given --seed on CPU.")
+    vlm.add_argument("--out", default=None, help="weights file (default: <cache>/mini-vlm/mini_vlm.pt); use it with "
+                                                 "--model FILE.pt")
+    vlm.add_argument("--steps", type=int, default=6000, help="optimisation steps (default 6000, ~10 min on 2 cores)")
+    vlm.add_argument("--batch-size", type=int, default=64)
+    vlm.add_argument("--lr", type=float, default=2e-3)
+    vlm.add_argument("--seed", type=int, default=0)
+    vlm.add_argument("--eval-only", metavar="WEIGHTS", default=None,
+                     help="skip training: evaluate this weights file (e.g. the shipped probe/data/mini_vlm.pt)")
+    vlm.add_argument("--per-strength", type=int, default=2, help="evaluation images per strength and country")
     return parser
 
 
@@ -204,16 +231,12 @@ def _fail(msg: str, code: int = EXIT_INPUT) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["tuned-lens"]:  # its own parser (probe.tuned_lens)
-        from .tuned_lens import tuned_lens_main
-
-        return tuned_lens_main(argv[1:])
-    if argv[:1] == ["train-vlm"]:  # its own parser (probe.mini_vlm)
-        from .mini_vlm import train_vlm_main
-
-        return train_vlm_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "tuned-lens":
+        return _tuned_lens(args)
+    if args.command == "train-vlm":
+        return _train_vlm(args, argv)
     args.attacks_given = any(a == "--attacks" or a.startswith("--attacks=") for a in argv)
     if args.command is None:
         parser.print_help()
@@ -256,9 +279,25 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def _tuned_lens(args) -> int:
+    from .lens_training import tuned_lens_command
+
+    return tuned_lens_command(model=args.model, minutes=args.minutes, steps=args.steps, out=args.out,
+                              retrain=args.retrain, seed=args.seed, device=args.device, quiet=args.quiet,
+                              exclude_facts=args.exclude_facts)
+
+
+def _train_vlm(args, argv: list[str]) -> int:
+    from .vlm.mini_vlm import train_vlm_command
+
+    return train_vlm_command(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             eval_only=args.eval_only, per_strength=args.per_strength,
+                             command="probe-attack train-vlm " + " ".join(argv[1:]))
+
+
 def _image_facts(args) -> int:
     from .facts import load_jsonl
-    from .image_facts import write_builtin_image_facts
+    from .vlm.image_facts import write_builtin_image_facts
 
     path = write_builtin_image_facts(args.out, relations=args.relations, countries=args.countries,
                                      n_per_strength=args.per_strength,
@@ -273,7 +312,7 @@ def _image_facts(args) -> int:
 
 
 def _import_unlok_vqa(args) -> int:
-    from .unlok_vqa import import_unlok_vqa
+    from .vlm.unlok_vqa import import_unlok_vqa
 
     facts = import_unlok_vqa(args.records, args.coco, paraphrase_root=args.paraphrase_images,
                              neighborhood_root=args.neighborhood_images, limit=args.limit, out=args.out)
@@ -338,7 +377,7 @@ def _run(args) -> int:
     from .images import is_multimodal
 
     if args.facts is None and is_multimodal(model):
-        from .image_facts import load_builtin_image_facts
+        from .vlm.image_facts import load_builtin_image_facts
 
         facts = load_builtin_image_facts()
         facts_label = "built-in image facts (flags)"

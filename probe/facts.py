@@ -12,7 +12,7 @@ JSONL format, one fact per line (field names fixed)::
 relative to the file, for multimodal facts) are optional. Every problem is reported as an
 :class:`~probe.errors.InputError` naming the file, the line and the field.
 
-Multimodal facts (all optional; see :mod:`probe.image_facts` for a built-in set)::
+Multimodal facts (all optional; see :mod:`probe.vlm.image_facts` for a built-in set)::
 
     {"id": "flag-capital-france", "prompt": "The capital of this country is", "answer": "Paris",
      "image": "images/france-main.png",

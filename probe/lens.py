@@ -6,6 +6,10 @@ layer's residual with its own statistics (TransformerLens issue #1076), exactly 
 output of the last decoder layer is pre-norm, unlike ``hidden_states[-1]``: transformers PR
 #40994), and all arithmetic runs in fp32 (genlm-backend PR #66). On the last layer the lens
 reproduces the model's own logits.
+
+:class:`Lens` is what every lens offers -- :meth:`Lens.logits` and :meth:`Lens.log_probs` of a
+layer's residual -- implemented by :class:`LogitLens` and :class:`probe.tuned_lens.TunedLens`; any
+of them can be passed as ``lens=`` to :func:`probe.readout.lens_readout`.
 """
 
 from __future__ import annotations
@@ -16,8 +20,26 @@ import torch
 from torch import nn
 
 
-class LogitLens(nn.Module):
-    """Final norm + unembedding (+ soft-cap) of a model, in fp32.
+class Lens:
+    """A decoder of residual-stream vectors into next-token distributions (fp32).
+
+    ``lens(resid)`` returns logits for residuals ``[..., n_layers, d_model]`` holding every
+    decoder layer in order (shape ``[..., n_layers, vocab]``), as :meth:`logits` with
+    ``layer=None``.
+    """
+
+    def logits(self, resid: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Logits (fp32) ``[..., vocab]`` for residuals ``[..., d_model]`` of decoder layer
+        ``layer``; ``layer=None``: ``[..., n_layers, d_model]`` -> ``[..., n_layers, vocab]``."""
+        raise NotImplementedError
+
+    def log_probs(self, resid: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Log-probabilities (nats, fp32), shapes as :meth:`logits`."""
+        return torch.log_softmax(self.logits(resid, layer), -1)
+
+
+class LogitLens(nn.Module, Lens):
+    """Final norm + unembedding (+ soft-cap) of a model, in fp32: the same decoder at every layer.
 
     Build with :meth:`from_model`; ``lens(resid)`` returns logits.
     """
@@ -57,6 +79,11 @@ class LogitLens(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
+
+    def logits(self, resid: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Logits ``[..., vocab]`` (fp32) for residuals ``[..., d_model]`` of any layer (``layer``
+        is ignored: the logit lens decodes every layer alike)."""
+        return self(resid)
 
 
 def lens_logits(model, resid: torch.Tensor) -> torch.Tensor:

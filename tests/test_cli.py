@@ -720,16 +720,18 @@ def test_default_out_is_a_new_timestamped_folder(cli, facts_file, tmp_path, monk
     assert rc == 2 and "--resume needs the --out folder" in err
 
 
-def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp_path, monkeypatch):
+def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp_path, monkeypatch, counterfact_path):
     """Issue 5 in the main job: tuned-lens and linear-probe attacks slot into `run` by name, their
     per-layer ranks reach the report's "where the deleted knowledge persists" figure, and
     --causal-traces adds layer x position maps (unedited vs edited model as the clean run)."""
     import probe
-    from probe.tuned_lens import get_tuned_lens
+    from probe.facts import load_facts
+    from probe.lens_training import get_tuned_lens
 
     monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path / "cache"))
     get_tuned_lens(probe.load_model(str(model_dir)), steps=3, minutes=None, train_tokens=512, heldout_tokens=64,
-                   adam_tokens=128, seq_len=16, batch=8)  # cached under the model's fingerprint
+                   adam_tokens=128, seq_len=16, batch=8,
+                   exclude=load_facts(counterfact_path))  # cached under the model's fingerprint
     facts = [{"id": f"f{i}", "prompt": p, "answer": a, "subject": s} for i, (p, a, s) in enumerate([
         ("The capital of France is", "Paris", "France"), ("The capital of Japan is", "Tokyo", "Japan"),
         ("Water is made of hydrogen and", "oxygen", "Water"), ("The Eiffel Tower is located in the city of",

@@ -1,4 +1,4 @@
-"""probe.flags: the country table, the clean flags and the augmentations (fast, no model)."""
+"""probe.vlm.flags: the country table, the clean flags and the augmentations (fast, no model)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from probe.flags import COUNTRIES, STRENGTHS, Country, country, draw_flag, render, render_image
+from probe.vlm.flags import COUNTRIES, STRENGTHS, Country, country, draw_flag, render, render_image
 
 NAMES = [c.name for c in COUNTRIES]
 CONTINENTS = {"Europe", "Asia", "Africa", "North America", "South America", "Oceania"}

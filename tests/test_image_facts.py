@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 import probe
-import probe.image_facts as imf
+import probe.vlm.image_facts as imf
 from probe.cli import main
 from probe.facts import load_facts, load_jsonl
-from probe.image_facts import RELATIONS, load_builtin_image_facts, write_builtin_image_facts
-from probe.unlok_vqa import DEFAULT_TEMPLATE, import_unlok_vqa
+from probe.vlm.image_facts import RELATIONS, load_builtin_image_facts, write_builtin_image_facts
+from probe.vlm.unlok_vqa import DEFAULT_TEMPLATE, import_unlok_vqa
 
 GOOD = {"id": "g", "prompt": "The capital of Japan is", "answer": "Tokyo"}
 
@@ -290,7 +290,7 @@ def test_load_builtin_image_facts_cached(tmp_path, fake_flags, monkeypatch):
 
 def test_builtin_writer_real_flags(tmp_path):
     """The real renderer: every country x relation, deterministic, answers that differ."""
-    flags = pytest.importorskip("probe.flags")
+    flags = pytest.importorskip("probe.vlm.flags")
     a = write_builtin_image_facts(tmp_path / "a", n_per_strength=1)
     facts = load_jsonl(a)
     assert len(flags.COUNTRIES) >= 48 and len(facts) == len(flags.COUNTRIES) * 4

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import probe
-from probe import mini_vlm
 from probe.images import ImagePrompt, image_token_count, is_multimodal
+from probe.vlm import mini_vlm
 
 
 def test_weights_are_shipped_and_small():
@@ -38,7 +38,7 @@ def test_training_is_reproducible(smollm2):
 
 @pytest.mark.real
 def test_mini_vlm_loads_and_answers_from_the_image(smollm2):
-    from probe import flags
+    from probe.vlm import flags
     from probe.readout import last_token_logprobs
     from probe.tokens import answer_ids
 
@@ -75,3 +75,45 @@ def test_bad_weights_file(tmp_path, smollm2):
     torch.save({"state": {"vision_tower.x": torch.zeros(1)}}, tmp_path / "wrong.pt")
     with pytest.raises(ModelLoadError, match="do not match"):
         mini_vlm.load_mini_vlm(tmp_path / "wrong.pt", lm=smollm2)
+
+
+def test_model_loader_registry(tmp_path, monkeypatch):
+    """probe.vlm registers the mini VLM with probe.model (which never imports probe.vlm)."""
+    from probe import model as pm
+    from probe.errors import ModelLoadError
+
+    assert "mini-vlm" in pm.SHORT_NAMES and pm._ALIASES["minivlm"] == pm._ALIASES["mini_vlm"] == "mini-vlm"
+    with pytest.raises(ModelLoadError, match="mini-VLM weights not found"):  # a .pt path goes to the mini VLM
+        probe.load_model(str(tmp_path / "missing.pt"))
+    for name in ("_NAMED_LOADERS", "SHORT_NAMES", "_ALIASES", "_PATH_LOADERS"):
+        monkeypatch.setattr(pm, name, type(getattr(pm, name))(getattr(pm, name)))
+    calls = []
+
+    def by_name(name, *, device):
+        calls.append((name, device))
+        return "M"
+
+    def by_path(path, *, device):
+        calls.append((path.name, device))
+        return "P"
+
+    pm.register_model_loader("fake-x", by_name, aliases=("fx",), description="a fake")
+    pm.register_model_loader(lambda path: path.suffix == ".fake", by_path)
+    assert probe.load_model("FX") == "M" and probe.load_model("w.fake", device="meta") == "P"
+    assert calls == [("fake-x", "cpu"), ("w.fake", "meta")] and pm.SHORT_NAMES["fake-x"] == "a fake"
+
+
+def test_train_vlm_is_a_subcommand_of_the_one_parser(tmp_path, capsys):
+    from probe.cli import build_parser, main
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["train-vlm", "--help"])
+    assert exc.value.code == 0 and "--eval-only WEIGHTS" in capsys.readouterr().out
+    args = build_parser().parse_args(["train-vlm"])
+    assert (args.steps, args.batch_size, args.lr, args.seed, args.per_strength, args.out, args.eval_only) == \
+        (6000, 64, 2e-3, 0, 2, None, None)
+    assert main(["train-vlm", "--steps", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "probe-attack: error: --steps, --batch-size and --lr must be positive"
+    assert main(["train-vlm", "--out", str(tmp_path), "--steps", "1"]) == 2  # checked before any training
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("probe-attack: error:") and "is a directory" in err and "\n" not in err

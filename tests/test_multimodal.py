@@ -145,7 +145,7 @@ def test_edit_on_vlm_moves_only_the_language_model(tiny_vlm, images):
 def flag_facts(tmp_path_factory):
     """Built-in image facts for 4 countries x (capital, language), as loaded from disk."""
     from probe.facts import load_facts
-    from probe.image_facts import write_builtin_image_facts
+    from probe.vlm.image_facts import write_builtin_image_facts
 
     path = write_builtin_image_facts(tmp_path_factory.mktemp("flags") / "set", countries=["France", "Japan", "Italy",
                                      "Egypt"], relations=("capital", "language"), n_per_strength=1,

@@ -18,8 +18,11 @@ import pytest
 import torch
 
 import probe
+from probe import corpus
+from probe import lens_training as lt
 from probe import tuned_lens as tl
-from probe.facts import Fact
+from probe.cli import main as cli_main
+from probe.facts import BUILTIN_FACTS, Fact, load_facts
 from probe.lens import LogitLens
 from probe.readout import lens_readout
 
@@ -59,7 +62,7 @@ def _train(model, **over):
     kw = dict(texts=TEXTS, minutes=None, steps=25, seq_len=32, batch=32, train_tokens=1024, heldout_tokens=256,
               lr=3e-3, init="identity", seed=0)
     kw.update(over)
-    return tl.train_tuned_lens(model, **kw)
+    return lt.train_tuned_lens(model, **kw)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3"])
@@ -81,7 +84,7 @@ def test_identity_lens_is_the_logit_lens(make_tiny, kind):
 
 def test_identity_readout_equals_logit_lens_readout(make_tiny):
     model = make_tiny("llama")
-    ours = tl.tuned_lens_readout(model, PROMPTS, ANSWERS, tl.TunedLens.from_model(model), batch_size=3)
+    ours = lens_readout(model, PROMPTS, ANSWERS, lens=tl.TunedLens.from_model(model), batch_size=3)
     ref = lens_readout(model, PROMPTS, ANSWERS, batch_size=3)
     for a, b in zip(ours, ref):
         assert a.rank == b.rank
@@ -95,13 +98,13 @@ def test_kl_shortcut_matches_direct_kl(make_tiny):
     h_last, h = torch.randn(2, 5, model.d_model, generator=g) * 3
     base = LogitLens.from_model(model)
     for softcap in (None, 5.0):
-        unembed = tl._frozen(LogitLens(base.norm, base.weight, base.bias, softcap))
+        unembed = lt._frozen(LogitLens(base.norm, base.weight, base.bias, softcap))
         direct = torch.nn.functional.kl_div(torch.log_softmax(unembed(h), -1), torch.log_softmax(unembed(h_last), -1),
                                             log_target=True, reduction="none").sum(-1)
-        ours = tl._Target(unembed, h_last).kl(h)
+        ours = lt._Target(unembed, h_last).kl(h)
         assert torch.allclose(ours, direct, atol=1e-5, rtol=1e-5)
     assert not base.weight.detach().equal(torch.zeros(()))  # sanity
-    assert tl._frozen(base).weight.requires_grad is False
+    assert lt._frozen(base).weight.requires_grad is False
 
 
 def test_training_lowers_kl_at_every_layer(make_tiny, deep_tiny):
@@ -133,9 +136,9 @@ def test_least_squares_warm_start_lowers_kl(make_tiny, deep_tiny):
 def test_training_needs_a_budget_and_text(make_tiny):
     model = make_tiny("llama")
     with pytest.raises(ValueError, match="minutes or steps"):
-        tl.train_tuned_lens(model, texts=TEXTS, minutes=None, steps=None)
+        lt.train_tuned_lens(model, texts=TEXTS, minutes=None, steps=None)
     with pytest.raises(ValueError, match="too little text"):
-        tl.train_tuned_lens(model, texts=["tiny"], steps=1, minutes=None, seq_len=32)
+        lt.train_tuned_lens(model, texts=["tiny"], steps=1, minutes=None, seq_len=32)
 
 
 def test_save_load_roundtrip(make_tiny, deep_tiny, tmp_path):
@@ -171,27 +174,27 @@ def test_load_for_another_model_raises(make_tiny, deep_tiny, tmp_path):
 
 def test_get_tuned_lens_trains_once_then_loads(make_tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path))
-    monkeypatch.setattr(tl, "_LOADED", {})
+    monkeypatch.setattr(lt, "_LOADED", {})
     model = make_tiny("llama")
     calls = []
-    real = tl.train_tuned_lens
+    real = lt.train_tuned_lens
 
     def counting(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(tl, "train_tuned_lens", counting)
+    monkeypatch.setattr(lt, "train_tuned_lens", counting)
     kw = dict(texts=TEXTS, minutes=None, steps=2, seq_len=32, train_tokens=256, heldout_tokens=64)
-    lens = tl.get_tuned_lens(model, **kw)
+    lens = lt.get_tuned_lens(model, **kw)
     path = tmp_path / "tuned-lens" / f"{model.fingerprint}.pt"
     assert path.is_file() and calls == [1]
-    assert tl.get_tuned_lens(model, **kw) is lens  # in memory
-    monkeypatch.setattr(tl, "_LOADED", {})
-    again = tl.get_tuned_lens(model, **kw)  # from disk
+    assert lt.get_tuned_lens(model, **kw) is lens  # in memory
+    monkeypatch.setattr(lt, "_LOADED", {})
+    again = lt.get_tuned_lens(model, **kw)  # from disk
     assert calls == [1] and again is not lens
     assert torch.equal(again.weight, lens.weight) and torch.equal(again.bias, lens.bias)
     with pytest.raises(FileNotFoundError, match="probe-attack tuned-lens"):
-        tl.get_tuned_lens(make_tiny("llama"), train_if_missing=False)
+        lt.get_tuned_lens(make_tiny("llama"), train_if_missing=False)
 
 
 def _facts():
@@ -249,11 +252,11 @@ def test_attack_loads_cached_lens_by_fingerprint(make_tiny, tmp_path, monkeypatc
     from probe.model import clone_model
 
     monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path))
-    monkeypatch.setattr(tl, "_LOADED", {})
+    monkeypatch.setattr(lt, "_LOADED", {})
     monkeypatch.setattr(atl, "_LENSES", {})
     model = make_tiny("llama")
     lens = _randomise(tl.TunedLens.from_model(model))
-    lens.save(tl.lens_path(model))
+    lens.save(lt.lens_path(model))
     clone = clone_model(model, ["model.norm.weight"])
     with torch.no_grad():
         clone.hf.model.norm.weight.mul_(2.0)  # the edit
@@ -265,35 +268,40 @@ def test_attack_loads_cached_lens_by_fingerprint(make_tiny, tmp_path, monkeypatc
     # post-edit ranks decode the clone's residuals with the same translators and the clone's own norm
     used = atl._LENSES[model.fingerprint]
     assert torch.equal(used.weight, lens.weight)
-    ref = tl.tuned_lens_readout(clone, PROMPTS, ANSWERS, tl.TunedLens.load(tl.lens_path(model), clone))
+    ref = lens_readout(clone, PROMPTS, ANSWERS, lens=tl.TunedLens.load(lt.lens_path(model), clone))
     assert [o.layer_ranks for o in post] == [r.rank for r in ref]
 
 
 def test_cli_prints_the_table(make_tiny, tiny_tokenizer, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(tl, "_LOADED", {})
-    monkeypatch.setattr(tl, "default_texts", lambda: list(TEXTS))
-    monkeypatch.setattr(tl, "default_text_source", lambda: "test texts")
+    monkeypatch.setattr(lt, "_LOADED", {})
+    excluded = []
+    monkeypatch.setattr(corpus, "default_texts", lambda exclude=(): excluded.append(list(exclude)) or list(TEXTS))
+    monkeypatch.setattr(corpus, "default_text_source", lambda exclude=(): "test texts")
     model = make_tiny("llama")
     model.hf.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
-    monkeypatch.setattr(tl, "train_tuned_lens", functools.partial(
-        tl.train_tuned_lens, seq_len=32, train_tokens=256, heldout_tokens=64))
+    monkeypatch.setattr(lt, "train_tuned_lens", functools.partial(
+        lt.train_tuned_lens, seq_len=32, train_tokens=256, heldout_tokens=64))
     out = tmp_path / "report.json"
-    assert tl.tuned_lens_main(["--model", str(tmp_path / "m"), "--steps", "2", "--out", str(out), "--quiet"]) == 0
+    assert cli_main(["tuned-lens", "--model", str(tmp_path / "m"), "--steps", "2", "--out", str(out), "--quiet",
+                     "--exclude-facts", str(BUILTIN_FACTS)]) == 0
+    assert [len(e) for e in excluded] == [len(load_facts(None))]  # --exclude-facts reaches the text filter
     text = capsys.readouterr().out
     assert "logit-lens KL" in text and "tuned-lens KL" in text
     rep = json.loads(out.read_text())
     assert len(rep["kl_tuned"]) == 2 and rep["steps"] == 2 and rep["text_source"] == "test texts"
-    assert tl.tuned_lens_main(["--model", str(tmp_path / "m"), "--steps", "2", "--quiet"]) == 0
+    assert cli_main(["tuned-lens", "--model", str(tmp_path / "m"), "--steps", "2", "--quiet"]) == 0
     assert "(cached)" in capsys.readouterr().out
-    assert tl.tuned_lens_main(["--model", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert cli_main(["tuned-lens", "--model", str(tmp_path / "nope"), "--quiet"]) == 2
     assert "probe-attack: error:" in capsys.readouterr().err
+    assert cli_main(["tuned-lens", "--model", str(tmp_path / "m"), "--minutes", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "probe-attack: error: --minutes must be > 0"
 
 
 def test_smollm2_short_training_beats_logit_lens(smollm2):
     """20-odd seconds of training on a little text already beats the logit lens at every layer."""
-    lens, rep = tl.train_tuned_lens(smollm2, texts=TEXTS, minutes=None, steps=1, seq_len=64, batch=16,
+    lens, rep = lt.train_tuned_lens(smollm2, texts=TEXTS, minutes=None, steps=1, seq_len=64, batch=16,
                                     train_tokens=1024, heldout_tokens=128, init="auto")
     for layer in range(smollm2.n_layers - 1):
         assert rep.kl_tuned[layer] < rep.kl_logit[layer], rep.table()
@@ -301,9 +309,32 @@ def test_smollm2_short_training_beats_logit_lens(smollm2):
 
 
 def test_training_text_filter(counterfact_path):
-    hit = tl._phrase_filter(["Paris", "Rio de Janeiro", "Danielle Darrieux"])
+    hit = corpus.phrase_filter(["Paris", "Rio de Janeiro", "Danielle Darrieux"])
     assert hit("The city of Paris.") and hit("from Rio de Janeiro,") and hit("Danielle Darrieux was")
     assert not hit("Parisian cafes") and not hit("Rio is nice") and not hit("paris")
-    excluded = tl._excluded_strings()
-    assert tl.COUNTERFACT_FILE.resolve() == counterfact_path.resolve()
+    excluded = corpus.excluded_phrases(load_facts(counterfact_path))
     assert {"Paris", "Danielle Darrieux", "French"} <= excluded  # built-in + CounterFact answers and subjects
+    assert corpus.excluded_phrases() < excluded  # the library reads no CounterFact of its own
+    assert "Zanzibar" in corpus.excluded_phrases(["Zanzibar"]) - corpus.excluded_phrases()
+
+
+def test_tuned_lens_is_a_subcommand_of_the_one_parser(capsys):
+    from probe.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(["tuned-lens", "--help"])
+    assert exc.value.code == 0 and "--exclude-facts FILE" in capsys.readouterr().out
+    args = build_parser().parse_args(["tuned-lens"])
+    assert (args.model, args.minutes, args.steps, args.out, args.retrain, args.seed, args.device, args.quiet,
+            args.exclude_facts) == (None, 8.0, None, None, False, 0, "cpu", False, None)
+
+
+def test_both_lenses_implement_the_lens_interface(make_tiny):
+    model = make_tiny("llama")
+    resid = probe.residual_stream(model, PROMPTS[:2])  # [B, L, d]
+    logit, tuned = LogitLens.from_model(model), tl.TunedLens.from_model(model)
+    assert isinstance(logit, probe.Lens) and isinstance(tuned, probe.Lens)
+    ref = probe.logit_lens(model, resid)
+    assert torch.equal(logit.log_probs(resid), ref) and torch.equal(logit.logits(resid[:, 1], 1), logit(resid[:, 1]))
+    assert torch.equal(tuned.log_probs(resid), ref)  # identity translators: the logit lens exactly
+    assert torch.equal(tuned.log_probs(resid[:, 1], 1), logit.log_probs(resid[:, 1]))

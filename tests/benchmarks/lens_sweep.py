@@ -73,7 +73,7 @@ import torch  # noqa: E402
 import probe  # noqa: E402
 from attacks import attack_readout, make_attack  # noqa: E402
 from probe.facts import load_counterfact  # noqa: E402
-from probe.image_facts import load_builtin_image_facts  # noqa: E402
+from probe.vlm.image_facts import load_builtin_image_facts  # noqa: E402
 from probe.images import attach_images, is_multimodal  # noqa: E402
 from probe.readout import answer_rank, auto_batch_size  # noqa: E402
 

@@ -3,17 +3,18 @@
 Run from the repository root (not collected by pytest)::
 
     OMP_NUM_THREADS=2 .venv/bin/python tests/benchmarks/tuned_lens_kl.py [--model smollm2-135m] [--minutes 8]
-        [--facts ../shared/data/counterfact_filtered.json --n-facts 200] [--save]
+        [--facts ../shared/data/counterfact_filtered.json --n-facts 200] [--save] [--exclude-facts FILE]
 
-Trains with :func:`probe.tuned_lens.train_tuned_lens` (default training text: Python's own
-documentation, filtered against the facts; see :func:`probe.tuned_lens.default_texts`) and prints
+Trains with :func:`probe.lens_training.train_tuned_lens` (default training text: Python's own
+documentation, filtered against the built-in facts and the ``--exclude-facts`` file, by default
+CounterFact from ``../shared/data`` when it exists; see :func:`probe.corpus.default_texts`) and prints
 the per-layer held-out KL(p_final || p_lens) in nats of the logit lens and of the tuned lens, and
 the wall time (model load excluded; ``train_s`` is the whole training call, collection and both
 evaluations included). With ``--facts`` it also reads the first ``--n-facts`` facts with both
 lenses and prints, per layer, the median answer rank and top-4 hit rate, and attack success@20 of
 Head Projection on the logit lens (its default layers) and of the ``tuned-lens`` attack (its
 default layers). ``--save`` writes the lens into the cache (``cache_dir()/tuned-lens``), where
-:func:`probe.tuned_lens.get_tuned_lens` and the attack find it.
+:func:`probe.lens_training.get_tuned_lens` and the attack find it.
 
 The last line printed is one JSON object: ``train_s``, ``kl_logit``, ``kl_tuned`` (lists, nats),
 ``tuned_below_logit_all_layers`` (every layer but the last, where both are 0 by construction),
@@ -39,7 +40,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import probe  # noqa: E402
-from probe import tuned_lens as tl  # noqa: E402
+from probe import lens_training as lt  # noqa: E402
+from probe.facts import load_facts  # noqa: E402
+
+COUNTERFACT = ROOT.parent / "shared" / "data" / "counterfact_filtered.json"
 
 
 def main(argv=None) -> int:
@@ -51,6 +55,9 @@ def main(argv=None) -> int:
     ap.add_argument("--facts", default=None, help="also compare the lenses on these facts (CounterFact JSON or JSONL)")
     ap.add_argument("--n-facts", type=int, default=200)
     ap.add_argument("--save", action="store_true", help="save the lens into the tuned-lens cache")
+    ap.add_argument("--exclude-facts", default=str(COUNTERFACT) if COUNTERFACT.is_file() else None,
+                    help="facts kept out of the training text besides the built-in ones (default: CounterFact "
+                         "from ../shared/data when present; '' for none)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -58,8 +65,9 @@ def main(argv=None) -> int:
     model = probe.load_model(args.model)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    lens, rep = tl.train_tuned_lens(model, minutes=args.minutes, steps=args.steps, seed=args.seed,
-                                    progress=not args.quiet)
+    exclude = load_facts(args.exclude_facts) if args.exclude_facts else []
+    lens, rep = lt.train_tuned_lens(model, minutes=args.minutes, steps=args.steps, seed=args.seed,
+                                    progress=not args.quiet, exclude=exclude)
     train_s = time.perf_counter() - t
     print(rep.table())
     print(f"model load {load_s:.1f} s; training (all phases) {train_s:.1f} s = {train_s / 60:.2f} min; "
@@ -72,7 +80,7 @@ def main(argv=None) -> int:
            "n_train_tokens": rep.n_train_tokens, "n_adam_tokens": rep.n_adam_tokens,
            "n_heldout_tokens": rep.n_heldout_tokens, "text_source": rep.text_source}
     if args.save:
-        out["saved"] = str(lens.save(tl.lens_path(model)))
+        out["saved"] = str(lens.save(lt.lens_path(model)))
     if args.facts:
         out.update(compare_on_facts(model, lens, args.facts, args.n_facts))
     print(json.dumps(out))
@@ -91,7 +99,7 @@ def compare_on_facts(model, lens, path: str, n: int) -> dict:
     prompts, answers = [f.prompt for f in facts], [f.answer for f in facts]
     t = time.perf_counter()
     logit = lens_readout(model, prompts, answers)
-    tuned = tl.tuned_lens_readout(model, prompts, answers, lens)
+    tuned = lens_readout(model, prompts, answers, lens=lens, desc="tuned lens")
     read_s = time.perf_counter() - t
     L = model.n_layers
     print(f"{len(facts)} facts from {path}: per layer median answer rank / top-4 rate")

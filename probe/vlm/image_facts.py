@@ -3,11 +3,11 @@
 One fact per (country, relation): the image is the country's flag, the prompt asks about the
 country without naming it ("The capital of this country is"), and the answer is the capital,
 official language, continent or currency. Each fact carries what the [MM] UnLOK-VQA protocol
-needs (``../shared/docs/method.md`` §6):
+needs (the project's method notes, §6):
 
 - ``paraphrases``: text rephrasings of the question, asked about the same image;
 - ``image_paraphrases``: fresh renders of the same flag at three augmentation strengths
-  (easy / medium / hard, :func:`probe.flags.render_image`): same answer, different image;
+  (easy / medium / hard, :func:`probe.vlm.flags.render_image`): same answer, different image;
 - ``neighborhood_images``: other countries' flags asked the same question, each with its own
   answer (chosen to differ from this fact's answer where possible);
 - ``neighborhood``: the other relations of the same country, asked about the same image;
@@ -17,7 +17,7 @@ needs (``../shared/docs/method.md`` §6):
 
 Prompts are declarative, with no ``<image>`` placeholder (the image goes before the prompt): the
 small LM behind the mini-VLM answers these, while "Question: ... Answer:" prompts get ``\\n``
-(``../shared/docs/mini-vlm.md``).
+(the project's mini-VLM notes).
 
 Render seeds are >= 10**6 and derived from (seed, country, image role) by hashing, so they never
 coincide with the small seeds a training pipeline uses.
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from .errors import InputError
-from .facts import IMAGE_STRENGTHS, Fact, load_jsonl
+from ..errors import InputError
+from ..facts import IMAGE_STRENGTHS, Fact, load_jsonl
 
 SEED_OFFSET = 10**6
 """All render seeds are >= this, so they never coincide with a training pipeline's small seeds."""
@@ -54,7 +54,7 @@ class Relation:
         prompt: declarative prompt asked about the image, the answer follows it.
         paraphrases: text rephrasings of ``prompt`` with the same answer.
         text_prompt: the text-only form, ``{country}`` is replaced by the country's name.
-        answer_of: the answer for a :class:`probe.flags.Country`.
+        answer_of: the answer for a :class:`probe.vlm.flags.Country`.
     """
 
     name: str
@@ -228,7 +228,7 @@ def write_builtin_image_facts(out_dir: str | os.PathLike, *, relations: Sequence
     Args:
         out_dir: a new directory (or an empty one).
         relations: names from :data:`RELATIONS` (a list, or a comma-separated string).
-        countries: country names from :data:`probe.flags.COUNTRIES` (default: all).
+        countries: country names from :data:`probe.vlm.flags.COUNTRIES` (default: all).
         n_per_strength: paraphrase images per strength (easy, medium, hard).
         n_neighborhood_images: other countries' flags per fact.
         seed: base seed of the renders (the actual seeds are >= 10**6, see :func:`render_seed`).
@@ -290,8 +290,8 @@ def builtin_image_facts_dir(*, relations: Sequence[str] | str = DEFAULT_RELATION
                             n_neighborhood_images: int = 3, seed: int = 0, size: int = 64) -> Path:
     """``<cache>/image-facts/<digest>``: where :func:`load_builtin_image_facts` keeps the set for
     these arguments (cache root from :func:`probe.model.cache_dir`). The digest covers the
-    arguments and the source of this module and :mod:`probe.flags`."""
-    from .model import cache_dir
+    arguments and the source of this module and :mod:`probe.vlm.flags`."""
+    from ..model import cache_dir
 
     key = _cache_key(relations, countries, n_per_strength, n_neighborhood_images, seed, size)
     return cache_dir() / "image-facts" / key

