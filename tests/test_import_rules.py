@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LIBRARY = ("probe", "attacks", "defenses", "viz")
 
 #: Modules of ``probe/`` allowed to import ``attacks``, ``defenses`` and ``viz``: the orchestration
-#: (command line, the run pipeline, the grid, and the ``probe.jobs`` package). Entries ending in
+#: (the command line and the ``probe.jobs`` package, where attacks and defenses meet). Entries ending in
 #: ``/`` cover a whole subpackage. Everything else in ``probe/`` is the core.
-ORCHESTRATION = ("probe/cli.py", "probe/pipeline.py", "probe/grid.py", "probe/jobs/")
+ORCHESTRATION = ("probe/cli.py", "probe/jobs/")
 
 #: Top-level packages ``viz/`` must never import.
 VIZ_FORBIDDEN = ("torch", "nnsight", "transformers")
