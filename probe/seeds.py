@@ -23,7 +23,7 @@ import random
 
 #: retain-prompt selection (:func:`defenses.retain.retain_prompts`)
 RETAIN = "retain"
-#: the other facts of the random Δ-Acc (:func:`probe.grid.random_facts_for`)
+#: the other facts of the random Δ-Acc (:func:`probe.jobs.random_facts_for`)
 RANDOM_ACC = "random-acc"
 #: the error-injection defense's target when the fact has no ``alt_answer``
 ERROR_TARGET = "error-injection-target"

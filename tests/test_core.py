@@ -190,7 +190,7 @@ def test_logit_lens_follows_replaced_unembedding(make_tiny):
 
 
 # ---------------------------------------------------------------------------------------------
-# attacks.whitebox
+# attacks.lens
 
 
 def test_default_layers_and_budgets_30_layers():

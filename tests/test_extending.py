@@ -3,6 +3,7 @@ show up in the CLI, the grid and the report without touching anything else."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 
@@ -56,24 +57,74 @@ def toys(monkeypatch):
         def loss(self, inputs):
             return torch.stack([lp.mean() for lp in inputs.seq_logprobs]).mean()
 
-    yield ToyTop1, ToyLogprob
+    @defenses.register_editor("toy-sgd")
+    @dataclass
+    class ToySGD(defenses.Editor):
+        """Plain SGD on the edit layer's MLP output weight, no clamp, no retain term."""
+
+        layer: int | None = None
+        layer_frac: float = 0.0
+        early_stop: float | str | None = None
+        steps: int = 3
+        lr: float = 0.5
+
+        @contextlib.contextmanager
+        def _run(self, session, objective, request):
+            from defenses.editor import Steps
+            from defenses.forward import objective_step_loss, prepare
+            from probe.model import only_trainable
+
+            model, param = session.model, session.param
+            prep = prepare(model, objective, request, retain=False)
+            opt = torch.optim.SGD([param], lr=self.lr)
+
+            def loss(step):
+                opt.zero_grad(set_to_none=True)
+                return objective_step_loss(model, prep, objective, None, 0.0)
+
+            def update(total):
+                total.backward()
+                opt.step()
+
+            with only_trainable(model, [param]), torch.enable_grad():
+                yield Steps(self.steps, loss, update, None)
+
+    yield ToyTop1, ToyLogprob, ToySGD
 
 
-def test_toy_attack_and_objective_reach_cli_grid_and_report(toys, tiny_llama, tmp_path):
-    from probe.cli import build_parser
-
+def test_toy_attack_objective_and_editor_reach_the_grid_and_report(toys, tiny_llama, tmp_path):
     assert "toy-top1" in attacks.attack_names() and "toy-logprob" in defenses.OBJECTIVES
-    del build_parser  # the CLI validates names against the registries (below)
-    cfg = GridConfig(defenses=["toy-logprob"], attacks=["head-projection", "toy-top1"],
-                     editor_config=dict(layer=0, lr=5e-2, norm_bound=1.0, steps=2), known_rank=10 ** 6, random_n=1,
-                     acc_tokens=2, progress=False)
+    cfg = GridConfig(defenses=["toy-logprob"], attacks=["head-projection", "toy-top1"], editor="toy-sgd",
+                     known_rank=10 ** 6, random_n=1, acc_tokens=2, progress=False)
     grid = run_grid(tiny_llama, FACTS, tmp_path / "g", cfg)
     cell = grid.cell("toy-logprob", "toy-top1")
     assert cell is not None and cell.budget == 1 and cell.kind == "whitebox" and cell.n_facts == 3
+    assert cell.editor == "toy-sgd" and cell.n_failed == 0
     units = [json.loads(x) for x in (tmp_path / "g" / "units.jsonl").read_text().splitlines()]
     # the toy outcome is the answer's rank at the output, exactly as the unit's own readout says
     for u in units:
         post = u["outcomes"]["toy-top1"]["post"]
         assert post["best_rank"] == u["post"]["rank"][-1] and post["success"] == (u["post"]["rank"][-1] == 1)
+        assert u["edit"]["steps"] == 3 and u["edit"]["parameter"] == "model.layers.0.mlp.down_proj.weight"
+        assert u["edit"]["max_abs_change"] > 0  # the toy editor really edits
     html = (tmp_path / "g" / "report.html").read_text()
     assert "toy-top1" in html and "toy-logprob" in html
+
+
+def test_toy_pieces_are_cli_choices(toys, make_tiny, tiny_tokenizer, tmp_path, capsys):
+    from probe.cli import main
+
+    d = tmp_path / "model"
+    make_tiny("llama").hf.save_pretrained(d)
+    tiny_tokenizer.save_pretrained(d)
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"id": f.id, "prompt": f.prompt, "answer": f.answer, "paraphrases": [],
+                                         "neighborhood": f.neighborhood}) + "\n" for f in FACTS))
+    rc = main(["run", "--model", str(d), "--facts", str(facts), "--defense", "toy-logprob", "--editor", "toy-sgd",
+               "--attacks", "toy-top1", "--known-rank", "1000", "--acc-tokens", "2", "--random-n", "1", "--quiet",
+               "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "toy-top1" in out and "defense toy-logprob (toy-sgd, one-at-a-time), 3 facts deleted" in out
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["attacks"]["toy-top1"]["budget"] == 1 and res["defense"]["editor"] == "toy-sgd"

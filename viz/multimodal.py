@@ -133,15 +133,15 @@ def run_modality_rows(summaries: Mapping[str, Any]) -> list[dict]:
         "after" row only when some modality attack has a ``success_post``), ``[]`` when no modality
         attack ran.
     """
-    other_attacks = {k: (v if isinstance(v, Mapping) else vars(v)) for k, v in summaries.items()}
-    attacks = modality_attacks(modality_map(other_attacks.values()))
+    summ = {k: (v if isinstance(v, Mapping) else vars(v)) for k, v in summaries.items()}
+    attacks = modality_attacks(modality_map(summ.values()))
     if not attacks:
         return []
-    rows = [{"defense": "before", "attacks": {a: _entry(a, other_attacks[a].get("success_pre"), other_attacks[a])
+    rows = [{"defense": "before", "attacks": {a: _entry(a, summ[a].get("success_pre"), summ[a])
                                               for a in attacks}}]
-    if any(other_attacks[a].get("success_post") is not None for a in attacks):
-        rows.append({"defense": "after", "attacks": {a: _entry(a, other_attacks[a].get("success_post"),
-                                                               other_attacks[a]) for a in attacks}})
+    if any(summ[a].get("success_post") is not None for a in attacks):
+        rows.append({"defense": "after", "attacks": {a: _entry(a, summ[a].get("success_post"), summ[a])
+                                                     for a in attacks}})
     return rows
 
 
@@ -244,11 +244,11 @@ def modality_table_html(grid: Mapping[str, Any], table_id: str = "modality-table
     return _table(attacks, rows, table_id, "model") if attacks else ""
 
 
-def run_modality_table_html(other_attacks: Mapping[str, Any],
+def run_modality_table_html(summaries: Mapping[str, Any],
                             table_id: str = "modality-table") -> str:
     """:func:`modality_table_html` for one run (rows ``before`` / ``after`` the edit, see
     :func:`run_modality_rows`); ``""`` when no modality attack ran."""
-    rows = run_modality_rows(other_attacks)
+    rows = run_modality_rows(summaries)
     if not rows:
         return ""
     return _table(list(rows[0]["attacks"]), rows, table_id, "edit")
@@ -385,7 +385,7 @@ def image_examples_html(examples: Sequence[Mapping[str, Any]], n: int = 4, thumb
     Args:
         examples: dicts ``{"fact_id", "prompt", "answer", "image": path, "image_paraphrases":
             {"easy"|"medium"|"hard": [paths]}, "neighborhood_images": [{"image": path,
-            "answer": str}, ...]}`` (:func:`probe.pipeline.image_examples`).
+            "answer": str}, ...]}`` (:func:`probe.jobs.image_examples`).
         n: at most this many examples (rows).
         thumb: thumbnail size in pixels (longer side).
         base_dir: directory that relative image paths are resolved against (default: as given).
