@@ -220,6 +220,60 @@ def _clean_run(model, ids: list[int], layers: list[int], answer_id: int) -> tupl
     return torch.stack(list(states), 0), float(prob)
 
 
+def _check_restorations(restorations, corrupt_positions, state_layers, row_of: dict[int, int],
+                        T: int) -> list[int]:
+    """Validate the restoration sets and corrupted positions; the sorted unique corrupted positions.
+
+    Raises KeyError for a layer without a clean state, IndexError for a position outside ``[0, T)``.
+    """
+    for rs in restorations:
+        for layer, pos in rs:
+            if layer not in row_of:
+                raise KeyError(f"layer {layer} has no clean state (clean states for {list(state_layers)})")
+            if not 0 <= pos < T:
+                raise IndexError(f"position {pos} outside the prompt's {T} tokens")
+    corrupt = sorted(set(int(p) for p in corrupt_positions))
+    if any(not 0 <= p < T for p in corrupt):
+        raise IndexError(f"corrupted positions {corrupt} outside the prompt's {T} tokens")
+    return corrupt
+
+
+def _restoration_plan(chunk, restorations, need_layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer: the ``(batch rows, positions)`` to restore in this chunk of ``(restoration, sample)`` rows."""
+    plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer in need_layers:
+        rows, cols = [], []
+        for b, (r, _) in enumerate(chunk):
+            for lay, pos in restorations[r]:
+                if lay == layer:
+                    rows.append(b)
+                    cols.append(pos)
+        if rows:
+            plan[layer] = (torch.tensor(rows), torch.tensor(cols))
+    return plan
+
+
+def _run_restored_chunk(model, ids, answer_id, chunk, plan, corrupt, noise, noise_std, clean_states,
+                        row_of) -> torch.Tensor:
+    """One nnsight trace of a chunk: noise the corrupted embeddings, restore the planned states;
+    the answer's probability per row (float64 ``[len(chunk)]``, cpu)."""
+    B = len(chunk)
+    batch = encode_ids(model, [ids] * B)
+    embed = get_attr_path(model.nn, model.arch.embed)
+    sample_idx = torch.tensor([s for _, s in chunk])
+    dev = model.device
+    with torch.no_grad(), model.nn.trace(**batch.model_inputs(), logits_to_keep=1):
+        if corrupt and noise_std > 0:
+            emb = embed.output
+            emb[:, corrupt] += noise[sample_idx].to(device=dev, dtype=emb.dtype)
+        for layer in sorted(plan):
+            rows, cols = plan[layer]
+            h = get_resid(model.layer_envoy(layer).output, B)
+            h[rows.to(dev), cols.to(dev)] = clean_states[row_of[layer]][cols].to(device=dev, dtype=h.dtype)
+        logits = model.nn.output.logits[:, -1].save()
+    return torch.softmax(logits.float(), -1)[:, answer_id].double().cpu()
+
+
 def restored_probs(model, ids: Sequence[int], answer_id: int, corrupt_positions: Sequence[int],
                    restorations: Sequence[Sequence[tuple[int, int]]], *, clean_states: torch.Tensor,
                    state_layers: Sequence[int], noise_std: float, samples: int = 1, seed: int = 0,
@@ -257,50 +311,18 @@ def restored_probs(model, ids: Sequence[int], answer_id: int, corrupt_positions:
     ids = list(ids)
     T = len(ids)
     row_of = {layer: r for r, layer in enumerate(state_layers)}
-    for rs in restorations:
-        for layer, pos in rs:
-            if layer not in row_of:
-                raise KeyError(f"layer {layer} has no clean state (clean states for {list(state_layers)})")
-            if not 0 <= pos < T:
-                raise IndexError(f"position {pos} outside the prompt's {T} tokens")
-    corrupt = sorted(set(int(p) for p in corrupt_positions))
-    if any(not 0 <= p < T for p in corrupt):
-        raise IndexError(f"corrupted positions {corrupt} outside the prompt's {T} tokens")
+    corrupt = _check_restorations(restorations, corrupt_positions, state_layers, row_of, T)
     d = clean_states.shape[-1]
     gen = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(samples, len(corrupt), d, generator=gen) * float(noise_std)  # [S, n_corrupt, d]
     # rows: (restoration r, sample s) for r, s in product
     jobs = [(r, s) for r in range(len(restorations)) for s in range(samples)]
     out = torch.zeros(len(restorations), dtype=torch.float64)
-    embed = get_attr_path(model.nn, model.arch.embed)
     need_layers = sorted({layer for rs in restorations for layer, _ in rs})
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
-        B = len(chunk)
-        batch = encode_ids(model, [ids] * B)
-        # per layer: the (row, position) pairs to restore in this chunk
-        plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer in need_layers:
-            rows, cols = [], []
-            for b, (r, _) in enumerate(chunk):
-                for lay, pos in restorations[r]:
-                    if lay == layer:
-                        rows.append(b)
-                        cols.append(pos)
-            if rows:
-                plan[layer] = (torch.tensor(rows), torch.tensor(cols))
-        sample_idx = torch.tensor([s for _, s in chunk])
-        dev = model.device
-        with torch.no_grad(), model.nn.trace(**batch.model_inputs(), logits_to_keep=1):
-            if corrupt and noise_std > 0:
-                emb = embed.output
-                emb[:, corrupt] += noise[sample_idx].to(device=dev, dtype=emb.dtype)
-            for layer in sorted(plan):
-                rows, cols = plan[layer]
-                h = get_resid(model.layer_envoy(layer).output, B)
-                h[rows.to(dev), cols.to(dev)] = clean_states[row_of[layer]][cols].to(device=dev, dtype=h.dtype)
-            logits = model.nn.output.logits[:, -1].save()
-        p = torch.softmax(logits.float(), -1)[:, answer_id].double().cpu()
+        plan = _restoration_plan(chunk, restorations, need_layers)
+        p = _run_restored_chunk(model, ids, answer_id, chunk, plan, corrupt, noise, noise_std, clean_states, row_of)
         for b, (r, _) in enumerate(chunk):
             out[r] += p[b]
     return (out / samples).float()
@@ -320,6 +342,66 @@ def _columns(T: int, groups) -> tuple[list[list[int]], list[str] | None]:
             if not -T <= int(p) < T:
                 raise IndexError(f"position {p} outside the prompt's {T} tokens")
     return [[int(p) % T for p in c] for c in cols], names
+
+
+def _trace_prompt_ids(model, clean_model, prompt, subject, subject_positions) -> list[int]:
+    """Check the arguments of :func:`causal_trace` and tokenise ``prompt`` (the same for both models)."""
+    from .images import ImagePrompt
+
+    if isinstance(prompt, ImagePrompt):
+        raise InputError("causal tracing corrupts token embeddings; an image prompt's image tokens come from the "
+                         "projector, so trace the fact's text form instead (probe.jobs.text_form)",
+                         field="prompt")
+    if clean_model.d_model != model.d_model:
+        raise ValueError(f"clean_model has d_model {clean_model.d_model}, model {model.d_model}")
+    if (subject is None) == (subject_positions is None):
+        raise InputError("give exactly one of subject and subject_positions", field="subject")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("prompt is empty or whitespace-only", field="prompt")
+    ids = tokenize(model.tokenizer, prompt)
+    if clean_model is not model and tokenize(clean_model.tokenizer, prompt) != ids:
+        raise ValueError("model and clean_model tokenise the prompt differently")
+    return ids
+
+
+def _corrupt_positions(model, prompt: str, subject, subject_positions, T: int) -> list[int]:
+    """Sorted token positions to corrupt: the subject's tokens, or the explicit positions mod ``T``."""
+    if subject is not None:
+        return subject_token_positions(model.tokenizer, prompt, subject)
+    corrupt = []
+    for p in subject_positions:
+        if not -T <= int(p) < T:
+            raise IndexError(f"subject position {p} outside the prompt's {T} tokens")
+        corrupt.append(int(p) % T)
+    corrupt = sorted(set(corrupt))
+    if not corrupt:
+        raise InputError("subject_positions is empty", field="subject_positions")
+    return corrupt
+
+
+def _trace_probs(model, clean_model, ids, a_id, corrupt, restorations, clean_states, layer_list, std, samples,
+                 seed, batch_size) -> torch.Tensor:
+    """Restored probability of every restoration set (``[len(restorations)]``; row 0 = corrupted run).
+
+    Restorations known to change nothing are not run (their value is the corrupted probability):
+    the last layer's states at positions other than the last never reach the output, and, when
+    the clean states come from `model` itself, positions before the first corrupted token are
+    identical in the clean and the corrupted run.
+    """
+    T = len(ids)
+    first = min(corrupt)
+    last_layer = model.n_layers - 1
+
+    def _noop(rs) -> bool:
+        return bool(rs) and all((layer == last_layer and p != T - 1) or (clean_model is model and p < first)
+                                for layer, p in rs)
+
+    todo = [i for i, rs in enumerate(restorations) if i == 0 or not _noop(rs)]
+    run = restored_probs(model, ids, a_id, corrupt, [restorations[i] for i in todo], clean_states=clean_states,
+                         state_layers=layer_list, noise_std=std, samples=samples, seed=seed, batch_size=batch_size)
+    probs = torch.full((len(restorations),), float(run[0]))
+    probs[todo] = run
+    return probs
 
 
 def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
@@ -362,34 +444,10 @@ def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
                           subject="The Eiffel Tower")
         tr.probs.shape  # [30, 10]
     """
-    from .images import ImagePrompt
-
-    if isinstance(prompt, ImagePrompt):
-        raise InputError("causal tracing corrupts token embeddings; an image prompt's image tokens come from the "
-                         "projector, so trace the fact's text form instead (probe.jobs.text_form)",
-                         field="prompt")
     clean_model = model if clean_model is None else clean_model
-    if clean_model.d_model != model.d_model:
-        raise ValueError(f"clean_model has d_model {clean_model.d_model}, model {model.d_model}")
-    if (subject is None) == (subject_positions is None):
-        raise InputError("give exactly one of subject and subject_positions", field="subject")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("prompt is empty or whitespace-only", field="prompt")
-    ids = tokenize(model.tokenizer, prompt)
+    ids = _trace_prompt_ids(model, clean_model, prompt, subject, subject_positions)
     T = len(ids)
-    if clean_model is not model and tokenize(clean_model.tokenizer, prompt) != ids:
-        raise ValueError("model and clean_model tokenise the prompt differently")
-    if subject is not None:
-        corrupt = subject_token_positions(model.tokenizer, prompt, subject)
-    else:
-        corrupt = []
-        for p in subject_positions:
-            if not -T <= int(p) < T:
-                raise IndexError(f"subject position {p} outside the prompt's {T} tokens")
-            corrupt.append(int(p) % T)
-        corrupt = sorted(set(corrupt))
-        if not corrupt:
-            raise InputError("subject_positions is empty", field="subject_positions")
+    corrupt = _corrupt_positions(model, prompt, subject, subject_positions, T)
     a_id = answer_ids(model.tokenizer, prompt, answer)[0]
     layer_list = normalize_layers(model, layers)
     normalize_layers(clean_model, layer_list)  # same indices must exist in the clean model
@@ -397,22 +455,8 @@ def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
     clean_states, clean_prob = _clean_run(clean_model, ids, layer_list, a_id)
     std = noise * embedding_noise_std(model)
     restorations = [[]] + [[(layer, p) for p in c] for layer in layer_list for c in cols]
-    # Restorations known to change nothing are not run (their value is the corrupted probability):
-    # the last layer's states at positions other than the last never reach the output, and, when
-    # the clean states come from `model` itself, positions before the first corrupted token are
-    # identical in the clean and the corrupted run.
-    first = min(corrupt)
-    last_layer = model.n_layers - 1
-
-    def _noop(rs) -> bool:
-        return bool(rs) and all((layer == last_layer and p != T - 1) or (clean_model is model and p < first)
-                                for layer, p in rs)
-
-    todo = [i for i, rs in enumerate(restorations) if i == 0 or not _noop(rs)]
-    run = restored_probs(model, ids, a_id, corrupt, [restorations[i] for i in todo], clean_states=clean_states,
-                         state_layers=layer_list, noise_std=std, samples=samples, seed=seed, batch_size=batch_size)
-    probs = torch.full((len(restorations),), float(run[0]))
-    probs[todo] = run
+    probs = _trace_probs(model, clean_model, ids, a_id, corrupt, restorations, clean_states, layer_list, std,
+                         samples, seed, batch_size)
     tok = model.tokenizer
     labels = names or [tok.decode([ids[c[0]]]) if len(c) == 1 else f"{c[0]}..{c[-1]}" for c in cols]
     return CausalTrace(

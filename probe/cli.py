@@ -61,12 +61,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="probe-attack",
-        description="Is deleted knowledge really gone? Delete facts from a language model and try to read "
-                    "them back out of its residual stream, layer by layer.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_run(sub) -> None:
+    """``run``: filter, attack, delete, attack again, report."""
     run = sub.add_parser("run", help="the main job: filter known facts, attack, delete, attack again, report",
                          description="Filter known facts, run whitebox attacks, delete each fact with a defense, "
                                      "attack again and measure the deletion; writes results.json, per_fact.jsonl "
@@ -90,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="causal traces (layer x position, subject corrupted) of the first N deleted facts, with "
                           "the unedited and the edited model as clean run, in causal_traces.jsonl and the report "
                           "(~15-30 s per fact on 2 cores; default 0)")
+
+
+def _add_grid(sub) -> None:
+    """``grid``: every defense x attack on the known facts."""
     grid = sub.add_parser("grid", help="every defense x attack on the known facts: grid.json + report.html",
                           description="Delete each known fact with each selected defense (one at a time, fresh copy), "
                                       "run every selected attack before and after, and write grid.json (one record "
@@ -106,12 +106,24 @@ def build_parser() -> argparse.ArgumentParser:
     grid.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
     grid.add_argument("--random-n", type=int, default=10, help="other facts per edit for the random Δ-Acc (default 10)")
     grid.add_argument("--acc-tokens", type=int, default=8, help="greedy tokens for the accuracy metrics (default 8)")
+
+
+def _add_attack(sub) -> None:
+    """``attack``: attacks only, no filter and no deletion."""
     att = sub.add_parser("attack", help="attacks only (no filter, no deletion) on every fact, e.g. of a model "
                                         "you already edited",
                          description="Run the whitebox attacks on every given fact, without filtering or "
                                      "deletion; writes results.json, per_fact.jsonl and report.html in --out.")
     _common(att)
+
+
+def _add_models(sub) -> None:
+    """``models``: list model short names and architectures."""
     sub.add_parser("models", help="list model short names and supported architectures")
+
+
+def _add_image_facts(sub) -> None:
+    """``image-facts``: write the built-in flag image fact set."""
     imf = sub.add_parser("image-facts", help="write the built-in image (flag) fact set: images + facts.jsonl",
                          description="Render the flag images and write the built-in multimodal fact set (one fact "
                                      "per country x relation, with paraphrase and neighbourhood images) into a "
@@ -126,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="other countries' flags per fact (default 3)")
     imf.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     imf.add_argument("--seed", type=int, default=0, help="base seed of the renders (default 0)")
+
+
+def _add_import_unlok_vqa(sub) -> None:
+    """``import-unlok-vqa``: convert UnLOK-VQA records to a facts JSONL."""
     unl = sub.add_parser("import-unlok-vqa", help="convert UnLOK-VQA records (+ COCO images) to a facts JSONL",
                          description="Read UnLOK-VQA records (JSON list or JSONL), find their COCO-2017 images "
                                      "(train2017/, then val2017/, then the --coco folder itself) and the optional "
@@ -140,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="root of the neighbourhood images (neigh_easy/, neigh_med/, neighborhood_images_hard/)")
     unl.add_argument("--limit", type=int, default=None, help="import the first N records")
     unl.add_argument("--out", required=True, help="output facts file (.jsonl)")
+
+
+def _add_tuned_lens(sub) -> None:
+    """``tuned-lens``: train or load a tuned lens and print its KL table."""
     tl = sub.add_parser("tuned-lens", help="train (or load) the model's tuned lens and print the per-layer KL table",
                         description="Train (or load from the cache) the tuned lens of a model and print, per decoder "
                                     "layer, the held-out KL(final || lens) in nats of the logit lens and of the tuned "
@@ -155,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--seed", type=int, default=0)
     tl.add_argument("--device", default="cpu")
     tl.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_train_vlm(sub) -> None:
+    """``train-vlm``: train (or evaluate) the mini VLM."""
     vlm = sub.add_parser("train-vlm", help="train the mini VLM (vision tower + projector on frozen SmolLM2) and "
                                            "print its accuracy",
                          description="Train the mini VLM's vision tower and projector (anchor alignment on "
@@ -170,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     vlm.add_argument("--eval-only", metavar="WEIGHTS", default=None,
                      help="skip training: evaluate this weights file (e.g. the shipped probe/data/mini_vlm.pt)")
     vlm.add_argument("--per-strength", type=int, default=2, help="evaluation images per strength and country")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="probe-attack",
+        description="Is deleted knowledge really gone? Delete facts from a language model and try to read "
+                    "them back out of its residual stream, layer by layer.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_run(sub)
+    _add_grid(sub)
+    _add_attack(sub)
+    _add_models(sub)
+    _add_image_facts(sub)
+    _add_import_unlok_vqa(sub)
+    _add_tuned_lens(sub)
+    _add_train_vlm(sub)
     return parser
 
 

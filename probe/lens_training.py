@@ -204,6 +204,212 @@ class _LstsqStats:
         return (beta[:d].T - torch.eye(d, dtype=torch.float64)).float(), beta[d].float()
 
 
+class _PhaseClock:
+    """Wall-clock seconds per training phase (``secs``, printed on stderr with ``progress``) and
+    the deadline of the whole call (``time.perf_counter`` units; ``inf`` when ``minutes`` is None)."""
+
+    def __init__(self, progress: bool, minutes: float | None):
+        self.progress = progress
+        self.secs: dict[str, float] = {}
+        self.t0 = self.t = time.perf_counter()
+        self.deadline = self.t0 + minutes * 60 if minutes is not None else math.inf
+
+    def lap(self, name: str) -> float:
+        """Record phase ``name`` as the time since the previous lap (or the start); returns now."""
+        now = time.perf_counter()
+        self.secs[name] = round(now - self.t, 2)
+        if self.progress:
+            print(f"tuned lens: {name} {now - self.t:.1f} s", file=sys.stderr)
+        self.t = now
+        return now
+
+    def total(self) -> dict[str, float]:
+        """``secs`` with ``"total"``: start to the last lap."""
+        self.secs["total"] = round(self.t - self.t0, 2)
+        return self.secs
+
+
+def _check_budget(minutes: float | None, steps: int | None, init: str) -> None:
+    """ValueError for no budget (``minutes`` and ``steps`` both None) or an unknown ``init``."""
+    if minutes is None and steps is None:
+        raise ValueError("give minutes or steps")
+    if init not in ("auto", "identity", "lstsq"):
+        raise ValueError(f"unknown init {init!r}; use auto, identity or lstsq")
+
+
+def _heldout_logit_kl(model, lens: TunedLens, w_held, collect_batch: int,
+                      progress: bool) -> tuple[torch.Tensor, list[float], float]:
+    """Read the held-out windows' residuals and the logit lens's per-layer KL (nats) on them.
+
+    Returns ``(residuals [n_layers, n_tokens, d_model], KL per layer, reserve)``, ``reserve`` being
+    the seconds set aside for the final evaluation and saving.
+    """
+    H_eval = collect_residuals(model, w_held, batch_size=collect_batch, progress=progress, desc="held-out residuals")
+    t_eval = time.perf_counter()
+    kl_logit = layer_kl(lens, H_eval, identity=True, progress=progress, desc="KL logit lens")
+    eval_s = time.perf_counter() - t_eval
+    return H_eval, kl_logit, 1.15 * eval_s + 2.0
+
+
+def _training_windows(model, texts, exclude, seq_len: int, heldout_tokens: int, train_tokens: int,
+                      seed: int) -> tuple[list, list, int, str]:
+    """``(held-out windows, training windows, seq_len, text source)``: the text (default corpus minus
+    ``exclude`` when ``texts`` is None) packed into windows, whole documents held out.
+
+    Raises ValueError when there is too little text for one window of each.
+    """
+    source = "user texts"
+    if texts is None:
+        exclude = list(exclude)
+        texts = corpus.default_texts(exclude)
+        source = corpus.default_text_source(exclude)
+    ctx = model.context_length
+    seq_len = min(seq_len, ctx) if ctx else seq_len
+    w_held, w_train = corpus.split_windows(model.tokenizer, texts, seq_len, heldout_tokens=heldout_tokens,
+                                           train_tokens=train_tokens, seed=seed)  # whole documents held out
+    if not w_train or not w_held:
+        raise ValueError(f"too little text for one training and one held-out window of {seq_len} tokens")
+    return w_held, w_train, seq_len, source
+
+
+def _collect_training(model, w_train, stats: _LstsqStats | None, keep_frac: float, gen: torch.Generator,
+                      collect_end: float, batch: int, collect_batch: int, progress: bool) -> tuple[torch.Tensor, int]:
+    """Stream the training windows through ``model``: add every batch to ``stats`` and keep each
+    token with probability ``keep_frac`` (drawn from ``gen``); stop after ``collect_end``
+    (``time.perf_counter``) once ``batch`` tokens are kept.
+
+    Returns ``(kept residuals [n_layers, n_kept, d_model], tokens read)``.
+    """
+    kept, n_train = [], 0
+    for Hb in iter_residuals(model, w_train, batch_size=collect_batch, progress=progress, desc="train residuals"):
+        if stats is not None:
+            stats.add(Hb)
+        n_train += Hb.shape[1]
+        sel = torch.rand(Hb.shape[1], generator=gen) < keep_frac
+        kept.append(Hb[:, sel].clone())
+        if time.perf_counter() > collect_end and sum(k.shape[1] for k in kept) >= batch:
+            break
+    H = torch.cat(kept, 1)
+    del kept
+    return H, n_train
+
+
+def _warm_start(lens: TunedLens, stats: _LstsqStats | None, H: torch.Tensor, init: str, seed: int) -> list[str]:
+    """Set every translator but the last to its least-squares solution where ``init == "lstsq"``, or
+    where that beats the identity on 128 kept tokens (``"auto"``), else to the identity.
+
+    Returns the per-layer choice (``"identity"`` / ``"lstsq"``, ``n_layers`` entries).
+    """
+    L = H.shape[0]
+    chosen = ["identity"] * L
+    if stats is None:
+        return chosen
+    probe_idx = torch.randperm(H.shape[1], generator=torch.Generator().manual_seed(seed))[:128]
+    H_probe = H[:, probe_idx]
+    base = layer_kl(lens, H_probe, identity=True)
+    for layer in range(L - 1):
+        check_interrupt()
+        A, b = stats.solve(layer)
+        with torch.no_grad():
+            lens.weight[layer].copy_(A)
+            lens.bias[layer].copy_(b)
+    ls = layer_kl(lens, H_probe)
+    with torch.no_grad():
+        for layer in range(L - 1):
+            if init == "lstsq" or ls[layer] < base[layer]:
+                chosen[layer] = "lstsq"
+            else:
+                lens.weight[layer].zero_()
+                lens.bias[layer].zero_()
+    return chosen
+
+
+def _adam_step(lens: TunedLens, opt: torch.optim.Optimizer, unembed, H: torch.Tensor, idx: torch.Tensor,
+               train_layers: list[int]) -> float:
+    """One Adam step on the mean over ``train_layers`` of KL(p_final || p_l) at positions ``idx``;
+    returns the loss (nats)."""
+    L = H.shape[0]
+    dev = lens.weight.device
+    with torch.no_grad():
+        tgt = _Target(unembed, H[L - 1, idx].to(dev))
+        h = H[:L - 1, idx].to(dev)  # [L-1, batch, d]
+    # translate all layers in one batched matmul; the per-layer vocab-sized losses backprop
+    # into a small leaf, whose gradient then flows through the translators once
+    moved = torch.baddbmm(lens.bias[:L - 1, None], h, lens.weight[:L - 1].transpose(1, 2)) + h
+    leaf = moved.detach().requires_grad_(True)
+    total = 0.0
+    for layer in train_layers:
+        loss = tgt.kl(leaf[layer]).mean() / len(train_layers)
+        loss.backward()
+        total += float(loss.detach())
+    moved.backward(leaf.grad)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
+def _adam(lens: TunedLens, H: torch.Tensor, gen: torch.Generator, *, steps: int | None, batch: int, lr: float,
+          train_end: float, progress: bool) -> int:
+    """Adam on random batches of ``batch`` kept positions (drawn from ``gen``), learning rate
+    decaying linearly from ``lr`` to 10 % over ``steps`` (or until ``train_end``, a
+    ``time.perf_counter`` deadline); stops when the next step would pass ``train_end``.
+
+    Returns the number of steps taken.
+    """
+    L, N = H.shape[0], H.shape[1]
+    train_layers = list(range(L - 1))
+    unembed = _frozen(lens.unembed)
+    opt = torch.optim.Adam([lens.weight, lens.bias], lr=lr)
+    n_steps, step_s = 0, 0.0
+    bar = tqdm(total=steps, desc="tuned lens", disable=not progress, leave=False)
+    t_train = time.perf_counter()
+    while train_layers and (steps is None or n_steps < steps):
+        now = time.perf_counter()
+        if now + step_s > train_end:
+            break
+        check_interrupt()
+        if steps is not None:
+            frac = n_steps / steps
+        else:
+            frac = min(1.0, (now - t_train) / max(1e-6, train_end - t_train))
+        for g in opt.param_groups:
+            g["lr"] = lr * (1.0 - 0.9 * frac)
+        s0 = time.perf_counter()
+        idx = torch.randint(0, N, (batch,), generator=gen)
+        total = _adam_step(lens, opt, unembed, H, idx, train_layers)
+        n_steps += 1
+        dt = time.perf_counter() - s0
+        step_s = dt if n_steps == 1 else 0.8 * step_s + 0.2 * dt
+        bar.update(1)
+        bar.set_postfix(kl=f"{total:.3f}")
+    bar.close()
+    return n_steps
+
+
+def _fit(model, lens: TunedLens, w_train, clock: _PhaseClock, reserve: float, *, init: str, seed: int,
+         seq_len: int, batch: int, adam_tokens: int, collect_share: float, collect_batch: int, steps: int | None,
+         lr: float, progress: bool) -> tuple[int, int, list[str], int]:
+    """Collect the training residuals, warm-start and train ``lens`` in place (phases ``collect``,
+    ``init``, ``train`` of ``clock``); one seeded generator draws the kept tokens, then the Adam batches.
+
+    Returns ``(tokens read, tokens kept for Adam, per-layer init, Adam steps)``.
+    """
+    L = model.n_layers
+    stats = _LstsqStats(L, model.d_model) if init != "identity" and L > 1 else None
+    keep_frac = min(1.0, adam_tokens / max(1, len(w_train) * (seq_len - 1)))
+    collect_end = clock.t + collect_share * max(0.0, clock.deadline - reserve - clock.t)
+    gen = torch.Generator().manual_seed(seed)
+    H, n_train = _collect_training(model, w_train, stats, keep_frac, gen, collect_end, batch, collect_batch, progress)
+    clock.lap("collect")
+    chosen = _warm_start(lens, stats, H, init, seed)
+    del stats
+    clock.lap("init")
+    n_steps = _adam(lens, H, gen, steps=steps, batch=batch, lr=lr, train_end=clock.deadline - reserve,
+                    progress=progress)
+    clock.lap("train")
+    return n_train, H.shape[1], chosen, n_steps
+
+
 def train_tuned_lens(model, *, texts: Sequence[str] | None = None, exclude: Iterable[Fact | str] = (),
                      minutes: float | None = 8.0,
                      steps: int | None = None, seq_len: int = 128, batch: int = 64,
@@ -253,143 +459,27 @@ def train_tuned_lens(model, *, texts: Sequence[str] | None = None, exclude: Iter
         ValueError: no budget (``minutes`` and ``steps`` both None), an unknown ``init``, or too
             little text for one training and one held-out window.
     """
-    if minutes is None and steps is None:
-        raise ValueError("give minutes or steps")
-    if init not in ("auto", "identity", "lstsq"):
-        raise ValueError(f"unknown init {init!r}; use auto, identity or lstsq")
-    t0 = time.perf_counter()
-    deadline = t0 + minutes * 60 if minutes is not None else math.inf
-    secs: dict[str, float] = {}
-
-    def phase(name: str, since: float) -> float:
-        now = time.perf_counter()
-        secs[name] = round(now - since, 2)
-        if progress:
-            print(f"tuned lens: {name} {now - since:.1f} s", file=sys.stderr)
-        return now
-
-    # -- text
-    source = "user texts"
-    if texts is None:
-        exclude = list(exclude)
-        texts = corpus.default_texts(exclude)
-        source = corpus.default_text_source(exclude)
-    ctx = model.context_length
-    seq_len = min(seq_len, ctx) if ctx else seq_len
-    w_held, w_train = corpus.split_windows(model.tokenizer, texts, seq_len, heldout_tokens=heldout_tokens,
-                                           train_tokens=train_tokens, seed=seed)  # whole documents held out
-    if not w_train or not w_held:
-        raise ValueError(f"too little text for one training and one held-out window of {seq_len} tokens")
-    t = phase("texts", t0)
-
-    # -- held-out residuals and the logit lens's KL
-    L = model.n_layers
+    _check_budget(minutes, steps, init)
+    clock = _PhaseClock(progress, minutes)
+    w_held, w_train, seq_len, source = _training_windows(model, texts, exclude, seq_len, heldout_tokens,
+                                                         train_tokens, seed)
+    clock.lap("texts")
     lens = TunedLens.from_model(model)
-    H_eval = collect_residuals(model, w_held, batch_size=collect_batch, progress=progress, desc="held-out residuals")
-    t_eval = time.perf_counter()
-    kl_logit = layer_kl(lens, H_eval, identity=True, progress=progress, desc="KL logit lens")
-    eval_s = time.perf_counter() - t_eval
-    t = phase("eval_before", t)
-    reserve = 1.15 * eval_s + 2.0  # the final evaluation and saving
-
-    # -- training residuals: least-squares statistics over all of them, a random subset kept for Adam
-    stats = _LstsqStats(L, model.d_model) if init != "identity" and L > 1 else None
-    n_windows = len(w_train)
-    keep_frac = min(1.0, adam_tokens / max(1, n_windows * (seq_len - 1)))
-    collect_end = t + collect_share * max(0.0, deadline - reserve - t)
-    gen = torch.Generator().manual_seed(seed)
-    kept, n_train = [], 0
-    for Hb in iter_residuals(model, w_train, batch_size=collect_batch, progress=progress, desc="train residuals"):
-        if stats is not None:
-            stats.add(Hb)
-        n_train += Hb.shape[1]
-        sel = torch.rand(Hb.shape[1], generator=gen) < keep_frac
-        kept.append(Hb[:, sel].clone())
-        if time.perf_counter() > collect_end and sum(k.shape[1] for k in kept) >= batch:
-            break
-    H = torch.cat(kept, 1)
-    del kept
-    t = phase("collect", t)
-
-    # -- warm start
-    chosen = ["identity"] * L
-    if stats is not None:
-        probe_idx = torch.randperm(H.shape[1], generator=torch.Generator().manual_seed(seed))[:128]
-        H_probe = H[:, probe_idx]
-        base = layer_kl(lens, H_probe, identity=True)
-        for layer in range(L - 1):
-            check_interrupt()
-            A, b = stats.solve(layer)
-            with torch.no_grad():
-                lens.weight[layer].copy_(A)
-                lens.bias[layer].copy_(b)
-        ls = layer_kl(lens, H_probe)
-        with torch.no_grad():
-            for layer in range(L - 1):
-                if init == "lstsq" or ls[layer] < base[layer]:
-                    chosen[layer] = "lstsq"
-                else:
-                    lens.weight[layer].zero_()
-                    lens.bias[layer].zero_()
-        del stats
-    t = phase("init", t)
-
-    # -- Adam on the KL
-    train_layers = list(range(L - 1))
-    unembed = _frozen(lens.unembed)
-    opt = torch.optim.Adam([lens.weight, lens.bias], lr=lr)
-    dev = lens.weight.device
-    N = H.shape[1]
-    n_steps, step_s = 0, 0.0
-    bar = tqdm(total=steps, desc="tuned lens", disable=not progress, leave=False)
-    train_end = deadline - reserve
-    t_train = time.perf_counter()
-    while train_layers and (steps is None or n_steps < steps):
-        now = time.perf_counter()
-        if now + step_s > train_end:
-            break
-        check_interrupt()
-        if steps is not None:
-            frac = n_steps / steps
-        else:
-            frac = min(1.0, (now - t_train) / max(1e-6, train_end - t_train))
-        for g in opt.param_groups:
-            g["lr"] = lr * (1.0 - 0.9 * frac)
-        s0 = time.perf_counter()
-        idx = torch.randint(0, N, (batch,), generator=gen)
-        with torch.no_grad():
-            tgt = _Target(unembed, H[L - 1, idx].to(dev))
-            h = H[:L - 1, idx].to(dev)  # [L-1, batch, d]
-        # translate all layers in one batched matmul; the per-layer vocab-sized losses backprop
-        # into a small leaf, whose gradient then flows through the translators once
-        moved = torch.baddbmm(lens.bias[:L - 1, None], h, lens.weight[:L - 1].transpose(1, 2)) + h
-        leaf = moved.detach().requires_grad_(True)
-        total = 0.0
-        for layer in train_layers:
-            loss = tgt.kl(leaf[layer]).mean() / len(train_layers)
-            loss.backward()
-            total += float(loss.detach())
-        moved.backward(leaf.grad)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        n_steps += 1
-        dt = time.perf_counter() - s0
-        step_s = dt if n_steps == 1 else 0.8 * step_s + 0.2 * dt
-        bar.update(1)
-        bar.set_postfix(kl=f"{total:.3f}")
-    bar.close()
-    t = phase("train", t)
-
+    H_eval, kl_logit, reserve = _heldout_logit_kl(model, lens, w_held, collect_batch, progress)
+    clock.lap("eval_before")
+    n_train, n_adam, chosen, n_steps = _fit(
+        model, lens, w_train, clock, reserve, init=init, seed=seed, seq_len=seq_len, batch=batch,
+        adam_tokens=adam_tokens, collect_share=collect_share, collect_batch=collect_batch, steps=steps, lr=lr,
+        progress=progress)
     kl_tuned = layer_kl(lens, H_eval, progress=progress, desc="KL tuned lens")
-    t = phase("eval_after", t)
-    secs["total"] = round(t - t0, 2)
-    report = TunedLensReport(kl_logit=kl_logit, kl_tuned=kl_tuned, n_train_tokens=int(n_train), n_adam_tokens=int(N),
-                             n_heldout_tokens=int(H_eval.shape[1]), init=chosen, steps=n_steps,
-                             tokens_per_step=batch, seq_len=seq_len, lr=lr, seed=seed, seconds=secs,
-                             text_source=source, model_name=model.name, fingerprint=model.fingerprint,
-                             torch_threads=torch.get_num_threads())
+    clock.lap("eval_after")
+    report = TunedLensReport(kl_logit=kl_logit, kl_tuned=kl_tuned, n_train_tokens=int(n_train),
+                             n_adam_tokens=int(n_adam), n_heldout_tokens=int(H_eval.shape[1]), init=chosen,
+                             steps=n_steps, tokens_per_step=batch, seq_len=seq_len, lr=lr, seed=seed,
+                             seconds=clock.total(), text_source=source, model_name=model.name,
+                             fingerprint=model.fingerprint, torch_threads=torch.get_num_threads())
     lens.report = report
-    del H, H_eval
+    del H_eval
     return lens, report
 
 

@@ -816,6 +816,76 @@ def _blur3(img: np.ndarray) -> np.ndarray:
 _NOISE_SIGMA = {"easy": 3.0, "medium": 10.0, "hard": 25.0}
 
 
+def _placement(rng: np.random.Generator, size: int, fw: int, fh: int, medium: bool, hard: bool):
+    """Random geometry: flag-local q (output pixels, centred) -> output p = c + M q.
+
+    Returns ``(M [2, 2], out_w, out_h, cx, cy, hx, hy)``: the linear map, the flag's output size
+    (pixels), its centre and the half-extents of its bounding box (kept inside the canvas).
+    """
+    out_w = rng.uniform(0.75, 0.95) * size
+    out_h = out_w * fh / fw * (rng.uniform(0.8, 1.25) if hard else 1.0)
+    if medium:
+        theta = math.radians(rng.uniform(-20.0, 20.0))
+        shear = rng.uniform(-0.2, 0.2)
+        cos, sin = math.cos(theta), math.sin(theta)
+        m = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear], [0.0, 1.0]])
+    else:
+        m = np.eye(2)
+    corners = m @ np.array([[-1, 1, 1, -1], [-1, -1, 1, 1]], dtype=np.float64) * [[out_w / 2], [out_h / 2]]
+    hx, hy = np.abs(corners).max(axis=1)
+    cx = rng.uniform(min(hx, size - hx), max(hx, size - hx))
+    cy = rng.uniform(min(hy, size - hy), max(hy, size - hy))
+    return m, out_w, out_h, cx, cy, hx, hy
+
+
+def _source_coords(rng: np.random.Generator, size: int, fw: int, fh: int, m: np.ndarray, out_w: float,
+                   out_h: float, cx: float, cy: float, hard: bool):
+    """Source-flag coordinates ``(sx, sy)`` (float32 ``[size * size]``) of every output pixel, and
+    the waving shading (``hard`` only, else None)."""
+    px, py = _pixel_grid(size)
+    inv = np.linalg.inv(m).astype(np.float32)
+    dx, dy = px - np.float32(cx), py - np.float32(cy)
+    sx = (inv[0, 0] * dx + inv[0, 1] * dy) * np.float32(fw / out_w) + np.float32(fw / 2)
+    sy = (inv[1, 0] * dx + inv[1, 1] * dy) * np.float32(fh / out_h) + np.float32(fh / 2)
+    shade = None
+    if hard:  # waving: vertical sine displacement along the flag, with matching shading
+        amp = rng.uniform(0.03, 0.08) * fh
+        k = 2 * math.pi * rng.uniform(0.7, 1.5) / fw
+        phase = rng.uniform(0, 2 * math.pi)
+        arg = np.float32(k) * sx + np.float32(phase)
+        sy = sy + np.float32(amp) * np.sin(arg)
+        shade = 1.0 + np.float32(rng.uniform(0.05, 0.2)) * np.cos(arg)
+    return sx, sy, shade
+
+
+def _background(rng: np.random.Generator, size: int, medium: bool):
+    """A random smooth colour background (``medium``: float32 ``[size * size, 3]``), else a plain
+    light or dark grey level (a float32 scalar)."""
+    if medium:
+        k = int(rng.integers(2, 7))
+        grid = rng.integers(0, 256, (k, k, 3), dtype=np.uint8)
+        return np.asarray(Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BILINEAR),
+                          dtype=np.float32).reshape(-1, 3)
+    level = rng.uniform(20, 80) if rng.random() < 0.5 else rng.uniform(175, 235)
+    return np.float32(level)
+
+
+def _occlude(rng: np.random.Generator, img: np.ndarray, flag_area: float, size: int, cx: float, cy: float,
+             hx: float, hy: float) -> None:
+    """Paint 1-2 grey boxes into ``img`` (in place), each no bigger than 15 % of the visible flag
+    (``flag_area``, pixels), centred inside the flag's bounding box."""
+    for _ in range(int(rng.integers(1, 3))):
+        area = rng.uniform(0.04, 0.15) * flag_area
+        ratio = rng.uniform(0.5, 2.0)
+        bw, bh = math.sqrt(area * ratio), math.sqrt(area / ratio)
+        bx = rng.uniform(cx - hx, cx + hx) - bw / 2
+        by = rng.uniform(cy - hy, cy + hy) - bh / 2
+        x0, x1 = max(0, round(bx)), min(size, round(bx + bw))
+        y0, y1 = max(0, round(by)), min(size, round(by + bh))
+        if x1 > x0 and y1 > y0:
+            img[y0:y1, x0:x1] = rng.uniform(60, 200)
+
+
 def render(name: str, strength: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
     """The flag of ``name`` augmented and placed on a square canvas -> ``uint8 [size, size, 3]``.
 
@@ -841,65 +911,18 @@ def render(name: str, strength: str, rng: np.random.Generator, size: int = 64) -
 
     fw, fh = size, max(2, round(size * 2 / 3))  # source flag near the output resolution
     src = _source(name, fw, fh)
-
-    # geometry: flag-local q (output pixels, centred) -> output p = c + M q
-    out_w = rng.uniform(0.75, 0.95) * size
-    out_h = out_w * fh / fw * (rng.uniform(0.8, 1.25) if hard else 1.0)
-    if medium:
-        theta = math.radians(rng.uniform(-20.0, 20.0))
-        shear = rng.uniform(-0.2, 0.2)
-        cos, sin = math.cos(theta), math.sin(theta)
-        m = np.array([[cos, -sin], [sin, cos]]) @ np.array([[1.0, shear], [0.0, 1.0]])
-    else:
-        m = np.eye(2)
-    corners = m @ np.array([[-1, 1, 1, -1], [-1, -1, 1, 1]], dtype=np.float64) * [[out_w / 2], [out_h / 2]]
-    hx, hy = np.abs(corners).max(axis=1)
-    cx = rng.uniform(min(hx, size - hx), max(hx, size - hx))
-    cy = rng.uniform(min(hy, size - hy), max(hy, size - hy))
-
-    px, py = _pixel_grid(size)
-    inv = np.linalg.inv(m).astype(np.float32)
-    dx, dy = px - np.float32(cx), py - np.float32(cy)
-    sx = (inv[0, 0] * dx + inv[0, 1] * dy) * np.float32(fw / out_w) + np.float32(fw / 2)
-    sy = (inv[1, 0] * dx + inv[1, 1] * dy) * np.float32(fh / out_h) + np.float32(fh / 2)
-    shade = None
-    if hard:  # waving: vertical sine displacement along the flag, with matching shading
-        amp = rng.uniform(0.03, 0.08) * fh
-        k = 2 * math.pi * rng.uniform(0.7, 1.5) / fw
-        phase = rng.uniform(0, 2 * math.pi)
-        arg = np.float32(k) * sx + np.float32(phase)
-        sy = sy + np.float32(amp) * np.sin(arg)
-        shade = 1.0 + np.float32(rng.uniform(0.05, 0.2)) * np.cos(arg)
+    m, out_w, out_h, cx, cy, hx, hy = _placement(rng, size, fw, fh, medium, hard)
+    sx, sy, shade = _source_coords(rng, size, fw, fh, m, out_w, out_h, cx, cy, hard)
     sampled = _bilinear(src, sx, sy)  # [N, 4] premultiplied
     rgb, alpha = sampled[:, :3], sampled[:, 3:]
     jitter = (1.0 + rng.uniform(-0.08, 0.08, 3)).astype(np.float32)
     rgb = rgb * jitter
     if shade is not None:
         rgb = rgb * shade[:, None]
-
-    # background
-    if medium:
-        k = int(rng.integers(2, 7))
-        grid = rng.integers(0, 256, (k, k, 3), dtype=np.uint8)
-        bg = np.asarray(Image.fromarray(grid, "RGB").resize((size, size), Image.Resampling.BILINEAR),
-                        dtype=np.float32).reshape(-1, 3)
-    else:
-        level = rng.uniform(20, 80) if rng.random() < 0.5 else rng.uniform(175, 235)
-        bg = np.float32(level)
+    bg = _background(rng, size, medium)
     img = (bg * (1.0 - alpha) + rgb).reshape(size, size, 3)
-
-    if hard:  # occluders in image space, each no bigger than 15 % of the visible flag
-        flag_area = float(alpha.sum())
-        for _ in range(int(rng.integers(1, 3))):
-            area = rng.uniform(0.04, 0.15) * flag_area
-            ratio = rng.uniform(0.5, 2.0)
-            bw, bh = math.sqrt(area * ratio), math.sqrt(area / ratio)
-            bx = rng.uniform(cx - hx, cx + hx) - bw / 2
-            by = rng.uniform(cy - hy, cy + hy) - bh / 2
-            x0, x1 = max(0, round(bx)), min(size, round(bx + bw))
-            y0, y1 = max(0, round(by)), min(size, round(by + bh))
-            if x1 > x0 and y1 > y0:
-                img[y0:y1, x0:x1] = rng.uniform(60, 200)
+    if hard:
+        _occlude(rng, img, float(alpha.sum()), size, cx, cy, hx, hy)
     if medium:
         img += np.float32(rng.uniform(0.2, 1.0)) * (_blur3(img) - img)
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(_NOISE_SIGMA[strength])

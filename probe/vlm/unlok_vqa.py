@@ -118,21 +118,13 @@ def _str_list(value: Any, err) -> list[str]:
     return list(value)
 
 
-def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLike,
-                   paraphrase_root: str | os.PathLike | None = None,
-                   neighborhood_root: str | os.PathLike | None = None, template: str = DEFAULT_TEMPLATE,
-                   image_cache: dict | None = None) -> Fact:
-    """One UnLOK-VQA record as a :class:`Fact` (image paths absolute; see the module docstring).
+def _fill(template: str, q: str) -> str:
+    """The prompt of question ``q``: ``template`` with ``{question}`` replaced by ``q`` (stripped)."""
+    return template.replace("{question}", q.strip())
 
-    Raises:
-        InputError: naming ``file``, ``line`` and the record field (missing field, wrong type,
-            COCO image not found, unreadable image, no ``alt_ans`` for a neighbourhood image).
-    """
-    def err(field):
-        return lambda msg: InputError(msg, file=file, line=line, field=field)
 
-    if not isinstance(rec, dict):
-        raise InputError(f"expected a JSON object, got {type(rec).__name__}", file=file, line=line)
+def _record_id_src(rec: dict, err) -> tuple[str, str]:
+    """``(id, src)`` of a record; the required fields (``id``, ``src``, ``image_id``) must be present."""
     for req in ("id", "src", "image_id"):
         if req not in rec:
             raise err(req)("missing required field")
@@ -143,6 +135,11 @@ def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLik
     src = rec["src"]
     if not isinstance(src, str) or not src.strip():
         raise err("src")("must be a non-empty string")
+    return rid, src
+
+
+def _record_answer(rec: dict, err) -> str:
+    """The record's answer: ``pred``, or ``answers[0]`` when ``pred`` is missing."""
     answer = rec.get("pred")
     if not (isinstance(answer, str) and answer.strip()):
         answers = rec.get("answers")
@@ -153,6 +150,11 @@ def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLik
             raise err("pred")("missing required field (and no answers[0] to fall back on)")
         else:
             raise err("pred")("must be a non-empty string")
+    return answer
+
+
+def _record_image(rec: dict, err, coco_dir: str | os.PathLike) -> Path:
+    """The COCO image file of the record's ``image_id`` (an int or a digit string)."""
     image_id = rec["image_id"]
     if isinstance(image_id, str) and image_id.strip().isdigit():
         image_id = int(image_id.strip())
@@ -162,11 +164,11 @@ def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLik
     if image is None:
         tried = ", ".join(str(Path(coco_dir) / s / f"{image_id:012d}.jpg") for s in COCO_SUBDIRS)
         raise err("image_id")(f"COCO image not found (tried {tried})")
+    return image
 
-    def prompt(q: str) -> str:
-        return template.replace("{question}", q.strip())
 
-    paraphrases = [prompt(p) for p in _str_list(rec.get("rephrase"), err("rephrase")) if p.strip()]
+def _record_neighborhood(rec: dict, err, template: str, image: Path) -> list[dict]:
+    """Neighbourhood prompts from ``loc`` / ``loc_ans`` (labels: first word), on the fact's own image."""
     locs = _str_list(rec.get("loc"), err("loc"))
     loc_ans = _str_list(rec.get("loc_ans"), err("loc_ans"))
     if len(locs) != len(loc_ans) and any(q.strip() for q in locs):
@@ -179,16 +181,25 @@ def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLik
         label = _first_word(a)
         if not label:
             raise err(f"loc_ans[{i}]" if isinstance(rec.get("loc_ans"), list) else "loc_ans")("empty answer")
-        neighborhood.append({"prompt": prompt(q), "answer": label, "image": str(image)})
-    alt_ans = [a.strip() for a in _str_list(rec.get("alt_ans"), err("alt_ans"))]
-    alt = next((a for a in alt_ans if a), None)
+        neighborhood.append({"prompt": _fill(template, q), "answer": label, "image": str(image)})
+    return neighborhood
 
+
+def _image_paraphrases(paraphrase_root: str | os.PathLike | None, rid: str) -> dict[str, list[str]]:
+    """``{strength: [absolute path]}`` of the record's paraphrase images that exist."""
     image_paraphrases: dict[str, list[str]] = {}
     if paraphrase_root is not None:
         for strength, pattern in PARAPHRASE_IMAGES.items():
             p = Path(paraphrase_root) / pattern.format(id=rid)
             if p.is_file():
                 image_paraphrases[strength] = [str(p.absolute())]
+    return image_paraphrases
+
+
+def _neighborhood_images(rec: dict, err, neighborhood_root: str | os.PathLike | None, rid: str,
+                         alt_ans: list[str]) -> list[dict]:
+    """The record's existing neighbourhood images (``neigh_idx``, default :data:`DEFAULT_NEIGH_IDX`),
+    each answered by ``alt_ans[j]``."""
     neighborhood_images = []
     if neighborhood_root is not None:
         neigh_idx = rec.get("neigh_idx")
@@ -206,14 +217,45 @@ def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLik
                 if j >= len(alt_ans) or not alt_ans[j]:
                     raise err("alt_ans")(f"no alt_ans[{j}] for the neighbourhood image {p}")
                 neighborhood_images.append({"image": str(p.absolute()), "answer": alt_ans[j], "strength": strength})
+    return neighborhood_images
 
+
+def _record_subject(rec: dict, main_prompt: str) -> str | None:
+    """The record's ``subject`` (stripped) if it occurs in the main prompt, else None."""
     subject = rec.get("subject")
-    main_prompt = prompt(src)
-    subject = subject.strip() if isinstance(subject, str) and subject.strip() and subject.strip() in main_prompt \
+    return subject.strip() if isinstance(subject, str) and subject.strip() and subject.strip() in main_prompt \
         else None
+
+
+def record_to_fact(rec: Any, *, file: str, line: int, coco_dir: str | os.PathLike,
+                   paraphrase_root: str | os.PathLike | None = None,
+                   neighborhood_root: str | os.PathLike | None = None, template: str = DEFAULT_TEMPLATE,
+                   image_cache: dict | None = None) -> Fact:
+    """One UnLOK-VQA record as a :class:`Fact` (image paths absolute; see the module docstring).
+
+    Raises:
+        InputError: naming ``file``, ``line`` and the record field (missing field, wrong type,
+            COCO image not found, unreadable image, no ``alt_ans`` for a neighbourhood image).
+    """
+    def err(field):
+        return lambda msg: InputError(msg, file=file, line=line, field=field)
+
+    if not isinstance(rec, dict):
+        raise InputError(f"expected a JSON object, got {type(rec).__name__}", file=file, line=line)
+    rid, src = _record_id_src(rec, err)
+    answer = _record_answer(rec, err)
+    image = _record_image(rec, err, coco_dir)
+    paraphrases = [_fill(template, p) for p in _str_list(rec.get("rephrase"), err("rephrase")) if p.strip()]
+    neighborhood = _record_neighborhood(rec, err, template, image)
+    alt_ans = [a.strip() for a in _str_list(rec.get("alt_ans"), err("alt_ans"))]
+    alt = next((a for a in alt_ans if a), None)
+    image_paraphrases = _image_paraphrases(paraphrase_root, rid)
+    neighborhood_images = _neighborhood_images(rec, err, neighborhood_root, rid, alt_ans)
+    main_prompt = _fill(template, src)
     obj = {"id": rid, "prompt": main_prompt, "answer": answer, "paraphrases": paraphrases,
            "neighborhood": neighborhood, "alt_answer": alt, "image": str(image.absolute()),
-           "image_paraphrases": image_paraphrases, "neighborhood_images": neighborhood_images, "subject": subject}
+           "image_paraphrases": image_paraphrases, "neighborhood_images": neighborhood_images,
+           "subject": _record_subject(rec, main_prompt)}
     try:
         return fact_from_dict(obj, file=file, line=line, base_dir=Path.cwd(), image_cache=image_cache)
     except InputError as exc:  # name the record's own field, not the converted fact's
