@@ -22,7 +22,10 @@ os.environ["PIP_NO_INDEX"] = "1"  # any surprise `pip install` fails loudly
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))
+# tests/ (for ``from conftest import ...``) and tests/unit/viz (``from test_viz import make_result``
+# in the report tests) are importable from any test folder.
+for _helpers in (Path(__file__).parent / "unit" / "viz", Path(__file__).parent):
+    sys.path.insert(0, str(_helpers))
 
 CORPUS = [
     "The capital of France is Paris.", "The capital of Japan is Tokyo.", "Water is made of hydrogen and oxygen.",

@@ -17,7 +17,7 @@ green-white-orange and an orange-white-green tricolour, are different countries.
 
 Speed: the clean flag is cached per (name, width, height) and the whole geometry (affine map plus
 the "waving" of ``hard``) is one inverse mapping sampled bilinearly in numpy, so one image costs
-well under a millisecond at ``size=64`` (see ``tests/test_flags.py`` and the module's
+well under a millisecond at ``size=64`` (see ``tests/unit/probe/vlm/test_flags.py`` and the module's
 ``__main__`` for a timing).
 """
 

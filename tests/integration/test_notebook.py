@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "walkthrough.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "examples" / "walkthrough.ipynb"
 
 
 @pytest.mark.real

@@ -23,7 +23,7 @@ from probe.facts import Fact
 from probe.jobs import GridConfig, RunConfig, run_grid, run_main
 from probe.results import GridResult, RunResult
 
-GOLDEN = Path(__file__).parent / "data" / "golden_tiny_before_jobs.json"
+GOLDEN = Path(__file__).resolve().parents[2] / "data" / "golden_tiny_before_jobs.json"
 
 FACTS = [
     Fact("fr", "The capital of France is", "Paris", paraphrases=["Paris is the capital of"],

@@ -21,7 +21,7 @@ import probe
 from defenses.constrained_ft import ConstrainedFineTune
 from probe.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 # Prompts and answers use words of the tiny tokenizer's corpus (tests/conftest.py CORPUS).
 FACTS = [

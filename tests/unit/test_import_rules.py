@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ("probe", "attacks", "defenses", "viz")
 
 #: Modules of ``probe/`` allowed to import ``attacks``, ``defenses`` and ``viz``: the orchestration

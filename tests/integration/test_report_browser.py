@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import viz
-from test_viz import XSS_ID, make_result  # tests/ is on sys.path under pytest's default import mode
+from test_viz import XSS_ID, make_result  # tests/unit/viz is on sys.path (tests/conftest.py)
 
 pytestmark = pytest.mark.browser
 
