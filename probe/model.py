@@ -365,20 +365,6 @@ def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return table[dtype]
 
 
-@contextlib.contextmanager
-def only_trainable(model: ProbeModel, params: list[torch.nn.Parameter]):
-    """Temporarily set ``requires_grad`` on ``params`` only (restores every flag on exit)."""
-    flags = {p: p.requires_grad for p in model.hf.parameters()}
-    keep = {id(p) for p in params}
-    try:
-        for p in model.hf.parameters():
-            p.requires_grad_(id(p) in keep)
-        yield
-    finally:
-        for p, f in flags.items():
-            p.requires_grad_(f)
-
-
 def clone_model(model: ProbeModel, copy_params: list[str]) -> ProbeModel:
     """A copy of ``model`` that owns fresh copies of ``copy_params`` and shares every other tensor.
 
