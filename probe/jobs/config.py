@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from attacks import attack_names
+from defenses import OBJECTIVES
+
 #: The six deletion objectives of the papers, in the grid's row order.
 ALL_DEFENSES = ["fact-erasure", "empty-response", "error-injection", "head-projection", "max-entropy",
                 "input-rephrasing"]
@@ -75,8 +78,6 @@ def resolve_names(names: Sequence[str] | str, kind: str) -> list[str]:
     Raises:
         ValueError: an unknown name or an empty list (the message lists the valid ones).
     """
-    from attacks import attack_names
-    from defenses import OBJECTIVES
 
     valid = list(OBJECTIVES) if kind == "defense" else attack_names()
     if isinstance(names, str):

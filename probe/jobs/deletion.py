@@ -16,6 +16,12 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from attacks import LensAttack, attack_readout, evaluate_attacks, make_attack
+from defenses import EditFailed, make_objective
+from defenses.base import editor_for
+from defenses.evaluate import (deletion_scores, fact_probs, random_accuracy, target_probs,
+                               target_scores)
+
 from ..facts import Fact
 from ..images import ImagePrompt, plain_text
 from ..results import AttackOutcome, DeletionScores, FactResult, LayerReadout, ModalReadout, PreMeasure
@@ -41,13 +47,11 @@ class Plan:
 
     @property
     def lens_attacks(self) -> list:
-        from attacks import LensAttack
 
         return [a for a in self.attacks if isinstance(a, LensAttack)]
 
     @property
     def other_attacks(self) -> list:
-        from attacks import LensAttack
 
         return [a for a in self.attacks if not isinstance(a, LensAttack)]
 
@@ -61,9 +65,6 @@ def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str],
         ValueError: unknown names or settings; InputError: a setting that does not fit the model
             or protocol.
     """
-    from attacks import make_attack
-    from defenses import make_objective
-    from defenses.base import editor_for
 
     attacks = [make_attack(n, **cfg.attack_config.get(n, {})) for n in attack_names]
     for a in attacks:
@@ -146,7 +147,6 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, known_rank: int, max_f
     Raises:
         RunError: no fact is known.
     """
-    from attacks import attack_readout, evaluate_attacks
 
     from .output import RunError
 
@@ -176,7 +176,6 @@ def measure_pre(model, fact: Fact, readout: LayerReadout, lens_outcomes: dict[st
     outcome (the lens attacks' come from the filter's sweep), full-answer probabilities of prompt,
     paraphrases and neighbours (with neighbour accuracy), the random Δ-Acc draw and its accuracy,
     and the image fact's text-form readout."""
-    from defenses.evaluate import fact_probs, random_accuracy
 
     outcomes = dict(lens_outcomes)
     for a in plan.other_attacks:
@@ -205,9 +204,6 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
         One :class:`FactResult` per fact; on a failed edit each has ``error`` set and no post
         measurements.
     """
-    from attacks import evaluate_attacks
-    from defenses import EditFailed
-    from defenses.evaluate import deletion_scores, fact_probs, random_accuracy, target_probs, target_scores
 
     objective, editor = plan.defenses[defense]
     by_id = by_id or {f.id: f for f in plan.pool}

@@ -29,6 +29,10 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from attacks import AttackContext, summarize
+from defenses.retain import retain_prompts
+from viz.grid import write_grid_report
+
 from ..atomic import write_text_atomic
 from ..facts import Fact, check_lengths
 from ..images import attach_images
@@ -51,7 +55,6 @@ def build_cells(plan: Plan, pre: dict[str, PreMeasure], units: Sequence[FactResu
     """Aggregate per-fact records into cells: per defense, one :func:`attacks.summarize` per attack
     over the facts that defense deleted (failed edits counted in ``n_failed``, left out), with the
     defense's mean scores."""
-    from attacks import summarize
 
     by_def: dict[str, list[FactResult]] = {}
     for u in units:
@@ -107,7 +110,6 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     check_output(out, "grid", stamp, resume, stamp_file=STAMP, ignore=("editor_config_resolved",))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    from attacks import AttackContext
 
     pre_ctx = AttackContext(facts=facts, seed=cfg.seed, cache={}, batch_size=cfg.batch_size)
     known, n_known = known_facts(model, facts, plan, cfg.known_rank, cfg.max_facts, pre_ctx, progress=cfg.progress)
@@ -123,7 +125,6 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     def ctx_post():
         return AttackContext(facts=facts, deleted=evaluated, seed=cfg.seed, cache={}, batch_size=cfg.batch_size)
 
-    from defenses.retain import retain_prompts
 
     by_id = {f.id: f for f in facts}
     examples = image_examples([f for f, _, _ in known])
@@ -159,7 +160,6 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
 def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units: list[FactResult], cfg: GridConfig,
                 defenses, attack_names, n_known: int, n_input: int, facts_label: str, t0: float,
                 n_facts_planned: int, examples: list) -> GridResult:
-    from viz.grid import write_grid_report
 
     ok = [u for u in units if u.error is None]
     edit_s = [u.edit.seconds for u in ok if u.edit is not None]

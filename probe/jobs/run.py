@@ -19,6 +19,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from attacks import AttackContext, evaluate_attacks, summarize
+from defenses import DeletionRequest
+from defenses.retain import retain_prompts
+from viz.layers import causal_trace_figure
+from viz.report import write_report
+
 from ..atomic import write_text_atomic
 from ..errors import InputError
 from ..facts import Fact, check_lengths
@@ -46,7 +52,6 @@ def _stamp(model, facts_label: str, cfg, command: str) -> dict:
 
 
 def _ctx(plan: Plan, deleted, cfg, cache: dict | None = None):
-    from attacks import AttackContext
 
     return AttackContext(facts=plan.pool, deleted=frozenset(deleted), seed=cfg.seed,
                          cache={} if cache is None else cache, batch_size=cfg.batch_size)
@@ -55,7 +60,6 @@ def _ctx(plan: Plan, deleted, cfg, cache: dict | None = None):
 def summarize_run(model, results: Sequence[FactResult], plan: Plan, defense: dict | None, meta: dict) -> RunResult:
     """The :class:`RunResult` of finished facts: one :func:`attacks.summarize` per attack (failed
     edits left out), the defense's mean scores."""
-    from attacks import summarize
 
     ok = [r for r in results if r.error is None]
     deleted = defense is not None
@@ -71,8 +75,6 @@ def summarize_run(model, results: Sequence[FactResult], plan: Plan, defense: dic
 
 def finish(result: RunResult, out: Path) -> RunResult:
     """Write ``results.json`` and ``report.html`` (with the causal traces, if any) atomically."""
-    from viz.layers import causal_trace_figure
-    from viz.report import write_report
 
     from .log import read_jsonl
 
@@ -102,7 +104,6 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     The model may be one the user already edited, so facts it no longer answers are kept.
     Per-fact results are appended as each batch ends.
     """
-    from attacks import evaluate_attacks
 
     from ..readout import auto_batch_size
     from ..tokens import answer_ids
@@ -184,7 +185,6 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
 
     objective, _ = plan.defenses[cfg.defense]
     if cfg.protocol == "one-at-a-time":
-        from defenses.retain import retain_prompts
 
         for fact, read, lens_out in tqdm(todo, desc=f"{cfg.defense} (per fact)", disable=not cfg.progress):
             check_interrupt()
@@ -217,7 +217,6 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
 def all_at_once_request(objective, req_facts: Sequence[Fact], facts: Sequence[Fact], evaluated: set[str], cfg):
     """One :class:`~defenses.base.DeletionRequest` deleting every fact of ``req_facts`` in one edit;
     retain prompts: ``retain_size`` prompts of facts that are not evaluated (seeded)."""
-    from defenses import DeletionRequest
 
     pool = sorted({g.prompt for g in facts if g.id not in evaluated})
     retain = random.Random(cfg.seed).sample(pool, min(cfg.retain_size, len(pool)))

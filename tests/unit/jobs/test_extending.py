@@ -24,14 +24,10 @@ FACTS = [
 
 
 @pytest.fixture
-def toys(monkeypatch):
+def toys():
     """Register a toy attack, objective and editor (removed from the registries afterwards)."""
-    monkeypatch.setattr(attacks.base, "ATTACKS", dict(attacks.ATTACKS))
-    monkeypatch.setattr(attacks, "ATTACKS", attacks.base.ATTACKS)
-    monkeypatch.setattr(defenses.base, "OBJECTIVES", dict(defenses.OBJECTIVES))
-    monkeypatch.setattr(defenses, "OBJECTIVES", defenses.base.OBJECTIVES)
-    monkeypatch.setattr(defenses.base, "EDITORS", dict(defenses.EDITORS))
-    monkeypatch.setattr(defenses, "EDITORS", defenses.base.EDITORS)
+    registries = (attacks.ATTACKS, defenses.OBJECTIVES, defenses.EDITORS)
+    before = [set(r) for r in registries]
 
     @attacks.register("toy-top1")
     @dataclass
@@ -90,6 +86,9 @@ def toys(monkeypatch):
                 yield Steps(self.steps, loss, update, None)
 
     yield ToyTop1, ToyLogprob, ToySGD
+    for registry, keys in zip(registries, before):
+        for name in set(registry) - keys:
+            del registry[name]
 
 
 def test_toy_attack_objective_and_editor_reach_the_grid_and_report(toys, tiny_llama, tmp_path):
