@@ -47,12 +47,10 @@ class Plan:
 
     @property
     def lens_attacks(self) -> list:
-
         return [a for a in self.attacks if isinstance(a, LensAttack)]
 
     @property
     def other_attacks(self) -> list:
-
         return [a for a in self.attacks if not isinstance(a, LensAttack)]
 
 
@@ -68,8 +66,7 @@ def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str],
 
     attacks = [make_attack(n, **cfg.attack_config.get(n, {})) for n in attack_names]
     for a in attacks:
-        layers = a.attack_layers(model.n_layers)  # validates explicit layers
-        del layers
+        a.attack_layers(model.n_layers)  # validates explicit layers before anything is written
     defenses = {}
     for d in defense_names:
         objective = make_objective(d, **cfg.objective_config.get(d, {}))
