@@ -42,6 +42,7 @@ from .config import GridConfig, resolve_names
 from .deletion import Plan, build_plan, image_examples, known_facts, measure_deletion, measure_pre
 from .log import JsonlLog
 from .output import check_output
+from .run import _say_resumed
 
 PRE = "pre.jsonl"
 UNITS = "units.jsonl"
@@ -121,6 +122,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     pre_done = {r["fact_id"]: PreMeasure.from_json(r) for r in pre_log.records}
     units = [FactResult.from_json(u) for u in unit_log.records]
     done_units = {(u.defense, u.id) for u in units}
+    _say_resumed(cfg, len(done_units), len(known) * len(defenses), "(defense, fact) units")
 
     def ctx_post():
         return AttackContext(facts=facts, deleted=evaluated, seed=cfg.seed, cache={}, batch_size=cfg.batch_size)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -85,6 +86,13 @@ def finish(result: RunResult, out: Path) -> RunResult:
     return result
 
 
+def _say_resumed(cfg, n_done: int, n_all: int, what: str) -> None:
+    """On resume, say how much was already finished (stderr, with the progress bars)."""
+    if n_done and cfg.progress:
+        tqdm.write(f"probe-attack: resuming: {n_done} of {n_all} {what} already finished, not recomputed",
+                   file=sys.stderr)
+
+
 def _load_finished(log: JsonlLog, keep: set[str]) -> dict[str, FactResult]:
     done = {}
     for rec in log.records:
@@ -121,6 +129,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     log = JsonlLog(out / PER_FACT)
     done = _load_finished(log, {f.id for f in facts})
     todo = [f for f in facts if f.id not in done]
+    _say_resumed(cfg, len(done), len(facts), "facts")
     ctx = _ctx(plan, [f.id for f in facts], cfg)
     bs = cfg.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
     for start in tqdm(range(0, len(todo), bs), desc="attacks", disable=not cfg.progress):
@@ -172,6 +181,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     log = JsonlLog(out / PER_FACT)
     done = _load_finished(log, set(evaluated))
     todo = [k for k in known if k[0].id not in done]
+    _say_resumed(cfg, len(done), len(known), "facts")
     causal_log = JsonlLog(out / CAUSAL) if cfg.causal_traces else None
     n_traced = [len(causal_log.records) if causal_log and resume else 0]
 

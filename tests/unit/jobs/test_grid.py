@@ -137,3 +137,13 @@ def test_cli_grid_bad_names_exit_2_and_write_nothing(tmp_path, capsys):
     assert main(["grid", "--editor", "nope", "--out", str(out), "--quiet"]) == 2
     assert "valid editors: constrained-ft" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_resume_says_how_much_was_finished(tiny_llama, tmp_path, capsys):
+    out = tmp_path / "g"
+    run_grid(tiny_llama, FACTS, out, _cfg())
+    lines = (out / UNITS).read_text().splitlines(keepends=True)
+    (out / UNITS).write_text("".join(lines[:-2]))  # the last two units were lost
+    capsys.readouterr()
+    run_grid(tiny_llama, FACTS, out, _cfg(progress=True), resume=True)
+    assert "resuming: 4 of 6 (defense, fact) units already finished, not recomputed" in capsys.readouterr().err
