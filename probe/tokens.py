@@ -83,7 +83,8 @@ def pad_id(tokenizer) -> int:
 
 def tokenize(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` as the model reads a prompt (the tokenizer's own special tokens, e.g. a
-    BOS for Gemma, none for SmolLM2).
+    BOS for Gemma, none for SmolLM2). A prompt that already begins with the BOS text
+    (``"<bos>The ..."``) gets one BOS, not two: the same ids as the prompt without it.
 
     An :class:`~probe.images.ImagePrompt` gets its image as one negative placeholder id, expanded
     into the model's image tokens by :func:`encode_ids`.
@@ -93,7 +94,11 @@ def tokenize(tokenizer, text: str) -> list[int]:
     """
     if isinstance(text, ImagePrompt):
         return tokenize_image_prompt(tokenizer, text)
-    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
+        ids = ids[1:]  # the prompt already starts with the BOS text: never two BOS tokens
+    return ids
 
 
 def encode(model, prompts: Sequence[str], *, check_length: bool = True, padding_side: str = "left") -> Batch:

@@ -381,3 +381,26 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
 def test_gguf_path_that_does_not_exist():
     with pytest.raises(probe.ModelLoadError, match="GGUF file not found"):
         probe.load_model("/nonexistent/model.gguf")
+
+
+def test_a_prompt_starting_with_the_bos_text_gets_one_bos(tiny_tokenizer):
+    """Gemma-3 read "<bos>The chemical symbol for gold is" with two BOS tokens (p(" Au") 0.27 ->
+    0.16, top-1 " Au" -> " gold"): a prompt that already starts with the BOS text is tokenised to
+    the same ids as the prompt without it."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    plain = tokenize(tok, "The capital of France is")
+    assert plain[0] == bos and plain[1] != bos  # the tokenizer adds a BOS
+    assert tokenize(tok, "<s>The capital of France is") == plain
+    assert tok("<s>The capital of France is")["input_ids"][:2] == [bos, bos]  # what it did before
+
+
+@pytest.mark.real
+def test_gemma_bos_prompt_is_read_once(gemma):
+    assert tokenize(gemma.tokenizer, "<bos>The chemical symbol for gold is") == tokenize(
+        gemma.tokenizer, "The chemical symbol for gold is")
