@@ -139,9 +139,11 @@ class LensAttack(Attack):
                                       "layer_probs": list(readout.prob)})
 
     def run(self, model, facts: Sequence[Any], ctx: AttackContext) -> list[AttackOutcome]:
-        """One outcome per fact (its own lens sweep; the jobs share one sweep per readout through
-        :func:`evaluate_attacks`)."""
-        return evaluate_attacks(model, facts, [self], ctx)[1][self.name]
+        """One outcome per fact from one sweep of this attack's lens (the jobs share one sweep per
+        readout among all lens attacks through :func:`evaluate_attacks`)."""
+        reads = attack_readout(model, [_field(f, "prompt") for f in facts], [_field(f, "answer") for f in facts],
+                               [self], lens=self.lens, ctx=ctx, progress=ctx.progress)
+        return [self.outcome(int(r.attack_ranks.pop(self.name)), r, model.n_layers) for r in reads]
 
 
 @register("head-projection")

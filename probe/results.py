@@ -405,14 +405,10 @@ class RunResult:
         """
         path = Path(path)
         summary = json.loads((path / "results.json").read_text(encoding="utf-8"))
-        facts = []
+        from .jsonl import read_jsonl  # the log's own reader: a torn last line is dropped
+
         per_fact = path / summary.get("files", {}).get("per_fact", "per_fact.jsonl")
-        if per_fact.is_file():
-            for line in per_fact.read_text(encoding="utf-8").splitlines():
-                try:
-                    facts.append(FactResult.from_json(json.loads(line)))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    break  # torn last line of an interrupted run
+        facts = [FactResult.from_json(r) for r in read_jsonl(per_fact)]
         known = {"model", "n_layers", "n_facts", "attacks", "defense", "per_layer"}
         return cls(model=summary["model"], n_layers=summary["n_layers"], n_facts=summary["n_facts"], facts=facts,
                    attacks={k: AttackSummary.from_json(v) for k, v in summary["attacks"].items()},
@@ -440,12 +436,6 @@ class Cell(AttackSummary):
     editor: str = ""
     n_failed: int = 0
     scores: dict[str, float | None] = field(default_factory=dict)
-
-    def __getattr__(self, name: str):  # cell.rewrite_score etc.
-        scores = self.__dict__.get("scores") or {}
-        if name in DeletionScores.METRICS:
-            return scores.get(name)
-        raise AttributeError(name)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -12,7 +12,7 @@ from .config import ALL_DEFENSES, GRID_ATTACKS, RUN_ATTACKS, GridConfig, JobConf
 from .deletion import (Plan, build_plan, evenly_spaced, image_examples, known_facts, measure_deletion, measure_pre,
                        random_facts_for, text_form, text_readouts)
 from .grid import GRID, PRE, UNITS, build_cells, run_grid
-from .log import JsonlLog, read_jsonl
+from ..jsonl import JsonlLog, read_jsonl
 from .output import RunError, check_output
 from .run import CAUSAL, PER_FACT, RESULTS, RUN_STAMP, causal_record, run_attack, run_main, summarize_run
 

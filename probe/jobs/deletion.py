@@ -16,7 +16,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from attacks import LensAttack, attack_readout, evaluate_attacks, make_attack
+from attacks import AttackContext, LensAttack, attack_readout, evaluate_attacks, make_attack
 from defenses import EditFailed, make_objective
 from defenses.base import editor_for
 from defenses.evaluate import (deletion_scores, fact_probs, random_accuracy, target_probs,
@@ -37,13 +37,11 @@ class Plan:
         attacks: attack objects (every registered kind, in the user's order).
         defenses: defense name -> ``(objective, editor)``.
         pool: every fact of the file (retain prompts, random Δ-Acc, distractors, attacker data).
-        seed: base seed.
     """
 
     attacks: list
     defenses: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     pool: list[Fact] = field(default_factory=list)
-    seed: int = 0
 
     @property
     def lens_attacks(self) -> list:
@@ -52,6 +50,13 @@ class Plan:
     @property
     def other_attacks(self) -> list:
         return [a for a in self.attacks if not isinstance(a, LensAttack)]
+
+
+def attack_context(plan: Plan, deleted, cfg):
+    """A fresh :class:`attacks.AttackContext` for one model state: the plan's pool, the ids never to
+    train on, the run seed and batch size, an empty per-state cache."""
+    return AttackContext(facts=plan.pool, deleted=frozenset(deleted), seed=cfg.seed, cache={},
+                         batch_size=cfg.batch_size)
 
 
 def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str], cfg, *,
@@ -73,7 +78,7 @@ def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str],
         editor = editor_for(objective, cfg.editor, cfg.editor_config)
         editor.check(model, objective, protocol)
         defenses[d] = (objective, editor)
-    return Plan(attacks=attacks, defenses=defenses, seed=cfg.seed)
+    return Plan(attacks=attacks, defenses=defenses)
 
 
 # ----------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from attacks import AttackContext, summarize
+from attacks import summarize
 from defenses.retain import retain_prompts
 from viz.grid import write_grid_report
 
@@ -39,10 +39,9 @@ from ..images import attach_images
 from ..interrupt import check as check_interrupt
 from ..results import Cell, DeletionScores, FactResult, GridResult, LayerReadout, PreMeasure, median
 from .config import GridConfig, resolve_names
-from .deletion import Plan, build_plan, image_examples, known_facts, measure_deletion, measure_pre
-from .log import JsonlLog
-from .output import check_output
-from .run import _say_resumed
+from .deletion import Plan, attack_context, build_plan, image_examples, known_facts, measure_deletion, measure_pre
+from ..jsonl import JsonlLog
+from .output import check_output, say_resumed
 
 PRE = "pre.jsonl"
 UNITS = "units.jsonl"
@@ -112,7 +111,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     torch.manual_seed(cfg.seed)
     t0 = time.time()
 
-    pre_ctx = AttackContext(facts=facts, seed=cfg.seed, cache={}, batch_size=cfg.batch_size)
+    pre_ctx = attack_context(plan, [], cfg)
     known, n_known = known_facts(model, facts, plan, cfg.known_rank, cfg.max_facts, pre_ctx, progress=cfg.progress)
     evaluated = frozenset(f.id for f, _, _ in known)
     pre_ctx.deleted = evaluated
@@ -122,10 +121,10 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     pre_done = {r["fact_id"]: PreMeasure.from_json(r) for r in pre_log.records}
     units = [FactResult.from_json(u) for u in unit_log.records]
     done_units = {(u.defense, u.id) for u in units}
-    _say_resumed(cfg, len(done_units), len(known) * len(defenses), "(defense, fact) units")
+    say_resumed(cfg, len(done_units), len(known) * len(defenses), "(defense, fact) units")
 
     def ctx_post():
-        return AttackContext(facts=facts, deleted=evaluated, seed=cfg.seed, cache={}, batch_size=cfg.batch_size)
+        return attack_context(plan, evaluated, cfg)
 
 
     by_id = {f.id: f for f in facts}

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from ..errors import ProbeAttackError
 
@@ -44,3 +47,10 @@ def check_output(out: str | Path, kind: str, stamp: dict, resume: bool, *, stamp
             raise RunError(f"{out / stamp_file}: cannot resume, settings differ from the earlier {noun} in: "
                            f"{', '.join(diff)}")
     return out
+
+
+def say_resumed(cfg, n_done: int, n_all: int, what: str) -> None:
+    """On resume, say on stderr how much was already finished (unless ``cfg.progress`` is off)."""
+    if n_done and cfg.progress:
+        tqdm.write(f"probe-attack: resuming: {n_done} of {n_all} {what} already finished, not recomputed",
+                   file=sys.stderr)

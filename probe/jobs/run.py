@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from attacks import AttackContext, evaluate_attacks, summarize
+from attacks import evaluate_attacks, summarize
 from defenses import DeletionRequest
 from defenses.retain import retain_prompts
 from viz.layers import causal_trace_figure
@@ -33,10 +32,10 @@ from ..images import attach_images
 from ..interrupt import check as check_interrupt
 from ..results import DeletionScores, FactResult, RunResult
 from .config import RunConfig
-from .deletion import (Plan, build_plan, evenly_spaced, image_examples, known_facts, measure_deletion, measure_pre,
+from .deletion import (Plan, attack_context, build_plan, evenly_spaced, image_examples, known_facts, measure_deletion, measure_pre,
                        text_readouts)
-from .log import JsonlLog
-from .output import check_output
+from ..jsonl import JsonlLog, read_jsonl
+from .output import check_output, say_resumed
 
 PER_FACT = "per_fact.jsonl"
 RUN_STAMP = "run.json"
@@ -50,12 +49,6 @@ def _stamp(model, facts_label: str, cfg, command: str) -> dict:
     d.pop("progress")
     return {"command": command, "model": model.name, "model_fingerprint": model.fingerprint,
             "facts": facts_label, **d}
-
-
-def _ctx(plan: Plan, deleted, cfg, cache: dict | None = None):
-
-    return AttackContext(facts=plan.pool, deleted=frozenset(deleted), seed=cfg.seed,
-                         cache={} if cache is None else cache, batch_size=cfg.batch_size)
 
 
 def summarize_run(model, results: Sequence[FactResult], plan: Plan, defense: dict | None, meta: dict) -> RunResult:
@@ -77,20 +70,11 @@ def summarize_run(model, results: Sequence[FactResult], plan: Plan, defense: dic
 def finish(result: RunResult, out: Path) -> RunResult:
     """Write ``results.json`` and ``report.html`` (with the causal traces, if any) atomically."""
 
-    from .log import read_jsonl
-
     extra = [(f"Causal trace of fact {rec['fact_id']}: unedited vs edited model as the clean run",
               causal_trace_figure(rec["pre"], rec["post"])) for rec in read_jsonl(out / CAUSAL)]
     write_text_atomic(out / RESULTS, result.to_json() + "\n")
     write_report(result, out / REPORT, extra_figures=extra)
     return result
-
-
-def _say_resumed(cfg, n_done: int, n_all: int, what: str) -> None:
-    """On resume, say how much was already finished (stderr, with the progress bars)."""
-    if n_done and cfg.progress:
-        tqdm.write(f"probe-attack: resuming: {n_done} of {n_all} {what} already finished, not recomputed",
-                   file=sys.stderr)
 
 
 def _load_finished(log: JsonlLog, keep: set[str]) -> dict[str, FactResult]:
@@ -129,8 +113,8 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     log = JsonlLog(out / PER_FACT)
     done = _load_finished(log, {f.id for f in facts})
     todo = [f for f in facts if f.id not in done]
-    _say_resumed(cfg, len(done), len(facts), "facts")
-    ctx = _ctx(plan, [f.id for f in facts], cfg)
+    say_resumed(cfg, len(done), len(facts), "facts")
+    ctx = attack_context(plan, [f.id for f in facts], cfg)
     bs = cfg.batch_size or auto_batch_size(model.n_layers, model.vocab_size)
     for start in tqdm(range(0, len(todo), bs), desc="attacks", disable=not cfg.progress):
         check_interrupt()
@@ -171,7 +155,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
-    pre_ctx = _ctx(plan, [], cfg, {})
+    pre_ctx = attack_context(plan, [], cfg)
     known, n_known = known_facts(model, facts, plan, cfg.known_rank, cfg.max_facts, pre_ctx, progress=cfg.progress,
                                  desc="filter + attacks (pre)")
     evaluated = [f.id for f, _, _ in known]
@@ -181,7 +165,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     log = JsonlLog(out / PER_FACT)
     done = _load_finished(log, set(evaluated))
     todo = [k for k in known if k[0].id not in done]
-    _say_resumed(cfg, len(done), len(known), "facts")
+    say_resumed(cfg, len(done), len(known), "facts")
     causal_log = JsonlLog(out / CAUSAL) if cfg.causal_traces else None
     n_traced = [len(causal_log.records) if causal_log and resume else 0]
 
@@ -191,7 +175,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             n_traced[0] += 1
 
     def ctx_post():
-        return _ctx(plan, evaluated, cfg)
+        return attack_context(plan, evaluated, cfg)
 
     objective, _ = plan.defenses[cfg.defense]
     if cfg.protocol == "one-at-a-time":

@@ -1,5 +1,5 @@
-"""The one append-only JSONL log of the jobs (``per_fact.jsonl``, ``pre.jsonl``, ``units.jsonl``,
-``causal_traces.jsonl``): every record is fsync'd as it is appended, and a torn last line left by a
+"""The one append-only JSONL log (the jobs' ``per_fact.jsonl``, ``pre.jsonl``, ``units.jsonl``,
+``causal_traces.jsonl``; read back by :meth:`probe.results.RunResult.load`): every record is fsync'd as it is appended, and a torn last line left by a
 kill is dropped when the log is opened, so an interrupted job loses no finished record."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from ..atomic import write_text_atomic
+from .atomic import write_text_atomic
 
 
 class JsonlLog:
