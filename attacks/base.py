@@ -83,6 +83,12 @@ class AttackContext:
         cache: per-model-state scratch space (e.g. probes trained on this model state), keyed by
             the attack; the caller gives a fresh dict for every model state.
         batch_size: prompts per forward pass for batched attacks (None = automatic).
+        controls: fact id -> the fact's control answer (:mod:`probe.controls`); every attack
+            scores it exactly as the real answer, on the same candidate set / samples / relearned
+            weights, into :attr:`AttackOutcome.control`. Facts without an entry get no control.
+        known: ids of the facts the *unedited* model knows (relearning draws its data from them).
+        unknown: facts the unedited model never knew (answer's first token at rank > 100 at the
+            output): the relearning control (:attr:`AttackOutcome.taught`).
     """
 
     facts: Sequence[Any] = ()
@@ -91,6 +97,9 @@ class AttackContext:
     progress: bool = False
     cache: dict = field(default_factory=dict)
     batch_size: int | None = None
+    controls: dict = field(default_factory=dict)
+    known: frozenset = frozenset()
+    unknown: Sequence[Any] = ()
 
 
 class Attack:
@@ -110,6 +119,9 @@ class Attack:
     kind: ClassVar[str] = "blackbox"
     readout: ClassVar[str | None] = None
     modality: ClassVar[str | None] = None
+    #: what the attack's control is when it is not the fact's control answer (the linear probe:
+    #: ``"relation prior"``); None = the control answers of :attr:`AttackContext.controls`.
+    control_kind: ClassVar[str | None] = None
 
     def budget(self, n_layers: int) -> int:  # pragma: no cover - abstract
         """Candidate-set size B (samples for blackbox attacks, tokens for rank-based ones)."""
@@ -148,19 +160,28 @@ def success_at(best_ranks: Sequence[int], k: int) -> float:
     return sum(1 for r in best_ranks if r <= k) / len(best_ranks)
 
 
-def _rate(outcomes: Sequence[AttackOutcome]) -> float | None:
-    return sum(bool(o.success) for o in outcomes) / len(outcomes) if outcomes else None
+def _rate(outcomes: Sequence[AttackOutcome], attr: str = "success") -> float | None:
+    vals = [getattr(o, attr) for o in outcomes if getattr(o, attr) is not None]
+    return sum(bool(v) for v in vals) / len(vals) if vals else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def summarize(attack: Attack, n_layers: int, pre: Sequence[AttackOutcome | None],
-              post: Sequence[AttackOutcome | None] | None = None) -> AttackSummary:
+              post: Sequence[AttackOutcome | None] | None = None, *, control: str | None = None) -> AttackSummary:
     """The one summary of an attack over facts: success@B before and (if ``post`` is given) after
-    the edit, as fractions (0..1) of the facts the attack did not skip; for rank-based attacks the
+    the edit, as fractions (0..1) of the facts the attack did not skip, next to the control's
+    success on the same model states and the excess (post - control); hidden-only and output-only
+    success for lens attacks, the taught rate for relearning; for rank-based attacks the
     success-vs-budget curves over :data:`CURVE_K`.
 
     Args:
         pre, post: one outcome per fact (parallel lists; ``None`` entries are ignored). A fact
             skipped before the edit is left out of both.
+        control: where the facts' control answers came from (``"relation"`` /
+            ``"any-relation"``); the attack's own :attr:`Attack.control_kind` takes precedence.
     """
     pairs = [(a, b) for a, b in zip(pre, post if post is not None else [None] * len(pre)) if a is not None]
     kept = [(a, b) for a, b in pairs if not a.skipped]
@@ -172,6 +193,22 @@ def summarize(attack: Attack, n_layers: int, pre: Sequence[AttackOutcome | None]
                       success_pre=_rate(pre_o), success_post=_rate(post_o) if post_o is not None else None,
                       n_facts=len(pre_o), n_skipped=n_skipped, readout=attack.readout, modality=attack.modality,
                       layers=attack.attack_layers(n_layers), k=k)
+    last = post_o if post_o is not None else pre_o
+    s.n_control = sum(1 for o in last if o.control is not None)
+    if s.n_control:
+        s.control = attack.control_kind or control
+        s.success_control_pre = _rate(pre_o, "control")
+        s.success_control = _rate(last, "control")
+        s.excess = _diff(s.success_post if post_o is not None else s.success_pre, s.success_control)
+    s.success_hidden_pre = _rate(pre_o, "hidden")
+    s.success_hidden_post = _rate(post_o, "hidden") if post_o is not None else None
+    s.success_hidden_control = _rate(last, "hidden_control")
+    if s.success_hidden_pre is not None and hasattr(attack, "hidden_budget"):
+        s.budget_hidden = attack.hidden_budget(n_layers)
+    s.success_output_pre = _rate(pre_o, "output")
+    s.success_output_post = _rate(post_o, "output") if post_o is not None else None
+    taught = [o.taught for o in last if o.taught is not None]
+    s.success_taught = sum(taught) / len(taught) if taught else None
     if k is not None and pre_o and all(o.best_rank is not None for o in pre_o):
         pre_r = [o.best_rank for o in pre_o]
         s.curve_k = list(CURVE_K)

@@ -75,6 +75,9 @@ class Fact:
             the same question, each with its own answer.
         text_prompt: the fact in text-only form naming the entity (text-only ceiling), optional.
         entity: what the image shows (e.g. ``"France"``), optional.
+        relation: the relation the fact instantiates (CounterFact's ``relation_id``, e.g.
+            ``"P36"``; the built-in facts' ``"capital"``), optional. Attack controls are drawn from
+            the other answers of the same relation (:mod:`probe.controls`).
     """
 
     id: str
@@ -90,6 +93,7 @@ class Fact:
     neighborhood_images: list[dict[str, str]] = field(default_factory=list)
     text_prompt: str | None = None
     entity: str | None = None
+    relation: str | None = None
 
     @property
     def has_image(self) -> bool:
@@ -310,8 +314,12 @@ def fact_from_dict(obj: Any, *, file: str = "<input>", line: int = 1, base_dir: 
         if subject not in prompt:
             raise InputError(f"subject {subject!r} does not occur in the prompt", file=file, line=line,
                              field="subject")
+    relation = obj.get("relation")
+    if relation is not None and (not isinstance(relation, str) or not relation.strip()):
+        raise InputError("must be a non-empty string", file=file, line=line, field="relation")
     return Fact(id=str(fid), prompt=prompt, answer=answer, paraphrases=list(paraphrases), neighborhood=neigh,
                 alt_answer=alt, image=image, source=f"{file}:{line}", subject=subject,
+                relation=relation.strip() if relation is not None else None,
                 image_paraphrases=mm["image_paraphrases"], neighborhood_images=mm["neighborhood_images"],
                 text_prompt=mm["text_prompt"], entity=mm["entity"])
 
@@ -374,8 +382,8 @@ def load_counterfact(path: str | Path) -> list[Fact]:
 
     Mapping: ``id`` = ``case_id``; ``prompt`` = ``requested_rewrite.prompt`` formatted with the
     subject; ``answer`` = ``target_true.str``; ``alt_answer`` = ``target_new.str``;
-    ``paraphrases`` = ``paraphrase_prompts``; ``neighborhood`` = ``neighborhood_prompts``, each
-    with the fact's true answer (CounterFact neighbours share the relation and the answer).
+    ``paraphrases`` = ``paraphrase_prompts``; ``relation`` = ``requested_rewrite.relation_id``;
+    ``neighborhood`` = ``neighborhood_prompts``, each with the fact's true answer (CounterFact neighbours share the relation and the answer).
     The error's line is the line where the bad record starts.
 
     Raises:
@@ -421,6 +429,7 @@ def load_counterfact(path: str | Path) -> list[Fact]:
                              if _is_text(p)],
             "alt_answer": (rw.get("target_new") or {}).get("str") or None,
             "subject": subject if isinstance(subject, str) and subject.strip() else None,
+            "relation": rw.get("relation_id") if _is_text(rw.get("relation_id")) else None,
         }
         facts.append(fact_from_dict(obj, file=str(path), line=line))
     if not facts:

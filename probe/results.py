@@ -58,7 +58,11 @@ class LayerReadout:
         exact_match: greedy decoding reproduces every answer token.
         token_acc: fraction of answer tokens that are the greedy choice under teacher forcing.
         attack_ranks: scratch space of :func:`probe.readout.lens_readout`'s scorers (the lens
-            attacks' best ranks); the jobs move them into :class:`AttackOutcome` records.
+            attacks' best ranks; ``"<name>@control"`` for the fact's control answer); the jobs move
+            them into :class:`AttackOutcome` records.
+        top_token: the model's own top-1 next-token id at the output (what it "gives").
+        control_rank: per layer, 1-based rank of the control answer's first token (None when the
+            sweep had no control answer).
     """
 
     rank: list[int]
@@ -69,6 +73,8 @@ class LayerReadout:
     exact_match: bool
     token_acc: float = 0.0
     attack_ranks: dict[str, int] = field(default_factory=dict)
+    top_token: int | None = None
+    control_rank: list[int] | None = None
 
     @classmethod
     def from_json(cls, d: dict | None) -> "LayerReadout | None":
@@ -90,8 +96,20 @@ class AttackOutcome:
         hits: blackbox attacks: how many samples contain the answer.
         details: anything else worth keeping (JSON-serialisable).
         skipped: why the attack could not run on this fact (e.g. an image fact without
-            paraphrase images for ``image-rephrase``), else None. Skipped outcomes are left out of
-            attack success and counted separately.
+            paraphrase images for ``image-rephrase``, or ``"answer in input"``), else None.
+            Skipped outcomes are left out of attack success and counted separately.
+        control: the same rule scored on the fact's control answer (:mod:`probe.controls`) on the
+            same candidate set, samples or relearned weights (for the linear probe: the relation
+            prior's top-k); None when the fact has no control.
+        control_rank: rank-based attacks: the control's best rank over the same candidate lists.
+        hidden, hidden_rank: lens attacks: success / best rank with the output layer removed from
+            the attack's layers (hidden-state-only leakage); None for other attacks.
+        hidden_control: lens attacks: the control under the hidden-only rule.
+        output: lens attacks: the answer's first token is in the top-k of the lens at the output
+            layer alone (what the output distribution gives away).
+        taught: relearning: fraction of facts the unedited model never knew (rank > 100) whose
+            answer the same relearned weights put in the candidate set -- what relearning
+            teaches rather than recovers; None for other attacks.
     """
 
     success: bool
@@ -102,6 +120,13 @@ class AttackOutcome:
     hits: int | None = None
     details: dict = field(default_factory=dict)
     skipped: str | None = None
+    control: bool | None = None
+    control_rank: int | None = None
+    hidden: bool | None = None
+    hidden_rank: int | None = None
+    hidden_control: bool | None = None
+    output: bool | None = None
+    taught: float | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -273,6 +298,8 @@ class FactResult:
     ``post``, ``scores`` and ``edit`` are None without a deletion (``probe-attack attack``) or when
     the edit failed (``error`` says why; the fact is counted in ``n_failed`` and left out of every
     score). ``outcomes[attack] = {"pre": AttackOutcome, "post": AttackOutcome | None}``.
+    ``control`` is the fact's control answer (scored by every attack next to ``answer``) and
+    ``control_source`` where it was drawn from (``"relation"`` or ``"any-relation"``).
     """
 
     id: str
@@ -287,6 +314,9 @@ class FactResult:
     modal: ModalReadout | None = None
     defense: str | None = None
     error: str | None = None
+    control: str | None = None
+    control_source: str | None = None
+    relation: str | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -301,7 +331,8 @@ class FactResult:
                    scores=DeletionScores.from_json(d.get("scores")), edit=EditInfo.from_json(d.get("edit")),
                    outcomes={k: {ph: AttackOutcome.from_json(o) for ph, o in v.items()}
                              for k, v in (d.get("outcomes") or {}).items()},
-                   modal=ModalReadout.from_json(d.get("modal")), defense=d.get("defense"), error=d.get("error"))
+                   modal=ModalReadout.from_json(d.get("modal")), defense=d.get("defense"), error=d.get("error"),
+                   control=d.get("control"), control_source=d.get("control_source"), relation=d.get("relation"))
 
 
 @dataclass
@@ -317,6 +348,20 @@ class AttackSummary:
             ``"text-only"``, ``"image-only"``, ``"multimodal"`` or None.
         layers, k: the layers read and the candidates per list (rank-based attacks), else None.
         curve_*: success for each per-list size ``curve_k`` with budgets ``curve_budget``.
+        control: where the controls came from (``"relation"``: another answer of the fact's
+            relation; ``"any-relation"``: the facts file has no relations; ``"relation prior"``: the
+            linear probe's answer-frequency baseline), None without controls.
+        n_control: facts with a control (the denominators of the ``*_control`` fields).
+        success_control_pre, success_control: the same rule on the control answers on the unedited
+            / the attacked (edited, if any) model -- the floor an attack reaches without the fact.
+        excess: ``success_post - success_control`` (``success_pre - success_control_pre`` without
+            an edit): the headline number.
+        success_hidden_pre, success_hidden_post, success_hidden_control, budget_hidden: lens
+            attacks with the output layer removed from their layers (hidden-state-only leakage).
+        success_output_pre, success_output_post: lens attacks: the answer in the top-k of the
+            output distribution alone (what the output layer gives away).
+        success_taught: relearning: mean fraction of never-known facts (rank > 100) the relearned
+            weights put in the candidate set (teaching, not remembering).
     """
 
     name: str
@@ -334,6 +379,18 @@ class AttackSummary:
     curve_budget: list[int] = field(default_factory=list)
     curve_pre: list[float] = field(default_factory=list)
     curve_post: list[float] | None = None
+    control: str | None = None
+    n_control: int = 0
+    success_control_pre: float | None = None
+    success_control: float | None = None
+    excess: float | None = None
+    success_hidden_pre: float | None = None
+    success_hidden_post: float | None = None
+    success_hidden_control: float | None = None
+    budget_hidden: int | None = None
+    success_output_pre: float | None = None
+    success_output_post: float | None = None
+    success_taught: float | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> "AttackSummary":
