@@ -31,6 +31,7 @@ and runs the other attacks; it is what the jobs call.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
@@ -41,6 +42,9 @@ from probe.readout import LensBatch, answer_rank, answer_rank_two_sided, lens_re
 from probe.results import LayerReadout
 
 from .base import Attack, AttackContext, AttackOutcome, register
+
+#: The best rank of an attack that reads no layer (never a success).
+_NO_RANK = torch.iinfo(torch.long).max
 
 #: Readouts a lens attack may use: ``lens`` value -> the name shown in results and reports.
 LENS_READOUTS = {"logit": "logit lens", "tuned": "tuned lens"}
@@ -128,22 +132,56 @@ class LensAttack(Attack):
         return tuned_lens_for(model, ctx, train_if_missing=getattr(self, "train_if_missing", True),
                               minutes=getattr(self, "train_minutes", 8.0)).logits
 
-    def outcome(self, best_rank: int, readout: LayerReadout, n_layers: int) -> AttackOutcome:
-        """The outcome of one fact from its best rank (per-layer ranks kept for non-logit lenses:
-        the logit lens's are in the fact's own readout)."""
-        if self.lens == "logit":
-            return AttackOutcome(success=best_rank <= self.k, budget=self.budget(n_layers), best_rank=best_rank)
-        return AttackOutcome(success=best_rank <= self.k, budget=self.budget(n_layers), best_rank=best_rank,
-                             layer_ranks=list(readout.rank),
-                             details={"layers": self.resolve_layers(n_layers), "k": self.k,
-                                      "layer_probs": list(readout.prob)})
+    def hidden_layers(self, n_layers: int) -> list[int]:
+        """The attack's layers without the output layer (``n_layers - 1``): hidden-state-only leakage."""
+        return [layer for layer in self.resolve_layers(n_layers) if layer != n_layers - 1]
+
+    def hidden_variant(self, n_layers: int) -> "LensAttack":
+        """The same attack on :meth:`hidden_layers` (an empty list reads nothing: best rank = max)."""
+        return dataclasses.replace(self, layers=self.hidden_layers(n_layers) or [])
+
+    def hidden_budget(self, n_layers: int) -> int:
+        """The hidden-only budget (``k`` times the candidate lists that avoid the output layer)."""
+        layers = self.hidden_layers(n_layers)
+        return self.hidden_variant(n_layers).budget(n_layers) if layers else 0
+
+    def scorers(self, n_layers: int) -> dict:
+        """Scorers of one lens sweep: this attack's best rank (``name``) and its hidden-only best
+        rank (``name@hidden``); the sweep adds ``@control`` versions for the control answers."""
+        hidden = self.hidden_variant(n_layers)
+        none = self.hidden_layers(n_layers) == []
+        return {self.name: self.scorer(n_layers),
+                f"{self.name}@hidden": (lambda lens: torch.full_like(lens.answer, _NO_RANK)) if none
+                else hidden.scorer(n_layers)}
+
+    def outcome(self, readout: LayerReadout, n_layers: int) -> AttackOutcome:
+        """The outcome of one fact from a sweep that ran :meth:`scorers` (per-layer ranks kept for
+        non-logit lenses: the logit lens's are in the fact's own readout): success on all layers,
+        on the hidden layers only, at the output layer alone, and the same rules on the control."""
+        ranks = readout.attack_ranks
+        best = int(ranks[self.name])
+        c_best = ranks.get(f"{self.name}@control")
+        h_best = ranks.get(f"{self.name}@hidden")
+        h_ctl = ranks.get(f"{self.name}@hidden@control")
+        o = AttackOutcome(success=best <= self.k, budget=self.budget(n_layers), best_rank=best,
+                          control=None if c_best is None else int(c_best) <= self.k,
+                          control_rank=None if c_best is None else int(c_best),
+                          hidden=None if h_best is None else int(h_best) <= self.k,
+                          hidden_rank=None if h_best is None else int(h_best),
+                          hidden_control=None if h_ctl is None else int(h_ctl) <= self.k,
+                          output=readout.rank[-1] <= self.k)
+        if self.lens != "logit":
+            o.layer_ranks = list(readout.rank)
+            o.details = {"layers": self.resolve_layers(n_layers), "k": self.k, "layer_probs": list(readout.prob)}
+        return o
 
     def run(self, model, facts: Sequence[Any], ctx: AttackContext) -> list[AttackOutcome]:
         """One outcome per fact from one sweep of this attack's lens (the jobs share one sweep per
         readout among all lens attacks through :func:`evaluate_attacks`)."""
         reads = attack_readout(model, [_field(f, "prompt") for f in facts], [_field(f, "answer") for f in facts],
-                               [self], lens=self.lens, ctx=ctx, progress=ctx.progress)
-        return [self.outcome(int(r.attack_ranks.pop(self.name)), r, model.n_layers) for r in reads]
+                               [self], lens=self.lens, ctx=ctx, progress=ctx.progress,
+                               controls=[ctx.controls.get(_field(f, "id")) for f in facts])
+        return [self.outcome(r, model.n_layers) for r in reads]
 
 
 @register("head-projection")
@@ -189,7 +227,7 @@ class ProbabilityDelta(LensAttack):
     def best_rank(self, lens, n_layers):
         layers = self.resolve_layers(n_layers)
         if len(layers) < 2:
-            return torch.full_like(lens.answer, torch.iinfo(torch.long).max)
+            return torch.full_like(lens.answer, _NO_RANK)
         p = lens.probs(layers)
         return _delta_rank(p[:, 1:] - p[:, :-1], lens.answer, self.sides)
 
@@ -212,19 +250,22 @@ class PD2(LensAttack):
     def best_rank(self, lens, n_layers):
         layers = self.resolve_layers(n_layers)
         if len(layers) < 3:
-            return torch.full_like(lens.answer, torch.iinfo(torch.long).max)
+            return torch.full_like(lens.answer, _NO_RANK)
         p = lens.probs(layers)
         return _delta_rank(p[:, 2:] - 2 * p[:, 1:-1] + p[:, :-2], lens.answer, self.sides)
 
 
 def attack_readout(model, prompts: Sequence[str], answers: Sequence[str], attacks: Sequence[LensAttack] = (), *,
                    lens: str = "logit", ctx: AttackContext | None = None, batch_size: int | None = None,
-                   progress: bool = False, desc: str = "lens sweep") -> list[LayerReadout]:
+                   progress: bool = False, desc: str = "lens sweep",
+                   controls: Sequence[str | None] | None = None) -> list[LayerReadout]:
     """One lens sweep of ``model`` (``lens``: ``"logit"`` or ``"tuned"``) over (prompt, answer) pairs,
     scoring the given lens attacks (all of that readout) in the same pass: per-fact
     :class:`~probe.results.LayerReadout` (rank and probability of the answer's first token at every
-    layer, teacher-forced answer log-probs) with ``attack_ranks[attack.name]`` = the attack's best
-    rank. Shapes and units: :func:`probe.readout.lens_readout`."""
+    layer, teacher-forced answer log-probs) with ``attack_ranks`` holding each attack's
+    :meth:`LensAttack.scorers` (best rank on all layers, ``@hidden`` without the output layer) and,
+    for facts with a control answer (``controls``, parallel to ``prompts``), the same on the
+    control (``@control``). Shapes and units: :func:`probe.readout.lens_readout`."""
     if not prompts:
         return []
     n = model.n_layers
@@ -234,8 +275,9 @@ def attack_readout(model, prompts: Sequence[str], answers: Sequence[str], attack
         decoder = owner.decoder(model, ctx)
     if batch_size is None and ctx is not None:
         batch_size = ctx.batch_size
-    return lens_readout(model, list(prompts), list(answers), scorers={a.name: a.scorer(n) for a in attacks},
-                        lens=decoder, batch_size=batch_size, progress=progress, desc=desc)
+    scorers = {name: fn for a in attacks for name, fn in a.scorers(n).items()}
+    return lens_readout(model, list(prompts), list(answers), scorers=scorers, lens=decoder, batch_size=batch_size,
+                        progress=progress, desc=desc, controls=controls)
 
 
 def _field(fact: Any, name: str):
@@ -256,8 +298,9 @@ def evaluate_attacks(model, facts: Sequence[Any], attacks: Sequence[Attack], ctx
     other attack's :meth:`~attacks.base.Attack.run`.
 
     Args:
-        readouts: sweeps already done on this model state (``{lens: readouts}``, e.g. the
-            known-fact filter's); their ``attack_ranks`` must hold the attacks' best ranks.
+        readouts: sweeps already done on this model state (``{lens: readouts}``); their
+            ``attack_ranks`` must hold the attacks' scorers (with the controls of ``ctx``).
+        ctx: its ``controls`` (fact id -> control answer) are scored by every attack.
 
     Returns:
         ``({lens: [LayerReadout per fact]}, {attack name: [AttackOutcome per fact]})``; the
@@ -272,11 +315,12 @@ def evaluate_attacks(model, facts: Sequence[Any], attacks: Sequence[Attack], ctx
             readouts[kind] = attack_readout(model, [_field(f, "prompt") for f in facts],
                                             [_field(f, "answer") for f in facts],
                                             [a for a in lens_attacks if a.lens == kind], lens=kind, ctx=ctx,
-                                            progress=progress, desc=f"{LENS_READOUTS[kind]} sweep")
+                                            progress=progress, desc=f"{LENS_READOUTS[kind]} sweep",
+                                            controls=[ctx.controls.get(_field(f, "id")) for f in facts])
     outcomes: dict[str, list[AttackOutcome]] = {}
     for a in lens_attacks:
         reads = readouts[a.lens]
-        outcomes[a.name] = [a.outcome(int(r.attack_ranks[a.name]), r, n) for r in reads]
+        outcomes[a.name] = [a.outcome(r, n) for r in reads]
     for reads in readouts.values():
         for r in reads:
             r.attack_ranks = {}

@@ -52,6 +52,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-strength", default=None, choices=["easy", "medium", "hard"],
                    help="paraphrase images of image-rephrase / multimodal-rephrase: the original image plus "
                         "paraphrase images up to this strength (default hard: {orig, easy, medium, hard})")
+    p.add_argument("--keep-answer-in-input", action="store_true",
+                   help="sampling attacks also score facts whose answer occurs in the text they are given (prompt, "
+                        "subject, preamble, prefix); by default such facts are skipped and counted, since a copy of "
+                        "the input is not extraction (for comparison with the papers, which keep them)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, float16; lens "
                                                  "and loss arithmetic always run in fp32")
@@ -74,8 +78,7 @@ def _add_run(sub) -> None:
     _editor_flags(run)
     run.add_argument("--protocol", default="one-at-a-time", choices=["one-at-a-time", "all-at-once"],
                      help="delete each fact from a fresh copy (papers' protocol) or all facts in one edit")
-    run.add_argument("--known-rank", type=int, default=1,
-                     help="keep facts whose answer's first token has rank <= N before deletion (default 1)")
+    _known_flags(run)
     run.add_argument("--retain-size", type=int, default=4,
                      help="retain prompts per edit: other facts' prompts most similar to the deleted one (default 4)")
     run.add_argument("--acc-tokens", type=int, default=8,
@@ -86,6 +89,16 @@ def _add_run(sub) -> None:
                      help="causal traces (layer x position, subject corrupted) of the first N deleted facts, with "
                           "the unedited and the edited model as clean run, in causal_traces.jsonl and the report "
                           "(~15-30 s per fact on 2 cores; default 0)")
+
+
+def _known_flags(p) -> None:
+    p.add_argument("--known", default="rank", choices=["rank", "reference"],
+                   help="known-fact filter: 'rank' (default; the answer's first token at rank <= --known-rank at the "
+                        "output) or 'reference' (the text paper's rule: p(answer) > 0.02 and the answer in the greedy "
+                        "36-token continuation)")
+    p.add_argument("--known-rank", type=int, default=1,
+                   help="with --known rank: keep facts whose answer's first token has rank <= N before deletion "
+                        "(default 1)")
 
 
 def _add_grid(sub) -> None:
@@ -102,7 +115,7 @@ def _add_grid(sub) -> None:
                       help="comma-separated defenses or 'all' (fact-erasure, empty-response, error-injection, "
                            "head-projection, max-entropy, input-rephrasing)")
     _editor_flags(grid)
-    grid.add_argument("--known-rank", type=int, default=1, help="known-fact filter rank (default 1)")
+    _known_flags(grid)
     grid.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
     grid.add_argument("--random-n", type=int, default=10, help="other facts per edit for the random Δ-Acc (default 10)")
     grid.add_argument("--acc-tokens", type=int, default=8, help="greedy tokens for the accuracy metrics (default 8)")
@@ -251,10 +264,12 @@ def _editor_config(args) -> dict:
 
 def _attack_config(args, attacks: list[str]) -> dict:
     """Per-attack settings from the flags: each flag goes to every selected attack that has the
-    matching field (``--bb-tokens`` -> ``max_new_tokens``, ``--image-strength`` -> ``strength``)."""
+    matching field (``--bb-tokens`` -> ``max_new_tokens``, ``--image-strength`` -> ``strength``,
+    ``--keep-answer-in-input`` -> ``skip_answer_in_input=False``)."""
     from attacks import attack_fields
 
-    flags = {"max_new_tokens": args.bb_tokens, "strength": args.image_strength}
+    flags = {"max_new_tokens": args.bb_tokens, "strength": args.image_strength,
+             "skip_answer_in_input": False if args.keep_answer_in_input else None}
     out: dict = {}
     for name in attacks:
         fields = attack_fields(name)
@@ -437,7 +452,7 @@ def _run(args) -> int:
 
         gcfg = GridConfig(defenses=defenses, attacks=attacks, editor=args.editor, editor_config=editor_config,
                           attack_config=attack_config,
-                          known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
+                          known=args.known, known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
                           random_n=args.random_n, acc_tokens=args.acc_tokens, batch_size=args.batch_size,
                           seed=args.seed, progress=progress)
         grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume)
@@ -449,7 +464,7 @@ def _run(args) -> int:
                     progress=progress, attack_config=attack_config)
     if args.command == "run":
         cfg.defense, cfg.editor, cfg.editor_config = args.defense, args.editor, editor_config
-        cfg.protocol, cfg.known_rank = args.protocol, args.known_rank
+        cfg.protocol, cfg.known, cfg.known_rank = args.protocol, args.known, args.known_rank
         cfg.retain_size, cfg.acc_tokens, cfg.random_n = args.retain_size, args.acc_tokens, args.random_n
         if args.causal_traces < 0:
             return _fail("--causal-traces must be >= 0")
@@ -463,16 +478,30 @@ def _run(args) -> int:
     return 0
 
 
+def _p(x, width: int) -> str:
+    return f"{'—':>{width}s}" if x is None else f"{100 * x:{width - 1}.1f}%"
+
+
 def format_table(result) -> str:
-    """Plain-text results table (attack success@B in %, defense scores)."""
+    """Plain-text results table: attack success@B (%) before and after the edit, the control's
+    success on the attacked model and the excess (post - control; pre - control without an edit),
+    and for lens attacks the hidden-only success (output layer removed) after the edit."""
+    deleted = result.defense is not None
     lines = [f"model {result.model}: {result.n_facts} facts", "",
-             f"{'attack':20s} {'layers':28s} {'B':>4s} {'success pre':>12s} {'success post':>13s}"]
+             f"{'attack':20s} {'layers':24s} {'B':>4s} {'pre':>7s} {'post':>7s} {'control':>8s} {'excess':>7s} "
+             f"{'hidden':>7s} {'B_h':>4s}"]
     for name, a in result.attacks.items():
-        pre = "" if a.success_pre is None else f"{100 * a.success_pre:11.1f}%"
-        post = "" if a.success_post is None else f"{100 * a.success_post:11.1f}%"
         where = ",".join(str(x) for x in a.layers) if a.layers and a.kind == "whitebox" else "(" + a.kind + ")"
+        hidden = a.success_hidden_post if deleted else a.success_hidden_pre
+        bh = f"{a.budget_hidden:4d}" if a.budget_hidden is not None else f"{'':4s}"
         skipped = f"  ({a.n_skipped} of {a.n_facts + a.n_skipped} facts skipped)" if a.n_skipped else ""
-        lines.append(f"{name:20s} {where:28s} {a.budget:4d} {pre:>12s} {post:>13s}{skipped}")
+        lines.append(f"{name:20s} {where:24s} {a.budget:4d} {_p(a.success_pre, 7)} {_p(a.success_post, 7)} "
+                     f"{_p(a.success_control, 8)} {_p(a.excess, 7)} {_p(hidden, 7)} {bh}{skipped}")
+    ctl = next((a.control for a in result.attacks.values() if a.control), None)
+    lines.append("")
+    lines.append(f"control: the same rule on each fact's control answer ({ctl or 'none'}) on the attacked model; "
+                 f"excess = {'post' if deleted else 'pre'} - control; hidden = lens attacks without the output layer "
+                 f"(budget B_h)")
     d = result.defense
     if d:
         lines.append("")
@@ -503,15 +532,28 @@ def format_grid(grid) -> str:
     budgets = " ".join(f"{'B=' + str(next((cells[(d, a)]['budget'] for d in defenses if (d, a) in cells), '?')):>17s}"
                        for a in attacks)
     lines.append(f"{'':{width}s} {budgets}")
+    first = {a: next((cells[(d, a)] for d in defenses if (d, a) in cells), None) for a in attacks}
+
+    def cell(c, attr, ctl):
+        if not c or c.get(attr) is None:
+            return f"{'—':>17s}"
+        txt = f"{100 * c[attr]:.1f}"
+        if c.get(ctl) is not None:
+            txt += f" (c {100 * c[ctl]:.1f})"
+        return f"{txt:>17s}"
+
+    lines.append(f"{'unedited':{width}s} " + " ".join(cell(first[a], "success_pre", "success_control_pre")
+                                                      for a in attacks))
+    for d in defenses:
+        lines.append(f"{d:{width}s} " + " ".join(cell(cells.get((d, a)), "success_post", "success_control")
+                                               for a in attacks))
+    lines += ["", "success after each defense in %, (c ...) = the same rule on the control answers; "
+              "excess (post - control):"]
     for d in defenses:
         row = []
         for a in attacks:
             c = cells.get((d, a))
-            if not c or c["success_post"] is None:
-                row.append(f"{'—':>17s}")
-            else:
-                pre = "—" if c["success_pre"] is None else f"{100 * c['success_pre']:.0f}"
-                row.append(f"{pre + ' -> ' + format(100 * c['success_post'], '.1f'):>17s}")
+            row.append(f"{'—':>17s}" if not c or c.get("excess") is None else f"{100 * c['excess']:17.1f}")
         lines.append(f"{d:{width}s} " + " ".join(row))
     lines += ["", f"{'defense':{width}s} {'rewrite':>8s} {'paraphr':>8s} {'neighb':>8s} {'nΔAcc':>8s} {'rΔAcc':>8s} "
               f"{'target':>8s} {'failed':>7s}"]

@@ -31,10 +31,10 @@ class LensBatch:
         answer: ``[batch]`` first-token ids of the answers.
     """
 
-    def __init__(self, logits: torch.Tensor, answer: torch.Tensor):
+    def __init__(self, logits: torch.Tensor, answer: torch.Tensor, lse: torch.Tensor | None = None):
         self.logits = logits
         self.answer = answer
-        self._lse: torch.Tensor | None = None
+        self._lse: torch.Tensor | None = lse
         self._ranks: torch.Tensor | None = None
         self._probs: dict[int, torch.Tensor] = {}
 
@@ -58,6 +58,13 @@ class LensBatch:
             if layer not in self._probs:
                 self._probs[layer] = (self.logits[:, layer] - self.lse[:, layer]).exp()
         return torch.stack([self._probs[layer] for layer in layers], 1)
+
+    def for_answer(self, answer: torch.Tensor) -> "LensBatch":
+        """The same lens outputs scored for other answer ids ``[batch]`` (e.g. the control
+        answers): logits, logsumexp and probabilities are shared, ranks are recomputed."""
+        other = LensBatch(self.logits, answer, self.lse)
+        other._probs = self._probs
+        return other
 
 
 #: A scorer maps a :class:`LensBatch` to one integer per fact (e.g. the best rank of the answer
@@ -99,7 +106,8 @@ def auto_batch_size(n_layers: int, vocab: int, budget_bytes: int = 96 << 20) -> 
 
 def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
                  scorers: Mapping[str, Scorer] | None = None, batch_size: int | None = None,
-                 progress: bool = False, desc: str = "lens sweep", lens=None) -> list[LayerReadout]:
+                 progress: bool = False, desc: str = "lens sweep", lens=None,
+                 controls: Sequence[str | None] | None = None) -> list[LayerReadout]:
     """Logit-lens readout of the answer at every layer, for each (prompt, answer).
 
     Args:
@@ -117,16 +125,16 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
 
     Returns:
         One :class:`~probe.results.LayerReadout` per prompt: per-layer rank (1-based) and lens
-        probability of the first answer token at the last prompt token, the model's own
-        first-token probability, the teacher-forced full-answer log-probability (nats), exact
-        match and the scorers' values.
+        probability of the first answer token at the last prompt token, the lens's top-1 token at
+        the last layer (``top_token``), the model's own first-token probability, the
+        teacher-forced full-answer log-probability (nats), exact match and the scorers' values.
 
     Raises:
         InputError / PromptTooLongError: bad prompt or answer.
     """
     scorers = dict(scorers or {})
-    if len(prompts) != len(answers):
-        raise ValueError("prompts and answers must have the same length")
+    if len(prompts) != len(answers) or (controls is not None and len(controls) != len(prompts)):
+        raise ValueError("prompts, answers (and controls) must have the same length")
     n_layers, vocab = model.n_layers, model.vocab_size
     batch_size = batch_size or auto_batch_size(n_layers, vocab)
     lens = LogitLens.from_model(model) if lens is None else lens
@@ -145,9 +153,21 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
             tgt = lens_logits.gather(-1, first[:, None, None].expand(B, n_layers, 1))
             probs = (tgt - shared.lse).exp().squeeze(-1)
             extra = {name: fn(shared).tolist() for name, fn in scorers.items()}
+            top = lens_logits[:, -1].argmax(-1).tolist()
+            ctl = list(controls[start:start + batch_size]) if controls is not None else [None] * B
+            has_ctl = [c is not None for c in ctl]
+            c_ranks = None
+            if any(has_ctl):
+                c_first = torch.tensor([_answer_ids(model.tokenizer, prompts[start + i], c)[0] if c is not None
+                                        else int(first[i]) for i, c in enumerate(ctl)], device=lens_logits.device)
+                c_batch = shared.for_answer(c_first)
+                c_ranks = c_batch.ranks.tolist()
+                extra.update({f"{name}@control": fn(c_batch).tolist() for name, fn in scorers.items()})
+                del c_batch
             del lens_logits, shared
         ranks, probs = ranks.tolist(), probs.tolist()
         for i in range(B):
+            keep = {name: int(v[i]) for name, v in extra.items() if has_ctl[i] or not name.endswith("@control")}
             out.append(LayerReadout(
                 rank=[int(r) for r in ranks[i]],
                 prob=[float(p) for p in probs[i]],
@@ -156,7 +176,9 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
                 token_logprobs=[float(x) for x in tok_lps[i]],
                 exact_match=greedy_ok[i] == 1.0,
                 token_acc=greedy_ok[i],
-                attack_ranks={name: int(v[i]) for name, v in extra.items()},
+                attack_ranks=keep,
+                top_token=int(top[i]),
+                control_rank=[int(r) for r in c_ranks[i]] if c_ranks is not None and has_ctl[i] else None,
             ))
     return out
 

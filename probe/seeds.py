@@ -9,7 +9,7 @@ draw does not depend on which other facts are in the run (resume-invariant):
   ``relearning`` (its relearning-data choice).
 * :func:`fact_rng` -> a :class:`random.Random`; purposes in use: :data:`RETAIN` (retain-prompt
   selection), :data:`RANDOM_ACC` (the random Δ-Acc facts), :data:`ERROR_TARGET` (the
-  error-injection target of a fact without ``alt_answer``).
+  error-injection target of a fact without ``alt_answer``), :data:`CONTROL` (the attack control).
 
 The streams keep the keys they had before this module existed (so results are unchanged):
 ``fact_rng`` seeds ``random.Random`` with ``"{purpose}:{seed}:{fact_id}"``, except the retain
@@ -27,6 +27,8 @@ RETAIN = "retain"
 RANDOM_ACC = "random-acc"
 #: the error-injection defense's target when the fact has no ``alt_answer``
 ERROR_TARGET = "error-injection-target"
+#: the attack control answer of a fact (:func:`probe.controls.choose_controls`)
+CONTROL = "control"
 
 #: purposes whose ``random.Random`` key predates this module (kept so numbers do not change)
 _LEGACY_KEYS = {RETAIN: "{seed}:{fact_id}"}

@@ -28,7 +28,10 @@ class JobConfig:
         editor, editor_config: the editor every defense uses, and its settings (override the
             objective's :attr:`~defenses.base.Objective.editor_defaults`).
         objective_config: per defense name, settings of that objective.
-        known_rank: keep facts whose answer's first token is at rank <= this at the output.
+        known: the known-fact rule: ``"rank"`` (the answer's first token at rank <= ``known_rank``
+            at the output) or ``"reference"`` (the text paper's: p(answer) > 0.02 and the answer in
+            the greedy 36-token continuation); see :func:`probe.jobs.deletion.is_known`.
+        known_rank: with ``known="rank"``, the largest rank kept.
         max_facts: use at most this many known facts (evenly spaced over the file).
         retain_size, retain_similar: KL retain prompts per edit (see :mod:`defenses.retain`).
         random_n: other facts per edit for the random Δ-Acc (UnLOK-VQA: 10).
@@ -42,6 +45,7 @@ class JobConfig:
     editor: str = "constrained-ft"
     editor_config: dict = field(default_factory=dict)
     objective_config: dict = field(default_factory=dict)
+    known: str = "rank"
     known_rank: int = 1
     max_facts: int | None = None
     retain_size: int = 4

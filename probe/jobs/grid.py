@@ -34,6 +34,7 @@ from defenses.retain import retain_prompts
 from viz.grid import write_grid_report
 
 from ..atomic import write_text_atomic
+from ..controls import control_label
 from ..facts import Fact, check_lengths
 from ..images import attach_images
 from ..interrupt import check as check_interrupt
@@ -56,6 +57,7 @@ def build_cells(plan: Plan, pre: dict[str, PreMeasure], units: Sequence[FactResu
     over the facts that defense deleted (failed edits counted in ``n_failed``, left out), with the
     defense's mean scores."""
 
+    label = control_label(plan.controls)
     by_def: dict[str, list[FactResult]] = {}
     for u in units:
         by_def.setdefault(u.defense, []).append(u)
@@ -65,7 +67,7 @@ def build_cells(plan: Plan, pre: dict[str, PreMeasure], units: Sequence[FactResu
         scores = DeletionScores.means([u.scores for u in ok if u.scores])
         for a in plan.attacks:
             s = summarize(a, n_layers, [pre[u.id].outcomes.get(a.name) for u in ok],
-                          [u.outcomes.get(a.name, {}).get("post") for u in ok])
+                          [u.outcomes.get(a.name, {}).get("post") for u in ok], control=label)
             cells.append(Cell(**asdict(s), defense=dfn, editor=editor, n_failed=len(us) - len(ok), scores=scores))
     return cells
 
@@ -112,7 +114,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     t0 = time.time()
 
     pre_ctx = attack_context(plan, [], cfg)
-    known, n_known = known_facts(model, facts, plan, cfg.known_rank, cfg.max_facts, pre_ctx, progress=cfg.progress)
+    known, n_known = known_facts(model, facts, plan, cfg, pre_ctx, progress=cfg.progress)
     evaluated = frozenset(f.id for f, _, _ in known)
     pre_ctx.deleted = evaluated
     out.mkdir(parents=True, exist_ok=True)

@@ -26,14 +26,15 @@ from viz.layers import causal_trace_figure
 from viz.report import write_report
 
 from ..atomic import write_text_atomic
+from ..controls import control_label
 from ..errors import InputError
 from ..facts import Fact, check_lengths
 from ..images import attach_images
 from ..interrupt import check as check_interrupt
 from ..results import DeletionScores, FactResult, RunResult
 from .config import RunConfig
-from .deletion import (Plan, attack_context, build_plan, evenly_spaced, image_examples, known_facts, measure_deletion, measure_pre,
-                       text_readouts)
+from .deletion import (Plan, attack_context, build_plan, choose_job_controls, evenly_spaced, image_examples,
+                       known_facts, measure_deletion, measure_pre, text_readouts)
 from ..jsonl import JsonlLog, read_jsonl
 from .output import check_output, say_resumed
 
@@ -57,8 +58,10 @@ def summarize_run(model, results: Sequence[FactResult], plan: Plan, defense: dic
 
     ok = [r for r in results if r.error is None]
     deleted = defense is not None
+    label = control_label(plan.controls)
     summaries = {a.name: summarize(a, model.n_layers, [r.outcomes.get(a.name, {}).get("pre") for r in ok],
-                                   [r.outcomes.get(a.name, {}).get("post") for r in ok] if deleted else None)
+                                   [r.outcomes.get(a.name, {}).get("post") for r in ok] if deleted else None,
+                                   control=label)
                  for a in plan.attacks}
     if defense is not None:
         defense = {**defense, **DeletionScores.means([r.scores for r in ok if r.scores]),
@@ -106,6 +109,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     plan.pool = list(facts)
     facts = evenly_spaced(list(facts), cfg.max_facts) if cfg.max_facts else list(facts)
     check_lengths(model, facts)
+    choose_job_controls(model, plan, facts, None, cfg)
     stamp = _stamp(model, facts_label, cfg, "attack")
     check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",))
     out.mkdir(parents=True, exist_ok=True)
@@ -121,19 +125,26 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
         chunk = todo[start:start + bs]
         reads, outs = evaluate_attacks(model, chunk, plan.attacks, ctx)
         log.append(*[FactResult(f.id, str(f.prompt), f.answer, answer_ids(model.tokenizer, f.prompt, f.answer),
-                                reads["logit"][i], outcomes={a: {"pre": o[i]} for a, o in outs.items()}).to_json()
+                                reads["logit"][i], outcomes={a: {"pre": o[i]} for a, o in outs.items()},
+                                control=_ctl(plan, f.id, "answer"), control_source=_ctl(plan, f.id, "source"),
+                                relation=f.relation).to_json()
                      for i, f in enumerate(chunk)])
     finished = _load_finished(log, {f.id for f in facts})
     ordered = [finished[f.id] for f in facts if f.id in finished]
     return finish(summarize_run(model, ordered, plan, None, {"command": "attack", "facts_file": facts_label}), out)
 
 
+def _ctl(plan: Plan, fact_id: str, attr: str):
+    c = plan.controls.get(fact_id)
+    return getattr(c, attr) if c else None
+
+
 def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, facts_label: str = "",
              resume: bool = False) -> RunResult:
     """``probe-attack run``: the main job.
 
-    1. known-fact filter: keep facts whose answer's first token is at rank <= ``known_rank`` at
-       the model's output (before any deletion), with the lens attacks scored in the same sweep;
+    1. known-fact filter (``cfg.known``: rank or the text paper's reference rule) on the unedited
+       model, the kept facts' control answers (:mod:`probe.controls`), the lens attacks on both;
     2. every attack and the reference measurements on the unedited model (:func:`measure_pre`);
     3. delete with ``cfg.defense`` through ``cfg.editor`` -- one fact at a time from a fresh copy
        (the papers' protocol) or all facts at once -- and measure every attack and score on the
@@ -156,8 +167,8 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     pre_ctx = attack_context(plan, [], cfg)
-    known, n_known = known_facts(model, facts, plan, cfg.known_rank, cfg.max_facts, pre_ctx, progress=cfg.progress,
-                                 desc="filter + attacks (pre)")
+    known, n_known = known_facts(model, facts, plan, cfg, pre_ctx, progress=cfg.progress,
+                                 desc="known-fact filter")
     evaluated = [f.id for f, _, _ in known]
     pre_ctx.deleted = frozenset(evaluated)  # the unedited model's scratch space, shared by every fact
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +213,9 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     defense = {"name": cfg.defense, "editor": cfg.editor, "editor_config": editor.config(),
                "edit_parameter": editor.param_name(model), "protocol": cfg.protocol}
     meta = {"command": "run", "facts_file": facts_label, "n_facts_input": len(facts),
-            "known_filter": {"max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known)}, "seed": cfg.seed,
+            "known_filter": {"rule": cfg.known, "max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known),
+                             "n_never_known": len(plan.unknown)},
+            "controls": control_label(plan.controls), "seed": cfg.seed,
             "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT},
             "image_examples": image_examples([f for f, _, _ in known])}
     return finish(summarize_run(model, ordered, plan, defense, meta), out)
