@@ -5,12 +5,18 @@ JSONL format, one fact per line (field names fixed)::
     {"id": "capital-japan", "prompt": "The capital of Japan is", "answer": "Tokyo",
      "paraphrases": ["Japan's capital city is"],
      "neighborhood": [{"prompt": "The capital of France is", "answer": "Paris"}],
-     "alt_answer": "Osaka", "image": null}
+     "alt_answer": "Osaka", "image": null, "relation": "capital", "subject": "Japan"}
 
 ``id``, ``prompt`` and ``answer`` are required; ``paraphrases`` (list of prompts),
-``neighborhood`` (list of ``{"prompt", "answer"}``), ``alt_answer`` and ``image`` (a path,
-relative to the file, for multimodal facts) are optional. Every problem is reported as an
-:class:`~probe.errors.InputError` naming the file, the line and the field.
+``neighborhood`` (list of ``{"prompt", "answer"}``), ``alt_answer``, ``image`` (a path,
+relative to the file, for multimodal facts), ``relation`` and ``subject`` are optional.
+``relation`` names the question the fact asks (a non-empty string; CounterFact's ``relation_id``):
+facts of one relation ask the same kind of question, so another fact's answer of the same relation
+is a plausible wrong answer, and attack controls are drawn from those answers. ``subject`` is the
+entity the fact is about, a substring of ``prompt`` (ROME and causal tracing key on its tokens).
+Every built-in fact has both (34 relations, each with at least 2 facts and 2 distinct answers).
+Every problem is reported as an :class:`~probe.errors.InputError` naming the file, the line and
+the field.
 
 Multimodal facts (all optional; see :mod:`probe.vlm.image_facts` for a built-in set)::
 

@@ -13,7 +13,10 @@ needs (the project's method notes, §6):
 - ``neighborhood``: the other relations of the same country, asked about the same image;
 - ``alt_answer``: another country's answer for the relation (error-injection target);
 - ``text_prompt``: the same question with the country named ("This is the flag of France.\\n
-  The capital of this country is"), for the text-only ceiling; ``entity``: the country.
+  The capital of this country is"), for the text-only ceiling; ``entity``: the country;
+- ``relation``: the relation's name (:data:`RELATIONS`, e.g. ``"capital"``, the built-in text facts'
+  name for the same question): attack controls are other answers of the same relation. No
+  ``subject``: the prompt names no entity ("this country"), the image does.
 
 Prompts are declarative, with no ``<image>`` placeholder (the image goes before the prompt): the
 small LM behind the mini-VLM answers these, while "Question: ... Answer:" prompts get ``\\n``
@@ -42,7 +45,7 @@ from ..facts import IMAGE_STRENGTHS, Fact, load_jsonl
 
 SEED_OFFSET = 10**6
 """All render seeds are >= this, so they never coincide with a training pipeline's small seeds."""
-_FORMAT_VERSION = 1  # bump when the written set changes for the same arguments (cache key)
+_FORMAT_VERSION = 2  # bump when the written set changes for the same arguments (cache key)
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ def _records(relations: list[str], cs: list, n_per_strength: int, n_neighborhood
                                         for o in neigh],
                 "text_prompt": rel.text_prompt.format(country=c.name),
                 "entity": c.name,
+                "relation": rname,
             }
 
 

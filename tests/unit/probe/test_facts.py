@@ -143,6 +143,32 @@ def test_fact_from_dict_defaults():
     fact = probe.facts.fact_from_dict(GOOD, file="mem", line=9)
     assert isinstance(fact, Fact) and fact.source == "mem:9"
     assert fact.paraphrases == [] and fact.neighborhood == [] and fact.alt_answer is None
+    assert fact.relation is None and fact.subject is None
+
+
+def test_relation_and_subject_read(tmp_path):
+    f = write_lines(tmp_path / "f.jsonl", [
+        json.dumps({**GOOD, "relation": " capital ", "subject": "Japan"}),
+        json.dumps({**GOOD, "id": "no-relation"})])
+    a, b = load_jsonl(f)
+    assert (a.relation, a.subject) == ("capital", "Japan")  # stripped
+    assert (b.relation, b.subject) == (None, None)
+    assert a.to_json()["relation"] == "capital"
+    g = write_lines(tmp_path / "g.jsonl", [json.dumps(x.to_json()) for x in (a, b)])
+    assert [x.relation for x in load_jsonl(g)] == ["capital", None]
+
+
+@pytest.mark.parametrize("value,match", [(3, "non-empty string"), ("", "non-empty string"),
+                                         ("  ", "non-empty string"), (["P36"], "non-empty string")])
+def test_relation_refused(tmp_path, value, match):
+    f = write_lines(tmp_path / "f.jsonl", [json.dumps({**GOOD, "relation": "capital"}),
+                                          json.dumps({**GOOD, "id": "b", "relation": value})])
+    expect_error(f, line=2, field="relation", match=match)
+
+
+def test_subject_not_in_prompt_refused(tmp_path):
+    f = write_lines(tmp_path / "f.jsonl", [json.dumps({**GOOD, "subject": "France"})])
+    expect_error(f, line=1, field="subject", match="does not occur")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,6 +190,9 @@ def test_counterfact_real_file(counterfact_path):
     assert [n["prompt"] for n in f0.neighborhood] == rec["neighborhood_prompts"]
     assert all(n["answer"] == "French" for n in f0.neighborhood)
     assert f0.source == f"{counterfact_path}:2"
+    assert f0.relation == rw["relation_id"] == "P103" and f0.subject == rw["subject"] == "Danielle Darrieux"
+    assert all(f.relation == r["requested_rewrite"]["relation_id"] for f, r in zip(facts, raw))
+    assert len({f.relation for f in facts}) == 32
     assert len({f.id for f in facts}) == 1400
     assert all(f.prompt.strip() and f.answer.strip() for f in facts)
     # auto-detection picks the CounterFact loader
@@ -225,6 +254,18 @@ def test_counterfact_good_small(tmp_path):
         ("3", "The capital of France is", "Paris", "Lyon"), ("4", "The capital of Japan is", "Tokyo", "Kyoto")]
 
 
+def test_counterfact_relation_id(tmp_path):
+    with_rel = _cf_record(1)
+    with_rel["requested_rewrite"]["relation_id"] = "P36"
+    blank = _cf_record(2, subject="Japan", true="Tokyo", new="Kyoto")
+    blank["requested_rewrite"]["relation_id"] = "  "
+    f = tmp_path / "cf.json"
+    f.write_text(json.dumps([with_rel, blank, _cf_record(3, subject="Spain", true="Madrid")], indent=2))
+    facts = load_counterfact(f)
+    assert [(x.id, x.relation, x.subject) for x in facts] == [("1", "P36", "France"), ("2", None, "Japan"),
+                                                              ("3", None, "Spain")]
+
+
 # ---------------------------------------------------------------------------------------------
 # built-in set and load_facts
 
@@ -240,6 +281,32 @@ def test_builtin_facts():
         assert all(p.strip() for p in f.paraphrases)
     by_id = {f.id: f for f in facts}
     assert by_id["bf-capital-france"].answer == "Paris"
+
+
+def test_builtin_facts_relation_and_subject():
+    """Every built-in fact names its relation (attack controls are other answers of the same relation)
+    and its subject (ROME and causal tracing key on the subject's tokens)."""
+    from collections import defaultdict
+
+    from probe.matching import answer_matches
+
+    facts = load_facts(None)
+    answers = defaultdict(set)
+    for f in facts:
+        assert isinstance(f.relation, str) and f.relation == f.relation.strip() != "", f.id
+        assert isinstance(f.subject, str) and f.subject == f.subject.strip() != "", f.id
+        assert f.prompt.count(f.subject) == 1, f.id  # the first occurrence is the subject
+        assert not answer_matches(f.subject, f.answer), f.id  # the subject does not give the answer away
+        answers[f.relation].add(f.answer.casefold())
+    n_facts = {r: sum(f.relation == r for f in facts) for r in answers}
+    assert min(n_facts.values()) >= 2 and min(len(a) for a in answers.values()) >= 2, answers
+    by_id = {f.id: f for f in facts}
+    assert (by_id["bf-capital-czech-republic"].relation, by_id["bf-capital-czech-republic"].subject) == \
+        ("capital", "Czech Republic")
+    assert by_id["bf-us-state-capital-utah"].relation == "us-state-capital"  # not the countries' capitals
+    assert (by_id["bf-inventor-python"].relation, by_id["bf-inventor-telephone"].relation) == \
+        ("programming-language-creator", "inventor")
+    assert len(answers) == 34
 
 
 def test_load_facts_formats(tmp_path):

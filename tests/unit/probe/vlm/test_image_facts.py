@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import types
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,6 +202,12 @@ def test_builtin_writer_fake(tmp_path, fake_flags):
     assert (fr.prompt, fr.answer, fr.entity) == ("The capital of this country is", "Paris", "France")
     assert fr.text_prompt == "This is the flag of France.\nThe capital of this country is"
     assert fr.paraphrases == list(RELATIONS["capital"].paraphrases)
+    # every fact carries its relation's name (attack controls come from the same relation); no subject,
+    # since the prompt names no entity
+    assert (fr.relation, by_id["flag-currency-japan"].relation) == ("capital", "currency")
+    assert {(f.relation, f.prompt) for f in facts} == {(r.name, r.prompt) for r in RELATIONS.values()}
+    assert all(f.id == f"flag-{f.relation}-{imf.slug(f.entity)}" and f.subject is None for f in facts)
+    assert sorted(Counter(f.relation for f in facts).values()) == [n_c] * n_r
     # the main image is shared by the country's four facts and its neighbourhood questions
     fr_facts = [f for f in facts if f.entity == "France"]
     assert len(fr_facts) == 4 and len({f.image for f in fr_facts}) == 1
