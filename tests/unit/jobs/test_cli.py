@@ -177,8 +177,15 @@ def test_run_writes_results_per_fact_and_report(cli, model_dir, facts_file, tmp_
     assert html.lstrip().lower().startswith(("<!doctype html", "<html")) and len(html) > 500
 
     assert "head-projection" in out and "probability-delta" in out and "pd2" in out
-    assert "success pre" in out and "success post" in out
+    head = next(line for line in out.splitlines() if line.startswith("attack "))
+    assert head.split() == ["attack", "layers", "B", "pre", "post", "control", "excess", "hidden", "B_h"]
     assert "3 facts" in out
+    # facts without relations: controls from the other facts' answers, said so in the results
+    res = strict_json((out_dir / "results.json").read_text())
+    assert {a["control"] for a in res["attacks"].values()} == {"any-relation"}
+    for r in recs:
+        assert r["control_source"] == "any-relation" and r["control"] not in (None, r["answer"])
+        assert r["control"] in {f["answer"] for f in FACTS}
     assert f"report:  {out_dir / 'report.html'}" in out
     assert f"results: {out_dir / 'results.json'}" in out
 
@@ -211,7 +218,7 @@ def test_attack_keeps_every_fact_and_has_no_post(cli, facts_file, tmp_path):
     assert all(len(r["pre"]["rank"]) == 2 for r in recs)
     assert any(r["pre"]["rank"][-1] > 1 for r in recs)  # they would have failed the default filter
     assert (out_dir / "report.html").is_file()
-    assert "success pre" in out and "defense" not in out
+    assert "control" in out and "excess" in out and "defense" not in out
 
 
 def test_run_default_known_rank_filters_everything_out(cli, facts_file, tmp_path):
