@@ -1,10 +1,28 @@
-"""Blackbox (sampling) attacks: ``question-rephrase`` and ``jailbreak``.
+"""Blackbox (sampling) attacks: ``question-rephrase``, ``jailbreak``, ``image-rephrase``, ``multimodal-rephrase``.
 
-Both attacks only sample text from the model. Each builds ``n_prompts`` attack prompts for a
-fact, draws ``samples`` continuations from each with ``model.hf.generate``, pools them into the
-candidate set C, and succeeds if the fact's answer occurs in any sample. Budget:
-B = ``n_prompts * samples`` (defaults 4 x 5 = 20, the papers' ``--num_attack_parap 4
+All four are :class:`SamplingAttack` subclasses and only sample text from the model (the image
+attacks are described at :class:`ImageRephrase` and :class:`MultimodalRephrase`). Each builds
+``n_prompts`` attack prompts for a fact, draws ``samples`` continuations from each
+(:func:`probe.generate.generate`), pools them into the candidate set C, and succeeds if the
+fact's answer occurs in any sample. Budget: B = ``n_prompts * samples`` (defaults 4 x 5 = 20, the papers' ``--num_attack_parap 4
 --bb_num_samples 5``).
+
+**Answer in the input: skipped.** A sample that repeats the input is not extraction. A fact whose
+answer occurs (:func:`probe.matching.answer_matches`, the scoring rule) in any text the attack
+gives the model -- an attack prompt with its rephrasing prefix or jailbreak preamble, the subject
+phrase filled into the preamble, the prompt or paraphrase used as base question -- or in the
+fact's ``subject`` is not sampled: its outcome is ``AttackOutcome.skip(B, "answer in input")``,
+counted in ``n_skipped`` and never scored (:func:`attacks.base.summarize`). On CounterFact this
+is mostly the answer inside the subject ("Apple A5 was created by" -> "Apple"). The field
+``skip_answer_in_input=False`` samples and scores them as the papers do (for comparison), marking
+them ``details["answer_in_input"] = True``.
+
+**Control.** For a fact with a control answer (``ctx.controls[fact.id]``: another answer of the
+same relation that the unedited model does not give; :mod:`probe.controls`), the control is
+scored by the same rule on the *same* samples: ``outcome.control`` = the control occurs in some
+sample, ``details["control_hits"]`` = in how many. A control that itself occurs in the attack's
+input would be found by copying, so it is not scored: ``control=None`` and
+``details["control_skipped"] = "control in input"``. ``details["control_answer"]`` records it.
 
 Sources:
 
@@ -20,11 +38,17 @@ Sources:
 Differences from the reference code (method.md sections 1 and 3.2):
 
 * **Sampling parameters are explicit.** The papers leave temperature and top-p unset, i.e. use
-  the model's own ``generation_config``. For reproducibility across models we pass a complete
-  generation config instead (:class:`probe.generate.Decoding`): plain ancestral sampling with
-  ``temperature=1.0``, ``top_p=1.0``, ``top_k=0`` (no truncation; Hugging Face's global default
-  would otherwise be ``top_k=50``), ``repetition_penalty=1.0``, one beam, generation stops at
-  the model's EOS. All of these are attack fields and can be changed.
+  the model's own ``generation_config``. For reproducibility across models the sampler is plain
+  ancestral sampling whatever the model ships (:mod:`probe.generate`): a generation config built
+  from scratch with ``temperature=1.0``, ``top_p=1.0``, ``top_k=0`` (no truncation; Hugging
+  Face's global default would otherwise be ``top_k=50``), every other truncation and penalty
+  field neutral (no ``min_p``, ``typical_p``, epsilon/eta cutoff, repetition penalty, n-gram
+  blocking, suppressed or forced tokens), one beam, stopping at the model's EOS; the model's own
+  ``generation_config.json`` cannot add any of them (it is swapped out during the call). The
+  sampling parameters are attack fields and can be changed.
+* **Answer in the input is skipped** (above); the reference scores those facts
+  (``skip_answer_in_input=False`` does too).
+* **A control answer** is scored on the same samples (above); the reference has none.
 * **Matching** is :func:`probe.matching.answer_matches` (normalised, whole-word, never vacuous)
   instead of the reference's case-sensitive substring test, so "US" does not match "USB".
 * **Prompts**: our facts are completion-style text prompts, not ``Question: ... Answer:``
@@ -64,9 +88,10 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from probe.facts import IMAGE_STRENGTHS
+from probe.generate import Decoding, generate
+from probe.images import IMAGE_TOKEN, ImagePrompt
 from probe.interrupt import check as check_interrupt
 from probe.matching import answer_matches
-from probe.generate import Decoding, generate
 from probe.rephrase import ATTACK_PREFIXES, insert_prefix
 from probe.seeds import fact_seed
 
@@ -107,12 +132,25 @@ def sample_continuations(model, prompts: Sequence[str], *, samples: int = 5, max
                                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed))
 
 
+def occurs_in(answer: str, texts: Sequence[str]) -> bool:
+    """Whether ``answer`` occurs in any of ``texts`` under the scoring rule
+    (:func:`probe.matching.answer_matches`: normalised, whole words).
+
+    Raises:
+        ValueError: an empty answer.
+    """
+    return any(answer_matches(t, answer) for t in texts)
+
+
 @dataclass
 class SamplingAttack(Attack):
     """Base class of the sampling attacks: ``n_prompts`` prompts x ``samples`` samples.
 
     Subclasses implement :meth:`prompts`. Success@B: the answer occurs
     (:func:`probe.matching.answer_matches`) in any of the B = ``n_prompts * samples`` samples.
+    A fact whose answer already occurs in the attack's input (:meth:`input_texts`) is skipped
+    (``"answer in input"``) unless ``skip_answer_in_input`` is False; the fact's control answer
+    (:attr:`AttackContext.controls`) is scored on the same samples (module docstring).
 
     Attributes:
         n_prompts: attack prompts per fact.
@@ -121,6 +159,9 @@ class SamplingAttack(Attack):
         temperature, top_p, top_k: sampling parameters (defaults: pure ancestral sampling,
             1.0 / 1.0 / 0 = no truncation).
         do_sample: False gives greedy decoding (then all samples of a prompt coincide).
+        skip_answer_in_input: skip facts whose answer occurs in the attack's input text (True);
+            False samples and scores them as the papers do, marking them
+            ``details["answer_in_input"]``.
     """
 
     n_prompts: int = 4
@@ -130,6 +171,7 @@ class SamplingAttack(Attack):
     top_p: float = 1.0
     top_k: int = 0
     do_sample: bool = True
+    skip_answer_in_input: bool = True
 
     kind = "blackbox"
 
@@ -144,34 +186,58 @@ class SamplingAttack(Attack):
     def prompts(self, fact) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def attack_fact(self, model, fact, seed: int) -> AttackOutcome:
-        """Run the attack on one fact with the run seed ``seed``."""
-        prompts = self.prompts(fact)
-        flat, hits, s = self._sample(model, fact, prompts, seed)
-        return AttackOutcome(success=hits > 0, budget=self.budget(), samples=flat, hits=hits,
-                             details={"prompts": prompts, "seed": s})
+    def input_texts(self, fact, prompts: Sequence[str]) -> list[str]:
+        """Every text the attack gives the model for ``fact``: each attack prompt (prefix or
+        preamble, subject phrase, base question; the image placeholder removed) and the fact's
+        subject."""
+        texts = [str(p).replace(IMAGE_TOKEN, " ") for p in prompts]
+        if isinstance(fact.subject, str) and fact.subject.strip():
+            texts.append(fact.subject)
+        return texts
 
-    def _sample(self, model, fact, prompts: Sequence[str], seed: int) -> tuple[list[str], int, int]:
-        """Sample every prompt under the fact's seed: ``(samples grouped by prompt, how many contain
-        the answer, the fact seed)``."""
+    def attack_fact(self, model, fact, seed: int, control: str | None = None) -> AttackOutcome:
+        """Run the attack on one fact with the run seed ``seed``, scoring ``control`` (the fact's
+        control answer, or None) on the same samples."""
+        return self._attack(model, fact, self.prompts(fact), seed, control)
+
+    def _attack(self, model, fact, prompts: Sequence[str], seed: int, control: str | None,
+                details: dict | None = None) -> AttackOutcome:
+        """Skip rule, sampling, and scoring of the answer and the control on the same samples."""
+        texts = self.input_texts(fact, prompts)
+        in_input = occurs_in(fact.answer, texts)
+        if in_input and self.skip_answer_in_input:
+            return AttackOutcome.skip(len(prompts) * self.samples, "answer in input")
         s = fact_seed(seed, self.name, fact.id)
-        texts = sample_continuations(model, prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
-                                     do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
-                                     top_k=self.top_k, seed=s)
-        flat = [t for row in texts for t in row]
-        return flat, sum(answer_matches(t, fact.answer) for t in flat), s
+        rows = sample_continuations(model, prompts, samples=self.samples, max_new_tokens=self.max_new_tokens,
+                                    do_sample=self.do_sample, temperature=self.temperature, top_p=self.top_p,
+                                    top_k=self.top_k, seed=s)
+        flat = [t for row in rows for t in row]
+        hits = sum(answer_matches(t, fact.answer) for t in flat)
+        info = {"prompts": [str(p) for p in prompts], **(details or {}), "seed": s}
+        if in_input:
+            info["answer_in_input"] = True
+        out = AttackOutcome(success=hits > 0, budget=len(flat), samples=flat, hits=hits, details=info)
+        if control is not None:
+            info["control_answer"] = control
+            if occurs_in(control, texts):
+                info["control_skipped"] = "control in input"
+            else:
+                info["control_hits"] = sum(answer_matches(t, control) for t in flat)
+                out.control = info["control_hits"] > 0
+        return out
 
     def run(self, model, facts: Sequence, ctx: AttackContext) -> list[AttackOutcome]:
-        """One :class:`AttackOutcome` per fact, in order (``samples`` grouped by prompt).
+        """One :class:`AttackOutcome` per fact, in order (``samples`` grouped by prompt); the control
+        answers are taken from ``ctx.controls``.
 
         Raises:
             InputError / PromptTooLongError: a bad prompt, or one too long for the context.
-            ValueError: an empty answer.
+            ValueError: an empty answer or control answer.
         """
         out = []
         for fact in tqdm(facts, desc=self.name, disable=not ctx.progress, leave=False):
             check_interrupt()
-            out.append(self.attack_fact(model, fact, ctx.seed))
+            out.append(self.attack_fact(model, fact, ctx.seed, ctx.controls.get(fact.id)))
         return out
 
 
@@ -315,18 +381,13 @@ class _ImageAttack(SamplingAttack):
     def _n_text(self) -> int:
         return 1
 
-    def attack_fact(self, model, fact, seed: int) -> AttackOutcome:
-        from probe.images import ImagePrompt
-
+    def attack_fact(self, model, fact, seed: int, control: str | None = None) -> AttackOutcome:
         imgs = self.images(fact)
         if not imgs:
             reason = "no image" if not getattr(fact, "image", None) else "no paraphrase images"
             return AttackOutcome.skip(self.budget(), reason)
         prompts = [ImagePrompt(str(t), img) for t in self.texts(fact) for img in imgs]
-        flat, hits, s = self._sample(model, fact, prompts, seed)
-        return AttackOutcome(success=hits > 0, budget=len(flat), samples=flat, hits=hits,
-                             details={"prompts": [str(p) for p in prompts], "images": [str(i) for i in imgs],
-                                      "seed": s})
+        return self._attack(model, fact, prompts, seed, control, {"images": [str(i) for i in imgs]})
 
     def texts(self, fact) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -1,4 +1,4 @@
-"""Blackbox attacks (question-rephrase, jailbreak) and the relearning attack."""
+"""Blackbox attacks (question-rephrase, jailbreak, the image attacks' shared scoring) and the relearning attack."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import attacks.blackbox as bb
 import attacks.relearning as rl
-from attacks.base import ATTACKS, AttackContext
+from attacks.base import ATTACKS, AttackContext, summarize
 from probe.errors import PromptTooLongError
 from probe.facts import Fact
 from probe.matching import answer_matches
@@ -131,7 +131,7 @@ def test_sampling_reproducible_and_batch_independent(make_tiny):
     other = a.run(m, FACTS[:3], AttackContext(facts=FACTS, seed=4))
     assert [o.samples for o in other] != [o.samples for o in together]
     o = together[0]
-    assert len(o.samples) == 20 and o.budget == 20 and o.hits == sum(answer_matches(s, "Paris") for s in o.samples)
+    assert len(o.samples) == 20 and o.budget == 20
     assert len(set(o.samples)) > 1  # sampled, not greedy
     assert o.to_json()["details"]["prompts"] == a.prompts(FACTS[0])
 
@@ -159,6 +159,142 @@ def test_model_that_emits_answer_succeeds(make_tiny, tiny_tokenizer, cls):
     assert out[0].success and out[0].hits == 20
     assert all(s.strip().startswith("Paris") for s in out[0].samples)
     assert not out[1].success and out[1].hits == 0  # "Tokyo" never appears
+
+
+# -- answer in the input: skipped ---------------------------------------------------------------
+
+def test_answer_in_input_is_skipped_without_sampling():
+    qr, jb = bb.QuestionRephrase(), bb.Jailbreak()
+    apple = _fact(0, "Apple A5 was created by", "Apple", subject="Apple A5")  # CounterFact: answer in the subject
+    ferrari = _fact(1, "Ferrari F40, developed by", "Ferrari", subject="Ferrari F40")
+    para = _fact(2, "The capital of France is", "Paris", ["Paris is the capital of"])  # only a paraphrase has it
+    us = _fact(3, "The Statue of Liberty is in the", "US")  # a rephrasing prefix says "the US"
+    grandma = _fact(4, "Little Red Riding Hood visits her", "grandmother")  # a jailbreak preamble does
+    expected = {"question-rephrase": [True, True, True, True, False], "jailbreak": [True, True, False, False, True]}
+    for a in (qr, jb):
+        facts = [apple, ferrari, para, us, grandma]
+        # model=None: a skipped fact never reaches the model
+        got = [a.attack_fact(None, f, 0) if skip else None for f, skip in zip(facts, expected[a.name])]
+        assert [o.skipped for o in got if o] == ["answer in input"] * sum(expected[a.name])
+        assert all(o.budget == 20 and not o.success and o.samples is None for o in got if o)
+        assert [bb.occurs_in(f.answer, a.input_texts(f, a.prompts(f))) for f in facts] == expected[a.name]
+    # the subject counts even when a caller-built fact's prompt does not contain it
+    odd = Fact(id="x", prompt="It was created by", answer="Apple", subject="Apple A5")
+    assert qr.attack_fact(None, odd, 0).skipped == "answer in input"
+    assert bb.occurs_in("Paris", ["Parisian food"]) is False  # the scoring rule, not a substring test
+
+
+def test_answer_in_input_kept_on_request_and_counted_by_summarize(make_tiny):
+    m = make_tiny("llama")
+    facts = [_fact(0, "Apple A5 was created by", "Apple", subject="Apple A5"), FACTS[1]]
+    a = bb.QuestionRephrase(max_new_tokens=3)
+    outs = a.run(m, facts, AttackContext(seed=0))
+    assert outs[0].skipped == "answer in input" and outs[1].skipped is None and len(outs[1].samples) == 20
+    s = summarize(a, m.n_layers, outs, outs)
+    assert (s.n_facts, s.n_skipped) == (1, 1)
+    keep = bb.QuestionRephrase(max_new_tokens=3, skip_answer_in_input=False).run(m, facts, AttackContext(seed=0))
+    assert keep[0].skipped is None and len(keep[0].samples) == 20 and keep[0].details["answer_in_input"] is True
+    assert "answer_in_input" not in keep[1].details and keep[1].samples == outs[1].samples
+    assert "skip_answer_in_input" in bb.QuestionRephrase().config()
+
+
+# -- control answer on the same samples ----------------------------------------------------------
+
+def _fixed_samples(monkeypatch, rows_of):
+    """Make every sampling attack draw the given samples (``rows_of(prompts)`` -> rows)."""
+    calls = []
+
+    def fake(model, prompts, *, samples, **kw):
+        calls.append(list(prompts))
+        return rows_of(prompts, samples)
+
+    monkeypatch.setattr(bb, "sample_continuations", fake)
+    return calls
+
+
+def test_control_scored_on_the_same_samples(monkeypatch):
+    texts = ["Paris, of course.", "It is Lyon.", "Parisian food", "Lyon and Paris", "no idea"]
+    calls = _fixed_samples(monkeypatch, lambda prompts, n: [texts[:n] for _ in prompts])
+    a = bb.QuestionRephrase()
+    f = FACTS[0]
+    ctx = AttackContext(seed=0, controls={"f0": "Lyon", "f1": "Osaka", "f3": "Nice"})
+    lyon, nothing = a.run(None, [f, FACTS[1]], ctx)
+    assert (lyon.hits, lyon.success) == (8, True)  # "Paris" in 2 of the 5 texts x 4 prompts; not "Parisian"
+    assert (lyon.control, lyon.details["control_hits"], lyon.details["control_answer"]) == (True, 8, "Lyon")
+    assert (nothing.hits, nothing.success, nothing.control, nothing.details["control_hits"]) == (0, False, False, 0)
+    assert len(calls) == 2  # one sampling call per fact: the control costs no samples
+    # no control for the fact: None
+    none = a.run(None, [FACTS[2]], ctx)[0]
+    assert none.control is None and "control_hits" not in none.details
+    # a control that occurs in the input is not scored (copying would find it)
+    tower = _fact(7, "The tower in Nice is in", "Paris")
+    c = a.run(None, [tower], AttackContext(seed=0, controls={"f7": "Nice"}))[0]
+    assert c.control is None and c.details["control_skipped"] == "control in input" and c.hits == 8
+    # a skipped fact scores no control either
+    apple = _fact(8, "Apple A5 was created by", "Apple", subject="Apple A5")
+    sk = a.run(None, [apple], AttackContext(seed=0, controls={"f8": "Samsung"}))[0]
+    assert sk.skipped == "answer in input" and sk.control is None and len(calls) == 4
+
+
+def test_image_attacks_share_skip_and_control(monkeypatch, images):
+    _fixed_samples(monkeypatch, lambda prompts, n: [["A flag of Madrid"] * n for _ in prompts])
+    paras = {"easy": [images[1]], "medium": [images[2]], "hard": [images[2]]}
+    f = _fact(0, "The capital of this country is", "Madrid", image=images[0], image_paraphrases=paras)
+    ctx = AttackContext(seed=0, controls={"f0": "Barcelona", "f1": "Madrid"})
+    o = bb.ImageRephrase().run(None, [f], ctx)[0]
+    assert (o.budget, o.hits, o.control, o.details["control_hits"]) == (20, 20, False, 0)
+    assert len(o.details["images"]) == 4
+    g = _fact(1, "The capital of this country is", "Barcelona", image=images[0], image_paraphrases=paras)
+    o = bb.MultimodalRephrase().run(None, [g], ctx)[0]
+    assert (o.budget, o.hits, o.control, o.details["control_hits"]) == (16, 0, True, 16)
+    spain = _fact(2, "The capital of Spain is", "Madrid", image=images[0], image_paraphrases=paras)
+    for cls in (bb.ImageRephrase, bb.MultimodalRephrase):
+        assert cls().run(None, [spain], ctx)[0].skipped is None  # "Spain" is not "Madrid"
+    own = _fact(3, "<image>\nMadrid is the capital of", "Madrid", image=images[0], image_paraphrases=paras)
+    assert bb.ImageRephrase().run(None, [own], ctx)[0].skipped == "answer in input"
+
+
+# -- the sampler ignores the model's generation config -------------------------------------------
+
+HOSTILE = dict(min_p=0.3, typical_p=0.2, repetition_penalty=2.0, no_repeat_ngram_size=1, top_k=3, top_p=0.5,
+               temperature=0.3, epsilon_cutoff=0.2, eta_cutoff=0.2, suppress_tokens=[5, 6],
+               begin_suppress_tokens=[7], forced_bos_token_id=8, min_new_tokens=4, bad_words_ids=[[9]],
+               renormalize_logits=True, do_sample=True)
+
+
+def test_sampler_ignores_model_generation_config(make_tiny):
+    from probe.generate import greedy_texts
+
+    plain, hostile = make_tiny("llama"), make_tiny("llama")
+    for k, v in HOSTILE.items():
+        setattr(hostile.hf.generation_config, k, v)
+    ps = ["The capital of France is", "Water is made of"]
+    ids = plain.tokenizer(ps[:1], return_tensors="pt").input_ids
+    # the config is live: Hugging Face's own generate samples differently with it
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        theirs = hostile.hf.generate(ids, max_new_tokens=6, num_return_sequences=5, pad_token_id=0)
+        torch.manual_seed(0)
+        ours = plain.hf.generate(ids, max_new_tokens=6, num_return_sequences=5, do_sample=True, top_k=0,
+                                 pad_token_id=0)
+    assert not torch.equal(theirs, ours)
+    processors = []
+    real = hostile.hf._get_logits_processor
+
+    def spy(*args, **kw):
+        got = real(*args, **kw)
+        processors.append(list(got))
+        return got
+
+    hostile.hf._get_logits_processor = spy
+    a = bb.QuestionRephrase(max_new_tokens=6)
+    ctx = AttackContext(seed=1)
+    assert [o.samples for o in a.run(hostile, FACTS[:2], ctx)] == [o.samples for o in a.run(plain, FACTS[:2], ctx)]
+    assert processors == [[], []]  # plain sampling: no logits processor at all
+    assert bb.sample_continuations(hostile, ps, seed=2) == bb.sample_continuations(plain, ps, seed=2)
+    assert greedy_texts(hostile, ps, max_new_tokens=6) == greedy_texts(plain, ps, max_new_tokens=6)
+    assert processors[-1] == []
+    assert hostile.hf.generation_config.min_p == 0.3  # the model's config is restored afterwards
 
 
 # -- relearning ---------------------------------------------------------------------------------
@@ -234,4 +370,4 @@ def test_question_rephrase_smollm2_france(smollm2):
     t = time.time()
     out = bb.QuestionRephrase().run(smollm2, [fact], AttackContext(seed=0))[0]
     assert time.time() - t < 60
-    assert out.success and out.hits >= 1 and len(out.samples) == 20
+    assert out.hits >= 5 and len(out.samples) == 20  # measured: 9 of 20 samples say "Paris" (seed 0)

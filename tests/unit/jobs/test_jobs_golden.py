@@ -41,7 +41,9 @@ FACTS = [
 ]
 ATTACKS = ["head-projection", "probability-delta", "pd2", "question-rephrase", "relearning", "linear-probe"]
 DEFENSES = ["fact-erasure", "error-injection", "head-projection", "empty-response"]
-COMMON = dict(attacks=ATTACKS, attack_config={"question-rephrase": {"max_new_tokens": 4}},
+# the code before skipped no fact whose answer is in the attack's input ("fr": "Paris is the capital of")
+COMMON = dict(attacks=ATTACKS,
+              attack_config={"question-rephrase": {"max_new_tokens": 4, "skip_answer_in_input": False}},
               editor_config=dict(layer=0, lr=5e-2, norm_bound=1.0, steps=4), known_rank=10 ** 6, max_facts=4,
               random_n=2, acc_tokens=2, progress=False)
 
