@@ -37,6 +37,7 @@ __all__ = [
     "PHASES",
     "phases_available",
     "geo_mean_rank_by_layer",
+    "control_rank_by_layer",
     "mean_prob_by_layer",
     "rank_by_layer",
     "prob_by_layer",
@@ -83,14 +84,32 @@ def _columns(rows: Sequence[Sequence[float]]) -> list[tuple]:
     return list(zip(*rows)) if rows else []
 
 
+def _geo_mean(rows: Sequence[Sequence[int]]) -> list[float]:
+    cols = _columns(rows)
+    return [10 ** (sum(math.log10(max(x, 1)) for x in c) / len(c)) for c in cols]
+
+
 def geo_mean_rank_by_layer(result: RunResult, phase: str = "pre") -> list[float]:
     """Per layer, the geometric mean over facts of the answer rank (``10 ** mean log10 rank``).
 
     Ranks below 1 (should not happen: ranks are 1-based) are clamped to 1. Returns ``[]`` when no
     fact has a ``phase`` readout.
     """
-    cols = _columns([r.rank for _, r in _readouts(result, phase)])
-    return [10 ** (sum(math.log10(max(x, 1)) for x in c) / len(c)) for c in cols]
+    return _geo_mean([r.rank for _, r in _readouts(result, phase)])
+
+
+def control_rank_by_layer(result: RunResult, phase: str = "pre") -> tuple[list[float], int]:
+    """Per layer, the geometric mean over facts of the *control* answer's rank
+    (:attr:`probe.results.LayerReadout.control_rank`: another answer of the fact's relation that the
+    model does not give, :mod:`probe.controls`), and how many facts had one.
+
+    The same aggregate as :func:`geo_mean_rank_by_layer`, so the two lines compare directly: the
+    control line is the floor an answer the model was never asked to forget sits at. Returns
+    ``([], 0)`` when no fact has a control readout for ``phase`` (e.g. results written before
+    controls existed).
+    """
+    rows = [r.control_rank for _, r in _readouts(result, phase) if getattr(r, "control_rank", None)]
+    return _geo_mean(rows), len(rows)
 
 
 def mean_prob_by_layer(result: RunResult, phase: str = "pre") -> list[float]:
@@ -123,8 +142,9 @@ def _base_layout(fig: go.Figure, title: str, *, height: int = 450) -> go.Figure:
 
 
 def _layer_lines(result: RunResult, *, field: str, aggregate, agg_name: str, per_fact: bool,
-                 value_fmt: str) -> go.Figure:
-    """Shared body of :func:`rank_by_layer` / :func:`prob_by_layer`."""
+                 value_fmt: str, control=None) -> go.Figure:
+    """Shared body of :func:`rank_by_layer` / :func:`prob_by_layer` (``control``: a function
+    ``(result, phase) -> (per-layer values, n facts)`` drawn as a dashed reference line)."""
     fig = go.Figure()
     for phase in PHASES:
         reads = _readouts(result, phase)
@@ -150,6 +170,17 @@ def _layer_lines(result: RunResult, *, field: str, aggregate, agg_name: str, per
             hovertemplate=f"{phase} {agg_name}<br>layer %{{x}}<br>{field} {value_fmt}<extra></extra>",
             meta={"kind": "aggregate", "phase": phase, "aggregate": agg_name},
         ))
+        if control is not None:
+            ctl, n_ctl = control(result, phase)
+            if ctl:
+                fig.add_trace(go.Scatter(
+                    x=list(range(len(ctl))), y=ctl, mode="lines",
+                    name=f"{phase}: control answer, {agg_name} (n={n_ctl})", legendgroup=f"{phase}-control",
+                    line={"color": color, "width": 2, "dash": "dash"},
+                    hovertemplate=f"{phase} control answer {agg_name}<br>layer %{{x}}<br>{field} {value_fmt}"
+                                  "<extra></extra>",
+                    meta={"kind": "control", "phase": phase, "aggregate": agg_name},
+                ))
     fig.update_xaxes(title_text=LAYER_AXIS_TITLE, dtick=1 if result.n_layers <= 40 else None)
     return fig
 
@@ -166,14 +197,21 @@ def rank_by_layer(result: RunResult, per_fact: bool = True) -> go.Figure:
     ``per_fact``. The y axis is logarithmic and *reversed* so that rank 1 (the model's top token,
     i.e. the answer is fully decodable) is at the top.
 
-    Every trace carries ``meta = {"kind": "aggregate"|"fact", "phase": ...}`` so that callers and
-    tests can pick traces without relying on their order.
+    Dashed lines (one per phase, when the facts have a control answer): the same geometric mean
+    of the *control* answer's rank (:func:`control_rank_by_layer`), the floor the deleted answer
+    is compared with.
+
+    Every trace carries ``meta = {"kind": "aggregate"|"fact"|"control", "phase": ...}`` so that
+    callers and tests can pick traces without relying on their order.
     """
     fig = _layer_lines(result, field="rank", aggregate=geo_mean_rank_by_layer,
-                       agg_name="geometric mean", per_fact=per_fact, value_fmt="%{y:.4g}")
+                       agg_name="geometric mean", per_fact=per_fact, value_fmt="%{y:.4g}",
+                       control=control_rank_by_layer)
     fig.update_yaxes(type="log", autorange="reversed",
                      title_text="rank of answer's first token (log scale, 1 = top token)")
-    return _base_layout(fig, "Answer rank by layer (logit lens): pre vs post deletion")
+    dashed = any(t.meta and t.meta.get("kind") == "control" for t in fig.data)
+    return _base_layout(fig, "Answer rank by layer (logit lens): pre vs post deletion"
+                        + (" (dashed: the control answer)" if dashed else ""))
 
 
 def prob_by_layer(result: RunResult, per_fact: bool = True, log_y: bool = True) -> go.Figure:

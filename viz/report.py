@@ -2,7 +2,10 @@
 
 The report is ONE file: plotly.js is embedded exactly once (a ``<script>`` in ``<head>``, from
 :func:`plotly.offline.get_plotlyjs`) and every figure of :func:`viz.figures.all_figures` is added
-with ``include_plotlyjs=False``, so it opens without network access. All text taken from the
+with ``include_plotlyjs=False``, so it opens without network access. The attack section opens
+with the control legend (:mod:`viz.controls`) and shows, per attack, success pre / post next to
+the control and the excess (post − control), the facts skipped and why; lens attacks get an
+output-only vs hidden-only vs all-layers table, relearning its taught rate. All text taken from the
 result (model name, defense name, attack names, meta values) is HTML-escaped; fact ids only
 reach the page inside plotly's JSON, which escapes ``<``/``>``/``/``.
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import html
 import os
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +29,7 @@ from probe.atomic import write_text_atomic
 if TYPE_CHECKING:
     from probe.results import RunResult
 
+from .controls import control_legend_html, hidden_table_html, is_lens, is_relearning, pct, taught_table_html
 from .figures import DEFENSE_KEYS, all_figures
 from .multimodal import image_examples_html, image_rank_figure, run_modality_table_html
 
@@ -44,6 +49,7 @@ dl.meta dt { font-weight: 600; }
 dl.meta dd { margin: 0; }
 .figure { margin: 1em 0 2em 0; }
 .note { color: #666; font-size: 0.9em; }
+.legend { background: #f7f7f2; border-left: 3px solid #999; padding: 0.4em 0.8em; }
 """
 
 
@@ -76,19 +82,65 @@ def _header(result: RunResult, title: str) -> str:
     return f"<h1>{_esc(title)}</h1>\n<dl class=\"meta\" id=\"run-meta\">{rows}</dl>\n"
 
 
+def skip_reasons(result: RunResult, attack: str) -> Counter:
+    """Why ``attack`` skipped facts: reason -> count over the facts' unedited-model outcomes
+    (``AttackOutcome.skipped``; a fact skipped before the edit is left out of both phases)."""
+    out: Counter = Counter()
+    for f in result.facts:
+        o = (f.outcomes or {}).get(attack, {}).get("pre")
+        reason = _field(o, "skipped")
+        if reason:
+            out[reason] += 1
+    return out
+
+
+def _skipped_cell(result: RunResult, name: str, n_skipped: int) -> str:
+    if not n_skipped:
+        return "0"
+    reasons = skip_reasons(result, name)
+    why = "; ".join(f"{r} ×{n}" for r, n in reasons.most_common())
+    return f"{n_skipped}" + (f" ({_esc(why)})" if why else "")
+
+
 def _attack_table(result: RunResult) -> str:
     if not result.attacks:
         return "<p class=\"note\">No attacks in this run.</p>\n"
     rows = []
     for name, a in result.attacks.items():
         where = ", ".join(str(layer) for layer in a.layers) if a.layers else f"({a.kind})"
+        n_ctl = a.n_control or 0
+        src = f"{_esc(a.control)} (n={n_ctl})" if a.control else "—"
         rows.append(
             f"<tr><td>{_esc(name)}</td><td>{a.budget}</td><td>{a.k if a.k is not None else '—'}</td>"
             f"<td>{_esc(where)}</td><td>{_esc(a.readout or '—')}</td>"
-            f"<td>{_pct(a.success_pre)}</td><td>{_pct(a.success_post)}</td></tr>")
+            f"<td>{_pct(a.success_pre)}</td><td>{_pct(a.success_post)}</td><td>{_pct(a.success_control)}</td>"
+            f"<td>{pct(a.excess, signed=True)}</td><td>{_pct(a.success_control_pre)}</td><td>{src}</td>"
+            f"<td>{_skipped_cell(result, name, a.n_skipped)}</td></tr>")
     return ("<table id=\"attack-table\"><thead><tr><th>attack</th><th>budget B</th><th>k per list</th>"
-            "<th>layers</th><th>readout</th><th>success pre</th><th>success post</th></tr></thead><tbody>"
-            + "".join(rows) + "</tbody></table>\n")
+            "<th>layers</th><th>readout</th><th>success pre</th><th>success post</th>"
+            "<th title=\"the same rule on the control answers, on the attacked model\">control</th>"
+            "<th title=\"post − control (pre − control without an edit)\">excess</th>"
+            "<th title=\"the control on the unedited model\">control pre</th><th>control source</th>"
+            "<th>facts skipped</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>\n")
+
+
+def _lens_section(result: RunResult) -> str:
+    """Output-only vs hidden-only vs all layers for every lens attack (``""`` without one)."""
+    edited = result.defense is not None or any(a.success_post is not None for a in result.attacks.values())
+    rows = []
+    for name, a in result.attacks.items():
+        if is_lens(a):
+            rows.append(("unedited", name, a, "pre"))
+            if edited:
+                rows.append(("after edit", name, a, "post"))
+    table = hidden_table_html(rows)
+    return "<h3>Where the answer leaks: output layer vs hidden layers</h3>\n" + table if table else ""
+
+
+def _relearning_section(result: RunResult) -> str:
+    """Relearning's success next to its control and the taught rate (``""`` without relearning)."""
+    table = taught_table_html([("this run", n, a) for n, a in result.attacks.items() if is_relearning(a)])
+    return "<h3>Relearning: recovered vs taught</h3>\n" + table if table else ""
 
 
 def _defense_table(result: RunResult) -> str:
@@ -151,7 +203,12 @@ def report_html(result: RunResult, title: str | None = None, extra_figures=()) -
         "</head>\n<body>\n",
         _header(result, title),
         "<h2>Results</h2>\n",
+        control_legend_html(result.attacks.values(), edited=any(a.success_post is not None
+                                                                for a in result.attacks.values()))
+        if result.attacks else "",
         _attack_table(result),
+        _lens_section(result),
+        _relearning_section(result),
         _defense_table(result),
         "<p class=\"note\">Success = fraction of facts whose answer's first token is among the attack's B "
         "candidate tokens. Ranks are 1-based; layer ℓ = logit lens on the residual stream after block ℓ.</p>\n",

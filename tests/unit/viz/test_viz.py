@@ -41,12 +41,19 @@ def _probs(ranks: list[int], i: int) -> list[float]:
     return [min(1.0, 1.0 / (r + 0.5 * i)) for r in ranks]
 
 
-def _readout(i: int, phase: str, attacks: tuple[str, ...]) -> LayerReadout:
+def _control_ranks(i: int, phase: str) -> list[int]:
+    """Deterministic per-layer ranks of the control answer: a floor in the hundreds, a little lower
+    after the edit."""
+    return [int(10 ** (3.5 - 0.1 * layer)) + 5 * i + (3 if phase == "pre" else 1) for layer in range(N_LAYERS)]
+
+
+def _readout(i: int, phase: str, attacks: tuple[str, ...], controls: bool = True) -> LayerReadout:
     rank = _ranks(i, phase)
     prob = _probs(rank, i)
     return LayerReadout(rank=rank, prob=prob, first_token_prob=prob[-1], answer_logprob=math.log(prob[-1]),
                         token_logprobs=[math.log(prob[-1])], exact_match=rank[-1] == 1,
-                        attack_ranks={a: min(rank) for a in attacks})
+                        attack_ranks={a: min(rank) for a in attacks},
+                        control_rank=_control_ranks(i, phase) if controls else None)
 
 
 def _curve(scale: float) -> list[float]:
@@ -54,17 +61,21 @@ def _curve(scale: float) -> list[float]:
 
 
 def make_result(n_facts: int = N_FACTS, *, post: bool = True, defense: bool = True,
-                fact_ids: list[str] | None = None, model: str = "synthetic/llm-8L") -> RunResult:
+                fact_ids: list[str] | None = None, model: str = "synthetic/llm-8L",
+                controls: bool = True) -> RunResult:
     """A small hand-built RunResult: ``n_facts`` facts x 8 layers, 3 attacks.
 
     ``post=False`` gives an attack-only run (no post readouts, no ``success_post``/``curve_post``),
-    ``defense=False`` drops the defense dict.
+    ``defense=False`` drops the defense dict, ``controls=False`` gives a result written before
+    controls existed (no control ranks, no control fields in the summaries).
     """
     ids = fact_ids or [f"fact-{i:02d}" for i in range(n_facts)]
     facts = [
         FactResult(id=ids[i], prompt=f"prompt {i}", answer=f" answer{i}", answer_ids=[100 + i],
-                   pre=_readout(i, "pre", ATTACKS), post=_readout(i, "post", ATTACKS) if post else None,
-                   scores=DeletionScores(rewrite_score=1.0) if post and defense else None)
+                   pre=_readout(i, "pre", ATTACKS, controls),
+                   post=_readout(i, "post", ATTACKS, controls) if post else None,
+                   scores=DeletionScores(rewrite_score=1.0) if post and defense else None,
+                   control=f" other{i}" if controls else None, control_source="relation" if controls else None)
         for i in range(n_facts)
     ]
     attacks = {}
@@ -76,6 +87,12 @@ def make_result(n_facts: int = N_FACTS, *, post: bool = True, defense: bool = Tr
             success_pre=_curve(1.0 - 0.1 * j)[2], success_post=_curve(0.5 - 0.1 * j)[2] if post else None,
             curve_k=ks, curve_budget=budgets, curve_pre=_curve(1.0 - 0.1 * j),
             curve_post=_curve(0.5 - 0.1 * j) if post else None)
+        if controls:  # control 5% / 10% / 15% unedited, 10% / 20% / 30% after the edit
+            a = attacks[name]
+            a.control, a.n_control = "relation", n_facts
+            a.success_control_pre = 0.05 * (j + 1)
+            a.success_control = 0.1 * (j + 1) if post else a.success_control_pre
+            a.excess = (a.success_post if post else a.success_pre) - a.success_control
     dfn = None
     if post and defense:
         dfn = {"name": "max-entropy", "rewrite_score": 0.97, "paraphrase_score": 0.81,
@@ -130,8 +147,10 @@ def test_rank_by_layer_values_and_axes():
 
 def test_rank_by_layer_without_per_fact():
     fig = viz.rank_by_layer(make_result(), per_fact=False)
-    assert len(fig.data) == 2
-    assert {t.meta["phase"] for t in fig.data} == {"pre", "post"}
+    assert len(fig.data) == 4  # answer and control answer, pre and post
+    assert {(t.meta["kind"], t.meta["phase"]) for t in fig.data} == {
+        (k, p) for k in ("aggregate", "control") for p in ("pre", "post")}
+    assert len(viz.rank_by_layer(make_result(controls=False), per_fact=False).data) == 2
 
 
 def test_prob_by_layer_values():
@@ -278,10 +297,12 @@ def test_report_html_embeds_plotly_once_and_all_figures():
     assert "<h1>probe-attack report: synthetic/llm-8L</h1>" in text
     assert "<dt>facts</dt><dd>6</dd>" in text
     assert "<dt>defense</dt><dd>max-entropy</dd>" in text
-    # results table: attack, budget B, success pre/post
+    # results table: attack, budget B, success pre/post, control, excess, control pre, source, skipped
     for name, a in res.attacks.items():
         row = (f"<tr><td>{name}</td><td>{a.budget}</td><td>{a.k}</td><td>4, 5, 6, 7</td><td>—</td>"
-               f"<td>{100 * a.success_pre:.1f}%</td><td>{100 * a.success_post:.1f}%</td></tr>")
+               f"<td>{100 * a.success_pre:.1f}%</td><td>{100 * a.success_post:.1f}%</td>"
+               f"<td>{100 * a.success_control:.1f}%</td><td>{100 * a.excess:+.1f}%</td>"
+               f"<td>{100 * a.success_control_pre:.1f}%</td><td>relation (n=6)</td><td>0</td></tr>")
         assert row in text
     assert "<tr><td>rewrite_score</td><td>0.9700</td></tr>" in text
     assert "<tr><td>neighborhood_delta_acc</td><td>-0.0500</td></tr>" in text
