@@ -74,17 +74,23 @@ def build_cells(plan: Plan, pre: dict[str, PreMeasure], units: Sequence[FactResu
 
 def per_layer(pre: dict[str, LayerReadout | None], units: Sequence[tuple[str, LayerReadout | None]],
               n_layers: int) -> dict:
-    """Median answer rank per layer (:func:`probe.results.median`): unedited, and after each defense."""
-    def med(reads):
-        cols = list(zip(*[r.rank for r in reads]))
+    """Median answer rank per layer (:func:`probe.results.median`): unedited, and after each
+    defense; the same for the control answers (``pre_control``, ``post_control``) where the
+    readouts have them."""
+    def med(reads, attr="rank"):
+        cols = list(zip(*[getattr(r, attr) for r in reads if getattr(r, attr) is not None]))
         return [median(c) for c in cols] if cols else []
 
-    out = {"layers": list(range(n_layers)), "pre": med([r for r in pre.values() if r is not None])}
+    pres = [r for r in pre.values() if r is not None]
+    out = {"layers": list(range(n_layers)), "pre": med(pres)}
     by_def: dict[str, list] = {}
     for d, r in units:
         if r is not None:
             by_def.setdefault(d, []).append(r)
     out["post"] = {d: med(rs) for d, rs in by_def.items()}
+    if any(r.control_rank is not None for r in pres):
+        out["pre_control"] = med(pres, "control_rank")
+        out["post_control"] = {d: med(rs, "control_rank") for d, rs in by_def.items()}
     return out
 
 
