@@ -473,14 +473,16 @@ class RunResult:
 
     def _repr_html_(self) -> str:
         rows = [f"<tr><td>{html.escape(name)}</td><td>{a.budget}</td><td>{_pct(a.success_pre)}</td>"
-                f"<td>{_pct(a.success_post)}</td></tr>" for name, a in self.attacks.items()]
+                f"<td>{_pct(a.success_post)}</td><td>{_pct(a.success_control)}</td><td>{_pct(a.excess)}</td></tr>"
+                for name, a in self.attacks.items()]
         dfn = ""
         if self.defense:
             keys = DeletionScores.REPORTED
             dfn = "<p>" + html.escape(str(self.defense.get("name"))) + ": " + ", ".join(
                 f"{k} {self.defense[k]:.3f}" for k in keys if isinstance(self.defense.get(k), (int, float))) + "</p>"
         return (f"<p><b>{html.escape(self.model)}</b>, {self.n_facts} facts</p>"
-                "<table><tr><th>attack</th><th>B</th><th>success pre</th><th>success post</th></tr>"
+                "<table><tr><th>attack</th><th>B</th><th>success pre</th><th>success post</th><th>control</th>"
+                "<th>excess</th></tr>"
                 + "".join(rows) + "</table>" + dfn)
 
 
@@ -578,7 +580,8 @@ class GridResult:
             if not any(cells):
                 continue
             tds = "".join("<td>—</td>" if c is None or c.success_post is None
-                          else f"<td>{_pct(c.success_pre)} → {_pct(c.success_post)}</td>" for c in cells)
+                          else f"<td>{_pct(c.success_pre)} → {_pct(c.success_post)} (c {_pct(c.success_control)})</td>"
+                          for c in cells)
             rows.append(f"<tr><td>{html.escape(dfn)}</td>{tds}</tr>")
         return (f"<p><b>{html.escape(self.model)}</b>, editor {html.escape(self.editor)}: {self.n_facts} known facts "
                 f"({'complete' if self.complete else 'partial'})</p>"
