@@ -787,3 +787,14 @@ def test_run_and_grid_never_write_into_each_others_folders(cli, facts_file, tmp_
                        "--attacks", "head-projection", *RUN_FAST)
     assert rc == 2 and "holds a run" in err
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+def test_attack_flags_reach_every_selected_attack_that_has_the_field():
+    from probe.cli import _attack_config, build_parser
+
+    args = build_parser().parse_args(["grid", "--keep-answer-in-input", "--bb-tokens", "7"])
+    cfg = _attack_config(args, ["head-projection", "question-rephrase", "jailbreak"])
+    assert cfg == {"question-rephrase": {"max_new_tokens": 7, "skip_answer_in_input": False},
+                   "jailbreak": {"max_new_tokens": 7, "skip_answer_in_input": False}}
+    assert _attack_config(build_parser().parse_args(["grid"]), ["question-rephrase"]) == {}
+    assert build_parser().parse_args(["run", "--known", "reference"]).known == "reference"
