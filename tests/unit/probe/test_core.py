@@ -287,24 +287,35 @@ def test_probability_delta_detects_jump():
 def test_lens_attacks_scored_from_one_sweep(tiny_llama):
     from attacks import AttackContext, evaluate_attacks, summarize
 
-    attacks = [wb.HeadProjection(k=4, layers=[0, 1]), wb.ProbabilityDelta(k=2, layers=[0, 1])]
-    prompts, answers = [P1, P2], ["Paris", "oxygen"]
+    # k = 24: " cap" is the random model's 20th token after P1 at layer 1 (its best token that
+    # round-trips as an answer), " oxygen" ranks 295th at best -- one success, one failure
+    attacks = [wb.HeadProjection(k=24, layers=[0, 1]), wb.ProbabilityDelta(k=2, layers=[0, 1])]
+    prompts, answers = [P1, P2], ["cap", "oxygen"]
     facts = [probe.facts.Fact(f"f{i}", p, a) for i, (p, a) in enumerate(zip(prompts, answers))]
     reads, outs = evaluate_attacks(tiny_llama, facts, attacks, AttackContext())
     resid = probe.residual_stream(tiny_llama, prompts)
     lens = probe.lens_logits(tiny_llama, resid)
     for i, r in enumerate(reads["logit"]):
         assert r.attack_ranks == {}  # moved into the outcomes
-        assert outs["head-projection"][i].best_rank == min(r.rank)
+        # references from the definitions (Patil et al. 2024, section 3), on the lens logits
+        # [n_layers, vocab] at the last position: HP = the answer's best rank over the layers' lens
+        # distributions; PD = its best rank from the top or the bottom of p(layer 1) - p(layer 0)
         first = probe.answer_ids(tiny_llama.tokenizer, prompts[i], answers[i])[0]
-        want = wb.ProbabilityDelta(k=2, layers=[0, 1]).best_rank(LensBatch(lens[i:i + 1], torch.tensor([first])), 2).item()
-        assert outs["probability-delta"][i].best_rank == want
-        assert outs["probability-delta"][i].success == (want <= 2)
+        z = lens[i].double()
+        hp_rank = min(int((z[layer] > z[layer, first]).sum()) + 1 for layer in (0, 1))
+        d = torch.softmax(z[1], -1) - torch.softmax(z[0], -1)
+        pd_rank = min(int((d > d[first]).sum()), int((d < d[first]).sum())) + 1
+        assert outs["head-projection"][i].best_rank == hp_rank == min(r.rank)
+        assert outs["probability-delta"][i].best_rank == pd_rank
+    # measured: HP ranks 20 and 295 (k 24), PD ranks 2 and 121 (k 2): both attacks find " cap" only
+    assert [o.best_rank for o in outs["head-projection"]] == [20, 295]
+    assert [o.best_rank for o in outs["probability-delta"]] == [2, 121]
+    assert [o.success for o in outs["head-projection"]] == [o.success for o in outs["probability-delta"]] == [True, False]
     hp = summarize(attacks[0], 2, outs["head-projection"])
-    assert hp.budget == 8 and summarize(attacks[1], 2, outs["probability-delta"]).budget == 4
-    ranks = [min(r.rank) for r in reads["logit"]]
-    assert hp.success_pre == sum(x <= 4 for x in ranks) / 2 and hp.success_post is None
-    assert hp.curve_pre[hp.curve_k.index(1)] == sum(x <= 1 for x in ranks) / 2
+    assert hp.budget == 48 and summarize(attacks[1], 2, outs["probability-delta"]).budget == 4
+    assert hp.success_pre == 0.5 and hp.success_post is None
+    # success within k over the curve's k: " cap" counts from k = 20 on
+    assert dict(zip(hp.curve_k, hp.curve_pre)) == {k: 0.5 if k >= 20 else 0.0 for k in hp.curve_k}
 
 
 def test_make_attack():
