@@ -69,7 +69,7 @@ import torch
 from probe.arch import get_attr_path, mlp_out_envoy
 from probe.images import ImagePrompt, expanded_position
 from probe.model import ProbeModel, only_trainable
-from probe.tokens import encode_ids, tokenize
+from probe.tokens import encode_ids, tokenize, tokenize_with_offsets
 
 from .base import DeletionRequest, Objective, register_editor
 from .editor import EditFailed, Editor, EditSession, Steps
@@ -111,8 +111,9 @@ def last_token_index(tokenizer, text: str, span: tuple[int, int] | None) -> int:
     character span ``span`` (ROME's ``subject_last`` fact token); the last token when ``span`` is
     None.
 
-    Uses the fast tokenizer's offset mapping; tokenizers without offsets fall back to tokenising
-    the text up to the span's end.
+    Uses the fast tokenizer's offset mapping (:func:`probe.tokens.tokenize_with_offsets`, so a text
+    written with the BOS text, ``"<bos>The ..."``, gets the index in its one-BOS ids); tokenizers
+    without offsets fall back to tokenising the text up to the span's end.
     """
     ids = tokenize(tokenizer, text)
     if span is None:
@@ -129,15 +130,10 @@ def last_token_index(tokenizer, text: str, span: tuple[int, int] | None) -> int:
         if len(enc["input_ids"]) == len(ids) and hits:
             return hits[-1]
         return max(0, min(len(tokenizer(full[:end + shift], add_special_tokens=True)["input_ids"]), len(ids)) - 1)
-    try:
-        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if list(enc["input_ids"]) == ids:
-            hits = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
-            if hits:
-                return hits[-1]
-    except (NotImplementedError, KeyError, TypeError, ValueError):
-        pass
+    _, spans = tokenize_with_offsets(tokenizer, text)
+    hits = [i for i, (s, e) in enumerate(spans or []) if e > s and s < end and e > start]
+    if hits:
+        return hits[-1]
     n = len(tokenize(tokenizer, text[:end]))
     return max(0, min(n, len(ids)) - 1)
 

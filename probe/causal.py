@@ -7,8 +7,9 @@ GPT" (ROME), section 2.1 ("causal tracing of factual associations"):
    layer ``l`` at token ``i``) for every layer and position, and ``P_clean[o]``, the probability
    of the answer's first token ``o`` at the last position;
 2. **corrupted run** -- add Gaussian noise ``eps ~ N(0, nu^2)`` to the input embeddings of the
-   subject's tokens, ``nu = noise x std(embedding matrix)`` (ROME uses 3x the empirical std of
-   the embeddings); ``P_corrupt[o]`` drops;
+   subject's tokens, ``nu = noise x`` the std of subject-token embeddings (ROME: 3x, estimated
+   over the subjects of all traced facts, :func:`subject_embedding_std`), averaged over
+   ``samples`` noise draws (ROME: 10); ``P_corrupt[o]`` drops;
 3. **corrupted-with-restoration runs** -- the corrupted run, except that one ``h_i^(l)`` is
    overwritten with its clean value; ``P_restored(l, i)[o]`` shows how much that single state
    recovers the fact. The map ``P_restored`` over (layer, position) is :attr:`CausalTrace.probs`.
@@ -45,9 +46,14 @@ import torch
 from .arch import get_attr_path
 from .errors import InputError
 from .residual import get_resid, normalize_layers
-from .tokens import answer_ids, encode_ids, tokenize
+from .tokens import answer_ids, encode_ids, tokenize, tokenize_with_offsets
 
-__all__ = ["CausalTrace", "causal_trace", "restored_probs", "subject_token_positions", "embedding_noise_std"]
+__all__ = ["CausalTrace", "causal_trace", "restored_probs", "subject_token_positions", "subject_embedding_std",
+           "trace_input", "trace_fact", "CAUSAL_TRACE"]
+
+
+#: :func:`probe.seeds.fact_seed` purpose of the causal-tracing noise (:func:`trace_fact`)
+CAUSAL_TRACE = "causal-trace"
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +68,8 @@ def subject_token_positions(tokenizer, prompt: str, subject: str, *, occurrence:
     offset mapping; slow tokenizers (or offsets that are all zero) fall back to incremental
     decoding (decode ``ids[:k]`` for each k and see where the text crosses the subject's start
     and end), as ROME's ``find_token_range`` does. Positions index the ids the model reads
-    (:func:`probe.tokens.tokenize`, special tokens such as a BOS included).
+    (:func:`probe.tokens.tokenize`, special tokens such as a BOS included; a prompt written with
+    the BOS text, ``"<bos>The ..."``, has one BOS and the same positions as the prompt without it).
 
     Returns:
         sorted list of token positions (non-empty).
@@ -78,24 +85,25 @@ def subject_token_positions(tokenizer, prompt: str, subject: str, *, occurrence:
         if start < 0:
             raise InputError(f"subject {subject!r} does not occur in the prompt {prompt!r}", field="subject")
     end = start + len(subject)
-    ids = tokenize(tokenizer, prompt)
-    spans = None
-    try:
-        enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
-        if list(enc["input_ids"]) == ids:
-            spans = [tuple(o) for o in enc["offset_mapping"]]
-    except (NotImplementedError, ValueError, TypeError, KeyError):
-        spans = None
-    if spans is not None and any(e > s for s, e in spans):
+    ids, spans = tokenize_with_offsets(tokenizer, prompt)
+    if spans is not None:
         pos = [i for i, (s, e) in enumerate(spans) if e > s and s < end and e > start]
     else:
-        pos = _positions_by_decoding(tokenizer, ids, start, end)
+        # decode the prompt's own tokens (special tokens written in it, e.g. "<bos>", keep their
+        # text) and shift by the tokens the tokenizer adds in front
+        raw = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        k = next((k for k in range(len(ids) - len(raw) + 1) if ids[k:k + len(raw)] == raw), None)
+        if k is None:
+            pos = _positions_by_decoding(tokenizer, ids, start, end)
+        else:
+            pos = [k + p for p in _positions_by_decoding(tokenizer, raw, start, end, skip_special_tokens=False)]
     if not pos:
         raise InputError(f"no token of the prompt covers the subject {subject!r}", field="subject")
     return pos
 
 
-def _positions_by_decoding(tokenizer, ids: list[int], start: int, end: int) -> list[int]:
+def _positions_by_decoding(tokenizer, ids: list[int], start: int, end: int, *,
+                           skip_special_tokens: bool = True) -> list[int]:
     """Fallback span finder: the text length after decoding ``ids[:k+1]`` tells where token k ends.
 
     A token that ends inside a multi-byte character (the decoded prefix ends in U+FFFD) gets the
@@ -104,7 +112,7 @@ def _positions_by_decoding(tokenizer, ids: list[int], start: int, end: int) -> l
     n = len(ids)
     ends: list[int | None] = []
     for k in range(n):
-        text = tokenizer.decode(ids[: k + 1], skip_special_tokens=True)
+        text = tokenizer.decode(ids[: k + 1], skip_special_tokens=skip_special_tokens)
         ends.append(None if text.endswith("\ufffd") else len(text))
     # token k spans (last complete end before k, next complete end at or after k]
     nxt: list[int] = [0] * n
@@ -144,8 +152,9 @@ class CausalTrace:
         layers: decoder-layer index of each row of ``probs``.
         columns: the token positions of each column.
         answer: the answer string; answer_token: its first token's text; answer_id: its id.
-        prompt: the prompt; noise: the noise multiplier; noise_std: the absolute std used;
-            samples: noise samples averaged; seed: the noise seed.
+        prompt: the prompt; noise: the noise multiplier; noise_std: the absolute std used
+            (``noise x`` the subject-token embedding std); samples: noise samples averaged (ROME:
+            10); seed: the noise seed.
     """
 
     probs: torch.Tensor
@@ -193,21 +202,81 @@ class CausalTrace:
 # core
 
 
-def embedding_noise_std(model) -> float:
-    """Std of the model's token-embedding outputs, estimated from the embedding matrix.
+def _embedding_std(model, ids: Sequence[int]) -> float:
+    """Std over all elements of the ``[len(ids), d_model]`` input embeddings of ``ids``: the
+    embedding module's output, so a scale it applies (Gemma's ``sqrt(d_model)``) is included."""
+    emb = get_attr_path(model.hf, model.arch.embed)
+    with torch.no_grad():
+        x = emb(torch.as_tensor(list(ids), dtype=torch.long, device=emb.weight.device)[None])
+    return float(x.double().std())
 
-    ``std(W_E) x embed_scale`` (Gemma multiplies embeddings by ``sqrt(d_model)``; its embedding
-    module carries that factor as ``embed_scale``). ROME (section 2.1, footnote) uses the
-    empirical std of subject embeddings over a corpus; the matrix-wide std is close and needs no
-    data.
+
+def trace_input(fact) -> tuple[str, str, str]:
+    """What causal tracing of ``fact`` corrupts (ROME, section 2.1: always the subject).
+
+    A text fact: its prompt and ``subject``. An image fact: its text form
+    (:func:`probe.jobs.deletion.text_form`; image tokens come from the projector, not the token
+    embeddings) and its ``entity`` as the subject.
+
+    Returns:
+        ``(prompt, subject, corrupted)``: the text traced, the substring corrupted, and a label
+        for the record (``"subject"``, or ``"entity 'France' in the text form ..."``).
+
+    Raises:
+        InputError: (naming the fact's file, line and field ``subject``, or ``entity`` for an
+        image fact) the fact has no subject, or it does not occur in the traced text.
     """
-    cache = model._lens_cache
-    if "embed_std" not in cache:
-        emb = get_attr_path(model.hf, model.arch.embed)
-        scale = getattr(emb, "embed_scale", 1.0)
-        scale = float(scale.float().mean()) if torch.is_tensor(scale) else float(scale)
-        cache["embed_std"] = float(emb.weight.detach().float().std()) * scale
-    return cache["embed_std"]
+    from .jobs.deletion import text_form
+
+    file, line = fact.where()
+    form = text_form(fact)
+    if form is not None:
+        entity = getattr(fact, "entity", None)
+        if not entity or entity not in form:
+            why = "has no entity" if not entity else f"names its entity {entity!r} nowhere in its text form {form!r}"
+            raise InputError(f"image fact {fact.id!r} {why}: causal tracing corrupts the entity's tokens in the "
+                             "text form (ROME, section 2.1)", file=file, line=line, field="entity")
+        return form, entity, f"entity {entity!r} in the text form (image facts are traced without the image)"
+    if not isinstance(fact.subject, str) or not fact.subject.strip():
+        raise InputError(f"fact {fact.id!r} has no subject: causal tracing corrupts the subject's tokens (ROME, "
+                         "section 2.1); give every traced fact a subject, or trace none (--causal-traces 0)",
+                         file=file, line=line, field="subject")
+    if fact.subject not in fact.prompt:
+        raise InputError(f"subject {fact.subject!r} of fact {fact.id!r} does not occur in its prompt",
+                         file=file, line=line, field="subject")
+    return fact.prompt, fact.subject, "subject"
+
+
+def subject_embedding_std(model, facts_or_subjects) -> float:
+    """Std of the input embeddings of subject tokens (ROME, section 2.1 and its
+    ``collect_embedding_std``): the unit of the causal-tracing noise, ``nu = noise x`` this
+    (ROME: ``noise = 3``). The factor is *not* included.
+
+    Args:
+        model: the :class:`~probe.model.ProbeModel`.
+        facts_or_subjects: :class:`~probe.facts.Fact` s -- each contributes the tokens corrupted
+            when it is traced (its subject's tokens inside its prompt, :func:`trace_input`) -- or
+            subject strings, each tokenised alone without special tokens (as ROME does).
+
+    Returns:
+        the std over all elements of the ``[n_subject_tokens, d_model]`` embeddings (embedding
+        units, the embedding module's output: Gemma's ``sqrt(d_model)`` scale included).
+
+    Raises:
+        InputError: a fact without a subject (see :func:`trace_input`); no subject tokens at all.
+    """
+    tok = model.tokenizer
+    ids: list[int] = []
+    for item in facts_or_subjects:
+        if isinstance(item, str):
+            ids += list(tok(item, add_special_tokens=False)["input_ids"])
+        else:
+            prompt, subject, _ = trace_input(item)
+            row = tokenize(tok, prompt)
+            ids += [row[p] for p in subject_token_positions(tok, prompt, subject)]
+    if not ids:
+        raise InputError("no subject tokens to estimate the causal-tracing noise from", field="subject")
+    return _embedding_std(model, ids)
 
 
 def _clean_run(model, ids: list[int], layers: list[int], answer_id: int) -> tuple[torch.Tensor, float]:
@@ -405,8 +474,8 @@ def _trace_probs(model, clean_model, ids, a_id, corrupt, restorations, clean_sta
 
 
 def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
-                 subject_positions: Sequence[int] | None = None, noise: float = 3.0, samples: int = 1,
-                 seed: int = 0, clean_model=None, layers: int | Sequence[int] | None = None,
+                 subject_positions: Sequence[int] | None = None, noise: float = 3.0, samples: int = 10,
+                 embedding_std: float | None = None, seed: int = 0, clean_model=None, layers: int | Sequence[int] | None = None,
                  groups: Sequence[Sequence[int]] | Mapping[str, Sequence[int]] | None = None,
                  batch_size: int = 128) -> CausalTrace:
     """Causal-tracing map of ``answer`` over (layer, token position) (ROME, section 2.1).
@@ -421,8 +490,12 @@ def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
             (:func:`subject_token_positions`).
         subject_positions: explicit token positions to corrupt instead (negative allowed),
             e.g. image tokens; exactly one of ``subject`` / ``subject_positions``.
-        noise: noise std as a multiple of :func:`embedding_noise_std` (ROME: 3).
+        noise: noise std as a multiple of ``embedding_std`` (ROME: 3).
         samples: noise samples averaged (ROME: 10); seeded by ``seed``.
+        embedding_std: the std the noise multiplies (embedding units). ROME takes the std of the
+            subject-token embeddings over all traced facts (:func:`subject_embedding_std`); pass
+            that when tracing many facts. None = the std of this prompt's corrupted tokens'
+            embeddings.
         clean_model: the model whose clean run provides the restored states and
             ``clean_prob`` (default ``model``). See the module docstring.
         layers: decoder layers to restore (rows of the map); None = all.
@@ -453,7 +526,8 @@ def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
     normalize_layers(clean_model, layer_list)  # same indices must exist in the clean model
     cols, names = _columns(T, groups)
     clean_states, clean_prob = _clean_run(clean_model, ids, layer_list, a_id)
-    std = noise * embedding_noise_std(model)
+    base = _embedding_std(model, [ids[p] for p in corrupt]) if embedding_std is None else float(embedding_std)
+    std = noise * base
     restorations = [[]] + [[(layer, p) for p in c] for layer in layer_list for c in cols]
     probs = _trace_probs(model, clean_model, ids, a_id, corrupt, restorations, clean_states, layer_list, std,
                          samples, seed, batch_size)
@@ -466,3 +540,42 @@ def causal_trace(model, prompt: str, answer: str, *, subject: str | None = None,
         noise_std=float(std), samples=int(samples), seed=int(seed),
         meta={"same_model": clean_model is model, "model": getattr(model, "name", ""),
               "clean_model": getattr(clean_model, "name", "")})
+
+
+# --------------------------------------------------------------------------------------------
+# one fact of a run
+
+
+def trace_fact(model, edited, fact, embedding_std: float, *, noise: float = 3.0, samples: int = 10,
+               seed: int = 0, batch_size: int = 128) -> dict:
+    """Causal traces of one deleted fact with the unedited and with the edited model as the clean
+    run (ROME, section 2.1; see the module docstring): the record of ``causal_traces.jsonl``.
+
+    Both traces corrupt the subject (:func:`trace_input`; an image fact: its entity in its text
+    form) with the same noise: ``samples`` draws of std ``noise x embedding_std``, seeded by
+    :func:`probe.seeds.fact_seed` ``(seed, CAUSAL_TRACE, fact.id)``.
+
+    Args:
+        model: the unedited :class:`~probe.model.ProbeModel` (runs every corrupted forward).
+        edited: the edited model (its clean states are restored in the ``post`` trace).
+        fact: the :class:`~probe.facts.Fact`.
+        embedding_std: subject-token embedding std over the run's facts
+            (:func:`subject_embedding_std`, computed once).
+        noise, samples: ROME's 3 and 10. seed: the run seed. batch_size: rows per forward.
+
+    Returns:
+        ``{"fact_id", "corrupted", "subject", "pre", "post"}``; ``pre``/``post`` are
+        :meth:`CausalTrace.to_json` dicts (``probs [n_layers][n_tokens]``).
+
+    Raises:
+        InputError: the fact has no subject (file, line, field ``subject``; see :func:`trace_input`).
+    """
+    from .seeds import fact_seed
+
+    prompt, subject, corrupted = trace_input(fact)
+    kw = {"subject": subject, "noise": noise, "samples": samples, "embedding_std": embedding_std,
+          "seed": fact_seed(seed, CAUSAL_TRACE, fact.id), "batch_size": batch_size}
+    pre = causal_trace(model, prompt, fact.answer, **kw)
+    post = causal_trace(model, prompt, fact.answer, clean_model=edited, **kw)
+    return {"fact_id": fact.id, "corrupted": corrupted, "subject": subject, "pre": pre.to_json(),
+            "post": post.to_json()}

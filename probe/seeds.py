@@ -5,8 +5,9 @@ is for (``purpose``) and the fact id, so two unrelated draws never share a strea
 draw does not depend on which other facts are in the run (resume-invariant):
 
 * :func:`fact_seed` -> a 63-bit int (SHA-256; for ``torch.manual_seed``); purposes in use: each
-  sampling attack's name (``question-rephrase``, ``jailbreak``, ``image-rephrase``, ...), and
-  ``relearning`` (its relearning-data choice).
+  sampling attack's name (``question-rephrase``, ``jailbreak``, ``image-rephrase``, ...),
+  ``relearning`` (its relearning-data choice) and ``causal-trace`` (the causal-tracing noise,
+  :data:`probe.causal.CAUSAL_TRACE`).
 * :func:`fact_rng` -> a :class:`random.Random`; purposes in use: :data:`RETAIN` (retain-prompt
   selection), :data:`RANDOM_ACC` (the random Δ-Acc facts), :data:`ERROR_TARGET` (the
   error-injection target of a fact without ``alt_answer``), :data:`CONTROL` (the attack control).

@@ -95,10 +95,39 @@ def tokenize(tokenizer, text: str) -> list[int]:
     if isinstance(text, ImagePrompt):
         return tokenize_image_prompt(tokenizer, text)
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return ids[_doubled_bos(tokenizer, ids):]
+
+
+def _doubled_bos(tokenizer, ids: Sequence[int]) -> int:
+    """1 when ``ids`` start with two BOS tokens (the tokenizer's own and the prompt's ``"<bos>"``
+    text), else 0: how many leading ids :func:`tokenize` drops."""
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos:
-        ids = ids[1:]  # the prompt already starts with the BOS text: never two BOS tokens
-    return ids
+    return int(bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos)
+
+
+def tokenize_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    """The ids of :func:`tokenize` and each one's character span ``[start, end)`` in ``text``.
+
+    Spans come from the fast tokenizer's offset mapping, with the same duplicated-BOS rule as
+    :func:`tokenize` (the BOS the tokenizer adds is dropped, the BOS written in the text kept with
+    its span ``(0, len("<bos>"))``), so span ``k`` belongs to id ``k`` of the ids the model reads.
+    Special tokens the tokenizer adds have an empty span.
+
+    Returns:
+        ``(ids, spans)``; ``spans`` is None when the tokenizer gives no offsets (a slow tokenizer)
+        or only empty ones.
+    """
+    ids = tokenize(tokenizer, text)
+    try:
+        enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        return ids, None
+    raw = list(enc["input_ids"])
+    drop = _doubled_bos(tokenizer, raw)
+    spans = [(int(s), int(e)) for s, e in enc["offset_mapping"]][drop:]
+    if raw[drop:] != ids or not any(e > s for s, e in spans):
+        return ids, None
+    return ids, spans
 
 
 def encode(model, prompts: Sequence[str], *, check_length: bool = True, padding_side: str = "left") -> Batch:

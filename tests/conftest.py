@@ -59,6 +59,19 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(scope="session")
+def bos_tokenizer(tiny_tokenizer):
+    """:func:`tiny_tokenizer` that adds a BOS ``<s>`` in front of every text, as Gemma's does."""
+    import copy
+
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    return tok
+
+
 def _tiny(kind: str, vocab: int, **over):
     import transformers as tf
 

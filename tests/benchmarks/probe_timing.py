@@ -9,7 +9,8 @@ Measures (wall-clock seconds):
 
 causal_trace_s
     ``probe.causal.causal_trace`` of "The Eiffel Tower is located in the city of" -> "Paris",
-    subject "The Eiffel Tower", all 30 layers x 10 positions, 1 noise sample.
+    subject "The Eiffel Tower", all 30 layers x 10 positions, 10 noise samples (ROME's default;
+    1 before issue 11).
 known filter
     facts of ``../shared/data/counterfact_filtered.json`` whose answer's first token is the
     model's top-1 (a lens sweep over 1,400 prompts; ``--known-ids`` caches the ids in a file).

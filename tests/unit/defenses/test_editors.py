@@ -401,13 +401,19 @@ def test_rome_one_fact_per_edit(tiny_llama):
 
 
 def test_rome_target_objective(tiny_llama):
+    """Error injection with ROME raises the injected answer, which differs from the true one (it
+    used to inject "Paris" into "The capital of France is" -> "Paris")."""
     editor = make("rome", layer=0)
     sess = editor.session(tiny_llama)
     obj = make_objective("error-injection")
-    f = Fact("1", P1, A1, alt_answer="Paris")
-    p0 = prob(sess.model, P1, "Paris")
-    editor.edit(sess, obj, obj.request(f, [f], []))
-    assert prob(sess.model, P1, "Paris") > 2 * p0
+    f = Fact("1", P1, A1, alt_answer="Rome")
+    req = obj.request(f, [f], [])
+    assert req.targets == ["Rome"] and A1 != "Rome"
+    p0, t0 = prob(sess.model, P1, A1), prob(sess.model, P1, "Rome")
+    editor.edit(sess, obj, req)
+    p1, t1 = prob(sess.model, P1, A1), prob(sess.model, P1, "Rome")
+    # measured: p(Rome) x3.3 (1e-10 -> 3.2e-10; 4 tokens), p(Rome) / p(Paris) x3.7
+    assert t1 > 2 * t0 and t1 / p1 > 2 * t0 / p0, (p0, t0, p1, t1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import pytest
 import probe
 from defenses.constrained_ft import ConstrainedFineTune
 from probe.cli import main
+from probe.matching import answer_matches
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -445,11 +446,18 @@ def test_run_accepts_every_defense_and_non_lens_attacks(cli, facts_file, tmp_pat
     assert "question-rephrase" in out and "(blackbox)" in out and "(relearning)" in out
     res = strict_json((out_dir / "results.json").read_text())
     qr = res["attacks"]["question-rephrase"]
-    assert qr["budget"] == 20 and qr["n_facts"] == 2 and 0 <= qr["success_pre"] <= 1
+    assert qr["budget"] == 20 and qr["n_facts"] == 2
     recs = read_jsonl(out_dir / "per_fact.jsonl")
-    o = recs[0]["outcomes"]["question-rephrase"]
-    assert len(o["pre"]["samples"]) == 20 and len(o["post"]["samples"]) == 20
-    assert o["pre"]["success"] == (o["pre"]["hits"] > 0)
+    # the random tiny model's 20 samples name " Paris" (a token of its vocabulary) 5 times after
+    # the France rephrasings and never "oxygen": success 1 of 2 facts before the edit
+    hits = {}
+    for r in recs:
+        o = r["outcomes"]["question-rephrase"]
+        assert len(o["pre"]["samples"]) == 20 and len(o["post"]["samples"]) == 20
+        for phase in ("pre", "post"):  # hits count the recorded samples that contain the answer
+            assert o[phase]["hits"] == sum(answer_matches(t, r["answer"]) for t in o[phase]["samples"])
+        hits[r["id"]] = o["pre"]["hits"]
+    assert hits == {"france": 5, "water": 0} and qr["success_pre"] == 0.5
     if defense == "empty-response":
         assert recs[0]["scores"]["target"] == "I don't know"
         assert "target_rewrite_score" in res["defense"]

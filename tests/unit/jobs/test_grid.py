@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 
 import attacks
-from attacks.base import Attack, AttackOutcome, register
+from attacks.base import ATTACKS, Attack, AttackOutcome
 from probe.facts import Fact
 from probe.jobs import PRE, UNITS, GridConfig, resolve_names, run_grid
 
@@ -21,12 +21,13 @@ FACTS = [
 CALLS: list[tuple[str, str]] = []
 
 
-@register("test-stub-attack")
 @dataclass
 class StubAttack(Attack):
     """Succeeds iff the model's top output token for the prompt is the answer's first token
-    (a tiny deterministic attack whose success the edit can change)."""
+    (a tiny deterministic attack whose success the edit can change). Registered only while a
+    test of this module runs (:func:`stub_registered`)."""
 
+    name = "test-stub-attack"
     kind = "blackbox"
 
     def budget(self, n_layers):
@@ -39,6 +40,19 @@ class StubAttack(Attack):
         for f in facts:
             CALLS.append((model.name, f.id))
         return [AttackOutcome(success=r.rank[-1] <= 1, budget=1, best_rank=r.rank[-1]) for r in reads]
+
+
+@pytest.fixture(autouse=True)
+def stub_registered(monkeypatch):
+    """The stub attack in the global registry for one test, removed afterwards (it must not leak
+    into other modules' "all attacks")."""
+    monkeypatch.setitem(ATTACKS, StubAttack.name, StubAttack)
+
+
+def test_the_stub_attack_leaves_the_registry_after_a_test(monkeypatch):
+    assert ATTACKS["test-stub-attack"] is StubAttack
+    monkeypatch.undo()  # what the end of every test does (the same monkeypatch as the fixture's)
+    assert "test-stub-attack" not in ATTACKS and "head-projection" in attacks.attack_names()
 
 
 def _cfg(**kw):
@@ -62,9 +76,13 @@ def test_grid_writes_one_cell_per_defense_and_attack(tiny_llama, tmp_path):
     fe = [u for u in units if u["defense"] == "fact-erasure"]
     expect = sum(u["outcomes"]["test-stub-attack"]["post"]["success"] for u in fe) / 3
     assert cells[("fact-erasure", "test-stub-attack")]["success_post"] == pytest.approx(expect)
-    # error injection reports the target-form rewrite score and its target
-    ei = [u for u in units if u["defense"] == "error-injection"]
-    assert ei[0]["scores"]["target"] == "Rome" and ei[0]["scores"]["target_rewrite_score"] > 0
+    # error injection reports the target-form rewrite score and its target, and raises p(target):
+    # measured p(target) x150 (fr), x137 (jp), x2.4 (water); the rewrite score is floored at 2e-8,
+    # so only water's (0.0056 = (0.0094 - 0.0038) / (1 - 0.0038)) is above the floor
+    ei = {u["id"]: u["scores"] for u in units if u["defense"] == "error-injection"}
+    assert ei["fr"]["target"] == "Rome"  # the fact's alt_answer
+    assert all(s["target_p_post"] > 2 * s["target_p_pre"] for s in ei.values())
+    assert ei["water"]["target_rewrite_score"] > 1e-3
     assert json.loads((tmp_path / "g" / "grid.json").read_text())["complete"] is True
     html = (tmp_path / "g" / "report.html").read_text()
     assert "grid-figure-0" in html and "error-injection" in html

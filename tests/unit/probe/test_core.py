@@ -287,24 +287,35 @@ def test_probability_delta_detects_jump():
 def test_lens_attacks_scored_from_one_sweep(tiny_llama):
     from attacks import AttackContext, evaluate_attacks, summarize
 
-    attacks = [wb.HeadProjection(k=4, layers=[0, 1]), wb.ProbabilityDelta(k=2, layers=[0, 1])]
-    prompts, answers = [P1, P2], ["Paris", "oxygen"]
+    # k = 24: " cap" is the random model's 20th token after P1 at layer 1 (its best token that
+    # round-trips as an answer), " oxygen" ranks 295th at best -- one success, one failure
+    attacks = [wb.HeadProjection(k=24, layers=[0, 1]), wb.ProbabilityDelta(k=2, layers=[0, 1])]
+    prompts, answers = [P1, P2], ["cap", "oxygen"]
     facts = [probe.facts.Fact(f"f{i}", p, a) for i, (p, a) in enumerate(zip(prompts, answers))]
     reads, outs = evaluate_attacks(tiny_llama, facts, attacks, AttackContext())
     resid = probe.residual_stream(tiny_llama, prompts)
     lens = probe.lens_logits(tiny_llama, resid)
     for i, r in enumerate(reads["logit"]):
         assert r.attack_ranks == {}  # moved into the outcomes
-        assert outs["head-projection"][i].best_rank == min(r.rank)
+        # references from the definitions (Patil et al. 2024, section 3), on the lens logits
+        # [n_layers, vocab] at the last position: HP = the answer's best rank over the layers' lens
+        # distributions; PD = its best rank from the top or the bottom of p(layer 1) - p(layer 0)
         first = probe.answer_ids(tiny_llama.tokenizer, prompts[i], answers[i])[0]
-        want = wb.ProbabilityDelta(k=2, layers=[0, 1]).best_rank(LensBatch(lens[i:i + 1], torch.tensor([first])), 2).item()
-        assert outs["probability-delta"][i].best_rank == want
-        assert outs["probability-delta"][i].success == (want <= 2)
+        z = lens[i].double()
+        hp_rank = min(int((z[layer] > z[layer, first]).sum()) + 1 for layer in (0, 1))
+        d = torch.softmax(z[1], -1) - torch.softmax(z[0], -1)
+        pd_rank = min(int((d > d[first]).sum()), int((d < d[first]).sum())) + 1
+        assert outs["head-projection"][i].best_rank == hp_rank == min(r.rank)
+        assert outs["probability-delta"][i].best_rank == pd_rank
+    # measured: HP ranks 20 and 295 (k 24), PD ranks 2 and 121 (k 2): both attacks find " cap" only
+    assert [o.best_rank for o in outs["head-projection"]] == [20, 295]
+    assert [o.best_rank for o in outs["probability-delta"]] == [2, 121]
+    assert [o.success for o in outs["head-projection"]] == [o.success for o in outs["probability-delta"]] == [True, False]
     hp = summarize(attacks[0], 2, outs["head-projection"])
-    assert hp.budget == 8 and summarize(attacks[1], 2, outs["probability-delta"]).budget == 4
-    ranks = [min(r.rank) for r in reads["logit"]]
-    assert hp.success_pre == sum(x <= 4 for x in ranks) / 2 and hp.success_post is None
-    assert hp.curve_pre[hp.curve_k.index(1)] == sum(x <= 1 for x in ranks) / 2
+    assert hp.budget == 48 and summarize(attacks[1], 2, outs["probability-delta"]).budget == 4
+    assert hp.success_pre == 0.5 and hp.success_post is None
+    # success within k over the curve's k: " cap" counts from k = 20 on
+    assert dict(zip(hp.curve_k, hp.curve_pre)) == {k: 0.5 if k >= 20 else 0.0 for k in hp.curve_k}
 
 
 def test_make_attack():
@@ -383,24 +394,70 @@ def test_gguf_path_that_does_not_exist():
         probe.load_model("/nonexistent/model.gguf")
 
 
-def test_a_prompt_starting_with_the_bos_text_gets_one_bos(tiny_tokenizer):
+def test_a_prompt_starting_with_the_bos_text_gets_one_bos(bos_tokenizer):
     """Gemma-3 read "<bos>The chemical symbol for gold is" with two BOS tokens (p(" Au") 0.27 ->
     0.16, top-1 " Au" -> " gold"): a prompt that already starts with the BOS text is tokenised to
     the same ids as the prompt without it."""
-    import copy
-
-    from tokenizers import processors
-
-    tok = copy.deepcopy(tiny_tokenizer)
+    tok = bos_tokenizer
     bos = tok.convert_tokens_to_ids("<s>")
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
     plain = tokenize(tok, "The capital of France is")
     assert plain[0] == bos and plain[1] != bos  # the tokenizer adds a BOS
     assert tokenize(tok, "<s>The capital of France is") == plain
     assert tok("<s>The capital of France is")["input_ids"][:2] == [bos, bos]  # what it did before
 
 
+class _NoOffsets:
+    """A tokenizer without offset mappings (as a slow tokenizer): forces the decoding fallbacks."""
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, text, **kw):
+        if kw.get("return_offsets_mapping"):
+            raise NotImplementedError("no offsets")
+        return self._tok(text, **kw)
+
+
+def test_subject_positions_of_a_bos_prompt_index_its_one_bos_ids(bos_tokenizer):
+    """Issue 11 item 8: the subject's token positions (causal tracing's corrupted tokens, ROME's
+    subject-last token) index the ids the model reads, so "<s>The Eiffel Tower ..." has the same
+    positions as "The Eiffel Tower ..." (they were one token late: offsets of the doubled ids)."""
+    from defenses.rome import last_token_index, subject_span
+    from probe.causal import subject_token_positions
+    from probe.tokens import tokenize_with_offsets
+
+    prompt = "The Eiffel Tower is located in the city of"
+    for tok in (bos_tokenizer, _NoOffsets(bos_tokenizer)):
+        ids, spans = tokenize_with_offsets(tok, "<s>" + prompt)
+        assert ids == tokenize(tok, prompt)
+        pos = subject_token_positions(tok, "<s>" + prompt, "Eiffel Tower")
+        assert pos == subject_token_positions(tok, prompt, "Eiffel Tower") == list(range(3, 12))
+        assert tok.decode([ids[i] for i in pos]) == "Eiffel Tower"
+        last = last_token_index(tok, "<s>" + prompt, subject_span("<s>" + prompt, "Eiffel Tower"))
+        assert last == last_token_index(tok, prompt, subject_span(prompt, "Eiffel Tower")) == 11
+    ids, spans = tokenize_with_offsets(bos_tokenizer, "<s>" + prompt)
+    plain_ids, plain_spans = tokenize_with_offsets(bos_tokenizer, prompt)
+    assert spans[0] == (0, 3) and plain_spans[0] == (0, 0)  # the BOS written in the text; the one added
+    assert [(s - 3, e - 3) for s, e in spans[1:]] == plain_spans[1:]
+    assert tokenize_with_offsets(_NoOffsets(bos_tokenizer), prompt) == (plain_ids, None)
+
+
 @pytest.mark.real
 def test_gemma_bos_prompt_is_read_once(gemma):
-    assert tokenize(gemma.tokenizer, "<bos>The chemical symbol for gold is") == tokenize(
-        gemma.tokenizer, "The chemical symbol for gold is")
+    tok = gemma.tokenizer
+    assert tokenize(tok, "<bos>The chemical symbol for gold is") == tokenize(tok, "The chemical symbol for gold is")
+
+
+@pytest.mark.real
+def test_gemma_subject_positions_of_a_bos_prompt(gemma):
+    from defenses.rome import last_token_index, subject_span
+    from probe.causal import subject_token_positions
+
+    tok = gemma.tokenizer
+    for prompt in ("<bos>The chemical symbol for gold is", "The chemical symbol for gold is"):
+        ids = tokenize(tok, prompt)
+        assert subject_token_positions(tok, prompt, "gold") == [5] and tok.decode([ids[5]]) == " gold"
+        assert last_token_index(tok, prompt, subject_span(prompt, "gold")) == 5

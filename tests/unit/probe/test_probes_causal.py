@@ -18,8 +18,8 @@ import torch
 from attacks.base import ATTACKS, AttackContext
 from attacks.linear_probe import LinearProbeAttack
 from probe.layers import spread_layers
-from probe.causal import (CausalTrace, _clean_run, _positions_by_decoding, causal_trace, embedding_noise_std,
-                          restored_probs, subject_token_positions)
+from probe.causal import (CAUSAL_TRACE, CausalTrace, _clean_run, _positions_by_decoding, causal_trace,
+                          restored_probs, subject_embedding_std, subject_token_positions, trace_fact, trace_input)
 from probe.errors import InputError
 from probe.facts import Fact
 from probe.probes import UNRANKED, cross_validated_accuracy, probe_dataset, train_probes
@@ -214,7 +214,7 @@ def test_restoring_everything_or_nothing(peaky, kind):
     sets = ([[]] + [[(layer, p) for layer in L for p in range(T)]]  # nothing; every layer at every position
             + [[(layer, p) for p in range(T)] for layer in L])  # all positions of one layer
     probs = restored_probs(m, ids, a, tr.subject_positions, sets, clean_states=states, state_layers=L,
-                           noise_std=tr.noise_std, seed=tr.seed, batch_size=3)
+                           noise_std=tr.noise_std, samples=tr.samples, seed=tr.seed, batch_size=3)
     assert probs[0] == pytest.approx(tr.corrupted_prob, rel=1e-5, abs=1e-8)
     for p in probs[1:]:
         assert float(p) == pytest.approx(clean, rel=1e-5, abs=1e-8)
@@ -227,7 +227,7 @@ def test_restoring_everything_or_nothing(peaky, kind):
     assert first > 0 and torch.allclose(tr.probs[:, :first], torch.tensor(tr.corrupted_prob), rtol=1e-5)
     # ... which the skipped rows must agree with when actually run
     run = restored_probs(m, ids, a, tr.subject_positions, [[(0, 0)], [(L[-1], first)]], clean_states=states,
-                         state_layers=L, noise_std=tr.noise_std, seed=tr.seed)
+                         state_layers=L, noise_std=tr.noise_std, samples=tr.samples, seed=tr.seed)
     assert torch.allclose(run, torch.tensor(tr.corrupted_prob), rtol=1e-5, atol=1e-8)
 
 
@@ -238,13 +238,115 @@ def test_noise_is_seeded_and_scaled(peaky):
     c = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", seed=4)
     assert torch.allclose(a.probs, b.probs, rtol=1e-5, atol=1e-8) and a.corrupted_prob == pytest.approx(b.corrupted_prob)
     assert not torch.allclose(a.probs, c.probs)
-    emb = m.hf.model.embed_tokens.weight
-    assert a.noise_std == pytest.approx(3.0 * float(emb.detach().float().std()), rel=1e-5)
-    assert embedding_noise_std(m) == pytest.approx(float(emb.detach().float().std()), rel=1e-5)
+    # ROME section 2.1: 10 noise samples, noise = 3 x the std of the subject tokens' embeddings
+    assert a.samples == 10
+    ids = tokenize(m.tokenizer, PROMPT)
+    emb = m.hf.model.embed_tokens.weight.detach()
+    subject_std = float(emb[[ids[p] for p in a.subject_positions]].double().std())
+    assert a.noise_std == pytest.approx(3.0 * subject_std, rel=1e-6)
     zero = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", noise=0.0)
     assert zero.corrupted_prob == pytest.approx(zero.clean_prob, rel=1e-5)
     two = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", samples=2, seed=3)
     assert two.samples == 2 and two.probs.shape == a.probs.shape
+    # the mean over samples: one sample's corrupted probability differs from the 10-sample mean
+    one = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", samples=1, seed=3)
+    assert one.corrupted_prob != pytest.approx(a.corrupted_prob, rel=1e-4)
+    given = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", embedding_std=0.5, noise=2.0)
+    assert given.noise_std == pytest.approx(1.0)
+
+
+FACTS = [Fact(id="eiffel", prompt=PROMPT, answer="Paris", subject="Eiffel Tower", source="facts.jsonl:1"),
+         Fact(id="france", prompt="The capital of France is", answer="Paris", subject="France", source="facts.jsonl:2")]
+
+
+def test_noise_unit_is_the_subject_token_embedding_std(peaky):
+    """ROME's collect_embedding_std: the std of the subjects' token embeddings over the facts, not
+    of the whole embedding matrix. Scaling the subject tokens' rows by 5 scales it by ~5 while the
+    matrix std barely moves."""
+    m = copy.copy(peaky["llama"])
+    m.hf = copy.deepcopy(m.hf)
+    tok = m.tokenizer
+    sub_ids = [tokenize(tok, f.prompt)[p] for f in FACTS for p in subject_token_positions(tok, f.prompt, f.subject)]
+    emb = m.hf.model.embed_tokens.weight
+    with torch.no_grad():
+        emb[sorted(set(sub_ids))] *= 5.0
+    W = emb.detach().double()
+    expect = float(W[sub_ids].std())  # every subject token, repeats included, all d_model values
+    std = subject_embedding_std(m, FACTS)
+    assert std == pytest.approx(expect, rel=1e-6) and std > 3 * float(W.std())
+    # subject strings are tokenised alone (no special tokens), as ROME does
+    alone = tok(["Eiffel Tower", "France"], add_special_tokens=False)["input_ids"]
+    assert subject_embedding_std(m, ["Eiffel Tower", "France"]) == pytest.approx(
+        float(W[[i for row in alone for i in row]].std()), rel=1e-6)
+    tr = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", embedding_std=std)
+    assert tr.noise_std == pytest.approx(3 * expect, rel=1e-6)
+    with pytest.raises(InputError, match="no subject tokens"):
+        subject_embedding_std(m, [])
+
+
+def test_subject_embedding_std_includes_the_embedding_scale(make_tiny):
+    """Gemma multiplies its embeddings by sqrt(d_model) = 8 (hidden size 64): the noise is in the
+    units the model reads."""
+    g = make_tiny("gemma3")
+    ids = g.tokenizer("France", add_special_tokens=False)["input_ids"]
+    W = g.hf.model.embed_tokens.weight.detach().double()
+    assert subject_embedding_std(g, ["France"]) == pytest.approx(8.0 * float(W[ids].std()), rel=1e-5)
+
+
+def test_a_fact_without_subject_is_refused_for_tracing(peaky, tmp_path):
+    m = peaky["llama"]
+    bare = Fact(id="bf-capital-cuba", prompt="The capital of Cuba is", answer="Havana", source="facts.jsonl:7")
+    for call in (lambda: trace_input(bare), lambda: subject_embedding_std(m, FACTS + [bare]),
+                 lambda: trace_fact(m, m, bare, 0.1)):
+        with pytest.raises(InputError) as err:
+            call()
+        assert str(err.value).startswith("facts.jsonl:7 field 'subject': fact 'bf-capital-cuba' has no subject")
+        assert (err.value.file, err.value.line, err.value.field) == ("facts.jsonl", 7, "subject")
+    moved = Fact(id="x", prompt="The capital of Cuba is", answer="Havana", subject="Havana", source="f.jsonl:3")
+    with pytest.raises(InputError, match="^f.jsonl:3 field 'subject': subject 'Havana'"):
+        trace_input(moved)
+    assert trace_input(FACTS[0]) == (PROMPT, "Eiffel Tower", "subject")
+
+
+def test_image_facts_are_traced_on_their_text_form_with_the_entity(tmp_path):
+    from probe.images import ImagePrompt
+
+    text = "This is the flag of France.\nThe capital of this country is"
+    img = Fact(id="img", prompt=ImagePrompt("The capital of this country is", tmp_path / "flag.png"), answer="Paris",
+               text_prompt=text, entity="France", source="img.jsonl:4")
+    prompt, subject, label = trace_input(img)
+    assert (prompt, subject) == (text, "France") and label.startswith("entity 'France' in the text form")
+    img.entity = None
+    with pytest.raises(InputError, match="^img.jsonl:4 field 'entity': image fact 'img' has no entity"):
+        trace_input(img)
+    img.entity = "Spain"
+    with pytest.raises(InputError, match="^img.jsonl:4 field 'entity': .* names its entity 'Spain' nowhere"):
+        trace_input(img)
+
+
+def test_trace_fact_record(peaky):
+    """The run's causal record: the unedited and the edited model as the clean run, the same noise
+    (per-fact seed from the run seed) for both, ROME's 10 samples and 3 x the given std."""
+    from probe.seeds import fact_seed
+
+    m = peaky["llama"]
+    edited_hf = copy.deepcopy(m.hf)
+    with torch.no_grad():
+        edited_hf.model.layers[1].mlp.down_proj.weight.mul_(-1.0)
+    import probe
+    edited = probe.wrap_model(edited_hf, m.tokenizer, name="edited")
+    std = subject_embedding_std(m, FACTS)
+    rec = trace_fact(m, edited, FACTS[0], std, seed=5)
+    assert (rec["fact_id"], rec["corrupted"], rec["subject"]) == ("eiffel", "subject", "Eiffel Tower")
+    pre, post = CausalTrace.from_json(rec["pre"]), CausalTrace.from_json(rec["post"])
+    assert pre.samples == post.samples == 10 and pre.noise_std == post.noise_std == pytest.approx(3 * std)
+    assert pre.seed == post.seed == fact_seed(5, CAUSAL_TRACE, "eiffel")
+    assert pre.meta["same_model"] and not post.meta["same_model"]
+    assert pre.corrupted_prob == pytest.approx(post.corrupted_prob, rel=1e-6)  # same corrupted run of `m`
+    assert post.clean_prob != pytest.approx(pre.clean_prob, rel=1e-3)
+    direct = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", embedding_std=std, seed=pre.seed)
+    assert torch.allclose(direct.probs, pre.probs)
+    json.dumps(rec)
 
 
 def test_explicit_positions_groups_and_clean_model(peaky):
@@ -308,6 +410,19 @@ def smollm2_tokenizer(smollm2):
     return smollm2.tokenizer
 
 
+def test_causal_trace_of_a_bos_prompt_equals_the_plain_prompt(peaky, bos_tokenizer):
+    """A prompt written with the BOS text is traced exactly as the prompt without it: the same
+    ids, the same corrupted (subject) positions, the same map."""
+    import probe
+
+    m = probe.wrap_model(peaky["llama"].hf, bos_tokenizer, name="tiny-llama-bos")
+    plain = causal_trace(m, PROMPT, "Paris", subject="Eiffel Tower", samples=2, layers=[0])
+    bos = causal_trace(m, "<s>" + PROMPT, "Paris", subject="Eiffel Tower", samples=2, layers=[0])
+    assert bos.subject_positions == plain.subject_positions == list(range(3, 12))
+    assert bos.tokens == plain.tokens and bos.clean_prob == pytest.approx(plain.clean_prob, rel=1e-6)
+    assert torch.allclose(bos.probs, plain.probs, rtol=1e-5, atol=1e-8)
+
+
 def test_causal_trace_json_roundtrip(peaky):
     tr = causal_trace(peaky["llama"], PROMPT, "Paris", subject="Eiffel Tower")
     back = CausalTrace.from_json(json.loads(json.dumps(tr.to_json())))
@@ -315,9 +430,13 @@ def test_causal_trace_json_roundtrip(peaky):
     assert torch.allclose(tr.indirect_effect, tr.probs - tr.corrupted_prob)
 
 
+@pytest.mark.real
 def test_causal_trace_smollm2(smollm2):
-    tr = causal_trace(smollm2, PROMPT, "Paris", subject="The Eiffel Tower")
-    assert tr.probs.shape == (30, len(tr.tokens)) and tr.subject_positions == [0, 1, 2, 3]
+    """ROME's setting (10 samples, 3 x the subject-token std over the facts) on three early layers
+    (time: 10 samples cost 10 forwards per restoration)."""
+    std = subject_embedding_std(smollm2, FACTS)
+    tr = causal_trace(smollm2, PROMPT, "Paris", subject="The Eiffel Tower", embedding_std=std, layers=[0, 6, 12])
+    assert tr.probs.shape == (3, len(tr.tokens)) and tr.subject_positions == [0, 1, 2, 3] and tr.samples == 10
     assert tr.answer_token == " Paris"
     assert tr.clean_prob > 0.5 > 0.1 > tr.corrupted_prob
     layer, col = tr.peak()
