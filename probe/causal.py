@@ -215,7 +215,7 @@ def trace_input(fact) -> tuple[str, str, str]:
     """What causal tracing of ``fact`` corrupts (ROME, section 2.1: always the subject).
 
     A text fact: its prompt and ``subject``. An image fact: its text form
-    (:func:`probe.jobs.deletion.text_form`; image tokens come from the projector, not the token
+    (:func:`probe.images.text_form`; image tokens come from the projector, not the token
     embeddings) and its ``entity`` as the subject.
 
     Returns:
@@ -226,7 +226,7 @@ def trace_input(fact) -> tuple[str, str, str]:
         InputError: (naming the fact's file, line and field ``subject``, or ``entity`` for an
         image fact) the fact has no subject, or it does not occur in the traced text.
     """
-    from .jobs.deletion import text_form
+    from .images import text_form
 
     file, line = fact.where()
     form = text_form(fact)
@@ -419,7 +419,7 @@ def _trace_prompt_ids(model, clean_model, prompt, subject, subject_positions) ->
 
     if isinstance(prompt, ImagePrompt):
         raise InputError("causal tracing corrupts token embeddings; an image prompt's image tokens come from the "
-                         "projector, so trace the fact's text form instead (probe.jobs.text_form)",
+                         "projector, so trace the fact's text form instead (probe.images.text_form)",
                          field="prompt")
     if clean_model.d_model != model.d_model:
         raise ValueError(f"clean_model has d_model {clean_model.d_model}, model {model.d_model}")

@@ -363,3 +363,11 @@ def attach_images(model, facts):
         out.append(dataclasses.replace(f, prompt=wrap(f.prompt), paraphrases=[wrap(p) for p in f.paraphrases],
                                        neighborhood=neigh))
     return out
+
+
+def text_form(fact) -> str | None:
+    """The text-only form of an image fact (its ``text_prompt`` naming the entity, else the
+    prompt's text without the image), or None for a text fact."""
+    if not isinstance(fact.prompt, ImagePrompt):
+        return None
+    return getattr(fact, "text_prompt", None) or plain_text(fact.prompt)

@@ -14,10 +14,10 @@ from .deletion import (Plan, build_plan, evenly_spaced, image_examples, known_fa
 from .grid import GRID, PRE, UNITS, build_cells, run_grid
 from ..jsonl import JsonlLog, read_jsonl
 from .output import RunError, check_output
-from .run import CAUSAL, PER_FACT, RESULTS, RUN_STAMP, causal_record, run_attack, run_main, summarize_run
+from .run import CAUSAL, PER_FACT, RESULTS, RUN_STAMP, causal_setup, run_attack, run_main, summarize_run
 
 __all__ = ["ALL_DEFENSES", "GRID_ATTACKS", "RUN_ATTACKS", "GridConfig", "JobConfig", "RunConfig", "resolve_names",
            "Plan", "build_plan", "evenly_spaced", "image_examples", "known_facts", "measure_deletion", "measure_pre",
            "random_facts_for", "text_form", "text_readouts", "GRID", "PRE", "UNITS", "build_cells", "run_grid",
            "JsonlLog", "read_jsonl", "RunError", "check_output", "CAUSAL", "PER_FACT", "RESULTS", "RUN_STAMP",
-           "causal_record", "run_attack", "run_main", "summarize_run"]
+           "causal_setup", "run_attack", "run_main", "summarize_run"]

@@ -25,7 +25,7 @@ from defenses.evaluate import (deletion_scores, fact_probs, random_accuracy, tar
 
 from ..controls import Control, choose_controls
 from ..facts import Fact
-from ..images import ImagePrompt, plain_text
+from ..images import text_form
 from ..results import AttackOutcome, DeletionScores, FactResult, LayerReadout, ModalReadout, PreMeasure
 from ..seeds import RANDOM_ACC, fact_rng
 from ..tokens import answer_ids as _answer_ids
@@ -119,14 +119,6 @@ def random_facts_for(fact: Fact, pool: Sequence[Fact], n: int, seed: int) -> lis
     others = [g for g in pool if g.id != fact.id]
     rng = fact_rng(seed, RANDOM_ACC, fact.id)
     return rng.sample(others, min(n, len(others)))
-
-
-def text_form(fact) -> str | None:
-    """The text-only form of an image fact (its ``text_prompt`` naming the entity, else the
-    prompt's text without the image), or None for a text fact."""
-    if not isinstance(fact.prompt, ImagePrompt):
-        return None
-    return getattr(fact, "text_prompt", None) or plain_text(fact.prompt)
 
 
 def text_readouts(model, facts: Sequence[Fact], *, batch_size: int | None = None) -> list[LayerReadout | None]:

@@ -26,6 +26,7 @@ from viz.layers import causal_trace_figure
 from viz.report import write_report
 
 from ..atomic import write_text_atomic
+from ..causal import trace_fact
 from ..controls import control_label
 from ..errors import InputError
 from ..facts import Fact, check_lengths
@@ -171,6 +172,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                                  desc="known-fact filter")
     evaluated = [f.id for f, _, _ in known]
     pre_ctx.deleted = frozenset(evaluated)  # the unedited model's scratch space, shared by every fact
+    embed_std = causal_setup(model, [f for f, _, _ in known], cfg.causal_traces)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
     log = JsonlLog(out / PER_FACT)
@@ -182,7 +184,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
 
     def trace(edited, fact):
         if causal_log is not None and n_traced[0] < cfg.causal_traces:
-            causal_log.append(causal_record(model, edited, fact))
+            causal_log.append(trace_fact(model, edited, fact, embed_std, seed=cfg.seed))
             n_traced[0] += 1
 
     def ctx_post():
@@ -234,28 +236,30 @@ def all_at_once_request(objective, req_facts: Sequence[Fact], facts: Sequence[Fa
         subjects=[s for r in reqs for s in (r.subjects or [None] * len(r.prompts))])
 
 
-def causal_record(model, edited, fact: Fact) -> dict:
-    """Causal traces of one fact (Meng et al. 2022, section 2.1) with the unedited and with the
-    edited model as the clean run. Facts without a subject corrupt the first half of the prompt's
-    tokens (documented in the record); image facts are traced on their text form."""
-    from ..causal import causal_trace
-    from ..tokens import tokenize
-    from .deletion import text_form
+def causal_setup(model, known: Sequence[Fact], n: int) -> float | None:
+    """Before anything is written: check that the first ``n`` facts to delete can be traced (each
+    has a ``subject``, or an image fact an ``entity`` in its text form) and return the noise unit,
+    the std of the subject-token embeddings over every known fact that has one (ROME, section
+    2.1); None when ``n == 0``.
 
-    prompt, subject, corrupted = fact.prompt, fact.subject, None
-    if text_form(fact) is not None:
-        prompt = text_form(fact)
-        entity = getattr(fact, "entity", None)
-        subject = entity if entity and entity in prompt else None
-        corrupted = (f"entity {entity!r} in the text form (image facts are traced without the image)" if subject
-                     else "first half of the text form (image facts are traced without the image)")
-    kw: dict = {"subject": subject} if subject else {
-        "subject_positions": list(range(max(1, len(tokenize(model.tokenizer, prompt)) // 2)))}
-    pre = causal_trace(model, prompt, fact.answer, **kw)
-    post = causal_trace(model, prompt, fact.answer, clean_model=edited, **kw)
-    return {"fact_id": fact.id, "corrupted": corrupted or ("subject" if fact.subject else "first half of the prompt"),
-            "pre": pre.to_json(), "post": post.to_json()}
+    Raises:
+        InputError: a fact to trace has no subject (file, line, field ``subject``).
+    """
+    from ..causal import subject_embedding_std, trace_input
+
+    if not n:
+        return None
+    for f in known[:n]:
+        trace_input(f)
+    traceable = []
+    for f in known:
+        try:
+            trace_input(f)
+            traceable.append(f)
+        except InputError:
+            pass
+    return subject_embedding_std(model, traceable)
 
 
-__all__ = ["run_main", "run_attack", "summarize_run", "finish", "causal_record", "text_readouts", "PER_FACT",
+__all__ = ["run_main", "run_attack", "summarize_run", "finish", "causal_setup", "text_readouts", "PER_FACT",
            "RUN_STAMP", "RESULTS", "CAUSAL", "REPORT"]

@@ -806,3 +806,14 @@ def test_attack_flags_reach_every_selected_attack_that_has_the_field():
                    "jailbreak": {"max_new_tokens": 7, "skip_answer_in_input": False}}
     assert _attack_config(build_parser().parse_args(["grid"]), ["question-rephrase"]) == {}
     assert build_parser().parse_args(["run", "--known", "reference"]).known == "reference"
+
+
+def test_causal_traces_refuse_a_fact_without_subject_before_writing(cli, tmp_path):
+    facts = [{"id": f"f{i}", "prompt": p, "answer": a} for i, (p, a) in enumerate([
+        ("The capital of France is", "Paris"), ("The capital of Japan is", "Tokyo")])]
+    facts_path = write_jsonl(tmp_path / "f.jsonl", facts)
+    out_dir = tmp_path / "out"
+    rc, out, err = cli("run", "--facts", str(facts_path), "--out", str(out_dir), "--causal-traces", "1",
+                       "--known-rank", "1000", *RUN_FAST)
+    assert_input_error(rc, out, err, "has no subject", out_dir=out_dir)
+    assert "f.jsonl:1" in err and "subject" in err
