@@ -220,3 +220,30 @@ def mlp_out_module(model, layer: int) -> nn.Module:
 def mlp_out_envoy(model, layer: int):
     """The nnsight envoy of layer ``layer``'s MLP output projection (for ``.input``/``.output``)."""
     return get_attr_path(model.layer_envoy(layer), model.arch.mlp_out)
+
+
+def mlp_linear_paths(model, layer: int) -> list[str]:
+    """Module paths (from ``model.hf``) of every linear map of decoder layer ``layer``'s MLP: the
+    ``nn.Linear`` and GPT-2 ``Conv1D`` modules under the parent of :attr:`Architecture.mlp_out`
+    (Llama/Gemma: ``gate_proj``, ``up_proj``, ``down_proj``; GPT-2: ``c_fc``, ``c_proj``; GPT-J:
+    ``fc_in``, ``fc_out``; GPT-NeoX: ``dense_h_to_4h``, ``dense_4h_to_h``), sorted by name. When
+    ``mlp_out`` names a module directly on the layer (no parent), only that module.
+
+    Raises:
+        AttributeError: the MLP path does not exist (naming it).
+        ValueError: the MLP holds no linear module.
+    """
+    try:
+        from transformers.pytorch_utils import Conv1D
+        kinds: tuple = (nn.Linear, Conv1D)
+    except ImportError:  # pragma: no cover
+        kinds = (nn.Linear,)
+    layer_path = f"{model.arch.layers}.{int(layer)}"
+    if "." not in model.arch.mlp_out:
+        return [mlp_out_path(model, layer)]
+    mlp_path = f"{layer_path}.{model.arch.mlp_out.rsplit('.', 1)[0]}"
+    mlp = get_attr_path(model.hf, mlp_path)
+    paths = sorted(f"{mlp_path}.{name}" for name, m in mlp.named_modules() if name and isinstance(m, kinds))
+    if not paths:
+        raise ValueError(f"{mlp_path} ({type(mlp).__name__}) has no nn.Linear / Conv1D module")
+    return paths

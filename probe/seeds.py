@@ -6,11 +6,13 @@ draw does not depend on which other facts are in the run (resume-invariant):
 
 * :func:`fact_seed` -> a 63-bit int (SHA-256; for ``torch.manual_seed``); purposes in use: each
   sampling attack's name (``question-rephrase``, ``jailbreak``, ``image-rephrase``, ...),
-  ``relearning`` (its relearning-data choice) and ``causal-trace`` (the causal-tracing noise,
-  :data:`probe.causal.CAUSAL_TRACE`).
+  ``relearning`` (its relearning-data choice and LoRA init / dropout masks) and ``causal-trace``
+  (the causal-tracing noise, :data:`probe.causal.CAUSAL_TRACE`).
 * :func:`fact_rng` -> a :class:`random.Random`; purposes in use: :data:`RETAIN` (retain-prompt
   selection), :data:`RANDOM_ACC` (the random Δ-Acc facts), :data:`ERROR_TARGET` (the
-  error-injection target of a fact without ``alt_answer``), :data:`CONTROL` (the attack control).
+  error-injection target of a fact without ``alt_answer``), :data:`CONTROL` (the attack control),
+  ``relearning-unknown`` (the never-known facts the relearning attack scores,
+  :data:`attacks.relearning.UNKNOWN_SAMPLE`).
 
 The streams keep the keys they had before this module existed (so results are unchanged):
 ``fact_rng`` seeds ``random.Random`` with ``"{purpose}:{seed}:{fact_id}"``, except the retain

@@ -1,4 +1,5 @@
-"""Blackbox attacks (question-rephrase, jailbreak, the image attacks' shared scoring) and the relearning attack."""
+"""Blackbox attacks (question-rephrase, jailbreak, the image attacks' shared scoring); the relearning attack is in
+test_relearning.py."""
 
 from __future__ import annotations
 
@@ -295,72 +296,6 @@ def test_sampler_ignores_model_generation_config(make_tiny):
     assert greedy_texts(hostile, ps, max_new_tokens=6) == greedy_texts(plain, ps, max_new_tokens=6)
     assert processors[-1] == []
     assert hostile.hf.generation_config.min_p == 0.3  # the model's config is restored afterwards
-
-
-# -- relearning ---------------------------------------------------------------------------------
-
-def test_relearning_unrelated_data_excludes_deleted_and_self():
-    a = rl.Relearning(n_examples=10)
-    ctx = AttackContext(facts=FACTS, deleted=frozenset({"f1", "f4"}), seed=0)
-    for seed in range(20):
-        pairs = a.relearn_data(FACTS[0], ctx, seed)
-        prompts = {p for p, _ in pairs}
-        # not deleted (f1, f4), not the fact itself (f0), not a fact with the same answer (f3: Paris)
-        assert prompts == {FACTS[i].prompt for i in (2, 5, 6)}
-    few = rl.Relearning(n_examples=2)
-    picks = {tuple(few.relearn_data(FACTS[0], ctx, s)) for s in range(20)}
-    assert len(picks) > 1 and all(len(p) == 2 for p in picks)
-    assert few.relearn_data(FACTS[0], ctx, 5) == few.relearn_data(FACTS[0], ctx, 5)
-    with pytest.raises(ValueError, match="no unrelated facts"):
-        a.relearn_data(FACTS[0], AttackContext(facts=FACTS, deleted=frozenset(f.id for f in FACTS)), 0)
-    nb = _fact(9, neighborhood=[{"prompt": "The capital of Japan is", "answer": "Tokyo"},
-                                {"prompt": "Notre-Dame is in", "answer": "Paris"}])
-    assert rl.Relearning(data="neighborhood").relearn_data(nb, ctx, 0) == [("The capital of Japan is", "Tokyo")]
-    with pytest.raises(ValueError, match="neighbourhood"):
-        rl.Relearning(data="neighborhood").relearn_data(FACTS[0], ctx, 0)
-
-
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_relearning_leaves_caller_model_and_changes_copy(make_tiny, monkeypatch, kind):
-    m = make_tiny(kind)
-    before = {k: v.detach().clone() for k, v in m.hf.state_dict().items()}
-    flags = [p.requires_grad for p in m.hf.parameters()]
-    seen = []
-    import attacks.lens as lens_mod
-
-    real = lens_mod.attack_readout
-
-    def spy(model, *a, **k):
-        seen.append({n: p.detach().clone() for n, p in model.hf.named_parameters()})
-        return real(model, *a, **k)
-
-    monkeypatch.setattr(lens_mod, "attack_readout", spy)
-    a = rl.Relearning(steps=5, lr=1e-2, rephrase=kind == "llama")  # tiny GPT-2: 64 positions only
-    ctx = AttackContext(facts=FACTS, deleted=frozenset({"f0"}), seed=0)
-    out = a.run(m, FACTS[:2], ctx)
-    after = m.hf.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert [p.requires_grad for p in m.hf.parameters()] == flags
-    assert all(p.grad is None for p in m.hf.parameters())
-    names = a.param_names(m)
-    assert names == [f"{m.arch.layers}.{i}.{m.arch.mlp_out}.weight" for i in (0, 1)]
-    orig = dict(m.hf.named_parameters())
-    for copy in seen:
-        for n, p in copy.items():
-            if n in names:
-                assert not torch.equal(p, orig[n].detach())
-            else:
-                assert torch.equal(p, orig[n].detach())
-    for o in out:
-        d = o.details
-        assert d["relearn_steps"] == 5 and len(d["relearn_loss"]) == 5
-        assert d["relearn_loss"][-1] < d["relearn_loss"][0]
-        assert o.success == d["head-projection"] == (o.best_rank <= 4)
-        assert isinstance(d["question-rephrase"], bool) == a.rephrase and o.budget == a.budget(m.n_layers)
-    assert FACTS[0].prompt not in out[1].details["relearn_data"]  # f0 is deleted
-    # every fact starts from the attacked weights: fact 1 alone gives the same result
-    alone = a.run(m, [FACTS[1]], ctx)[0]
-    assert alone.details["relearn_loss"] == out[1].details["relearn_loss"]
 
 
 # -- real model ---------------------------------------------------------------------------------

@@ -41,6 +41,9 @@ FACTS = [
 ]
 ATTACKS = ["head-projection", "probability-delta", "pd2", "question-rephrase", "relearning", "linear-probe"]
 DEFENSES = ["fact-erasure", "error-injection", "head-projection", "empty-response"]
+#: attacks rebuilt since the golden file was written (issue 11 item 6: relearning is LoRA on every
+#: layer's MLP), so their cells are not compared with it; run and grid must still agree on them
+REBUILT = {"relearning"}
 # the code before skipped no fact whose answer is in the attack's input ("fr": "Paris is the capital of")
 COMMON = dict(attacks=ATTACKS,
               attack_config={"question-rephrase": {"max_new_tokens": 4, "skip_answer_in_input": False}},
@@ -103,6 +106,8 @@ def test_grid_cells_unchanged_by_the_shared_loop(jobs):
     cells = {(c["defense"], c["attack"]): c for c in grid.to_dict()["cells"]}
     assert len(cells) == len(golden["grid_cells"]) == 24
     for old in golden["grid_cells"]:
+        if old["attack"] in REBUILT:
+            continue
         new = cells[(old["defense"], old["attack"])]
         for k, v in old.items():
             assert _close(new[k], v), (old["defense"], old["attack"], k, new[k], v)
@@ -114,6 +119,8 @@ def test_run_unchanged_by_the_shared_loop(jobs):
     _, run, out = jobs
     golden = json.loads(GOLDEN.read_text())
     for name, old in golden["run_attacks"].items():
+        if name in REBUILT:
+            continue
         a = run.attacks[name]
         assert (a.success_pre, a.success_post, a.budget) == (old["success_pre"], old["success_post"], old["budget"])
     for k, v in golden["run_defense"].items():
