@@ -52,6 +52,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-strength", default=None, choices=["easy", "medium", "hard"],
                    help="paraphrase images of image-rephrase / multimodal-rephrase: the original image plus "
                         "paraphrase images up to this strength (default hard: {orig, easy, medium, hard})")
+    p.add_argument("--relearn-lr", type=float, default=None,
+                   help="relearning attack: LoRA learning rate (default 9e-6, the multimodal reference code's "
+                        "fine-tune-after-edit; at that rate 10 epochs barely move SmolLM2 -- try 1e-3)")
+    p.add_argument("--relearn-epochs", type=int, default=None, help="relearning attack: epochs (default 10)")
+    p.add_argument("--relearn-rank", type=int, default=None, help="relearning attack: LoRA rank (default 2)")
     p.add_argument("--keep-answer-in-input", action="store_true",
                    help="sampling attacks also score facts whose answer occurs in the text they are given (prompt, "
                         "subject, preamble, prefix); by default such facts are skipped and counted, since a copy of "
@@ -265,10 +270,12 @@ def _editor_config(args) -> dict:
 def _attack_config(args, attacks: list[str]) -> dict:
     """Per-attack settings from the flags: each flag goes to every selected attack that has the
     matching field (``--bb-tokens`` -> ``max_new_tokens``, ``--image-strength`` -> ``strength``,
-    ``--keep-answer-in-input`` -> ``skip_answer_in_input=False``)."""
+    ``--keep-answer-in-input`` -> ``skip_answer_in_input=False``, ``--relearn-lr/-epochs/-rank`` ->
+    ``lr`` / ``epochs`` / ``rank``)."""
     from attacks import attack_fields
 
-    flags = {"max_new_tokens": args.bb_tokens, "strength": args.image_strength,
+    flags = {"max_new_tokens": args.bb_tokens, "strength": args.image_strength, "lr": args.relearn_lr,
+             "epochs": args.relearn_epochs, "rank": args.relearn_rank,
              "skip_answer_in_input": False if args.keep_answer_in_input else None}
     out: dict = {}
     for name in attacks:
@@ -398,7 +405,10 @@ def _run(args) -> int:
     if not [a for a in args.attacks.split(",") if a.strip()]:
         return _fail("--attacks is empty")
     attacks = resolve_names(args.attacks, "attack")  # ValueError lists the valid names
+    if args.relearn_lr is not None and not args.relearn_lr > 0:
+        return _fail("--relearn-lr must be > 0")
     for flag, value, low in (("--bb-tokens", args.bb_tokens, 1), ("--batch-size", args.batch_size, 1),
+                             ("--relearn-epochs", args.relearn_epochs, 1), ("--relearn-rank", args.relearn_rank, 1),
                              ("--steps", getattr(args, "steps", None), 1),
                              ("--acc-tokens", getattr(args, "acc_tokens", None), 1),
                              ("--retain-size", getattr(args, "retain_size", None), 0),

@@ -805,6 +805,8 @@ def test_attack_flags_reach_every_selected_attack_that_has_the_field():
     assert cfg == {"question-rephrase": {"max_new_tokens": 7, "skip_answer_in_input": False},
                    "jailbreak": {"max_new_tokens": 7, "skip_answer_in_input": False}}
     assert _attack_config(build_parser().parse_args(["grid"]), ["question-rephrase"]) == {}
+    args = build_parser().parse_args(["run", "--relearn-lr", "1e-3", "--relearn-epochs", "3"])
+    assert _attack_config(args, ["relearning", "head-projection"]) == {"relearning": {"lr": 1e-3, "epochs": 3}}
     assert build_parser().parse_args(["run", "--known", "reference"]).known == "reference"
 
 
