@@ -23,8 +23,16 @@ Conventions:
 * ranks are 1-based among the probe's classes (ties count for the answer, as in
   :func:`probe.readout.answer_rank`); an answer that is not a class gets :data:`UNRANKED`.
 
-Nothing here runs on a GPU or downloads anything; :func:`probe_dataset` is the only function
-that runs the model.
+Per relation (issue 11 item 5). A probe over all of CounterFact mostly learns the relation the
+prompt asks about and that relation's frequent answers (layer 0 already scores well), so the
+``linear-probe`` attack and the report's cross-validation train one set of probes per relation
+(:func:`fact_relations`: facts without any relation form one relation :data:`ANY_RELATION`) and
+compare them with the **relation prior** (:func:`prior_order`: the relation's answers by training
+frequency, no hidden state). :func:`relation_cv` / :func:`probe_cv_report` give the per-layer
+held-out accuracy of both, pooled over relations.
+
+Nothing here runs on a GPU or downloads anything; :func:`probe_dataset` (and
+:func:`probe_cv_report`, through it) is the only function that runs the model.
 """
 
 from __future__ import annotations
@@ -42,7 +50,14 @@ import numpy as np
 #: for "no candidate list" (``torch.iinfo(torch.long).max``). Plots treat it as "not ranked".
 UNRANKED = int(np.iinfo(np.int64).max)
 
-__all__ = ["UNRANKED", "LayerProbes", "CVResult", "probe_dataset", "train_probes", "cross_validated_accuracy"]
+__all__ = ["UNRANKED", "ANY_RELATION", "LayerProbes", "CVResult", "probe_dataset", "train_probes",
+           "cross_validated_accuracy", "fact_relations", "prior_order", "evenly_capped", "relation_cv",
+           "probe_cv_report"]
+
+#: The one relation all facts share when no fact of a file carries a ``relation``.
+ANY_RELATION = "any"
+#: What results say when :data:`ANY_RELATION` was used.
+ANY_RELATION_NOTE = "the facts carry no relation: all facts were treated as one relation 'any'"
 
 
 def probe_dataset(model, facts: Sequence[Any], layers: int | Sequence[int] | None = None, *,
@@ -304,8 +319,6 @@ def cross_validated_accuracy(X, labels: Sequence[str], folds: int = 5, *, layers
     Raises:
         ValueError: fewer than 2 examples or ``folds < 2``.
     """
-    from sklearn.model_selection import KFold, StratifiedKFold
-
     X = _check_X(X)
     labels = [str(a).strip() for a in labels]
     n = X.shape[0]
@@ -316,16 +329,9 @@ def cross_validated_accuracy(X, labels: Sequence[str], folds: int = 5, *, layers
     folds = min(folds, n)
     counts = Counter(labels)
     majority, top = counts.most_common(1)[0]
-    stratified = top >= folds
     y = np.asarray(labels, dtype=object)
-    if stratified:
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    else:
-        splitter = KFold(folds, shuffle=True, random_state=seed)
+    splits, stratified = _splits(labels, folds, seed)
     correct = np.zeros(X.shape[1], dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "least populated class has only 1 member"
-        splits = list(splitter.split(np.zeros(n), y))
     for train, test in splits:
         probes = train_probes(X[train], y[train].tolist(), layers, seed=seed, **train_kwargs)
         pred = probes.predict(X[test])  # [n_test, n_layers]
@@ -333,3 +339,212 @@ def cross_validated_accuracy(X, labels: Sequence[str], folds: int = 5, *, layers
     layer_ids = list(range(X.shape[1])) if layers is None else [int(x) for x in layers]
     return CVResult(layers=layer_ids, accuracy=(correct / n).tolist(), chance=top / n, majority=majority,
                     folds=folds, stratified=stratified, n=n, n_classes=len(counts))
+
+
+# ------------------------------------------------------------------------------------------
+# per-relation probes and the relation prior (issue 11 item 5)
+
+
+def fact_relations(facts: Sequence[Any]) -> tuple[list[str | None], str | None]:
+    """The relation each fact's probe is trained within.
+
+    Args:
+        facts: objects with an optional ``.relation`` (:class:`~probe.facts.Fact`).
+
+    Returns:
+        ``(relations, note)``: one relation per fact (``None`` for a fact without one when other
+        facts have one: such a fact has no relation to train within); when *no* fact has a
+        relation, every fact gets :data:`ANY_RELATION` and ``note`` is :data:`ANY_RELATION_NOTE`
+        (else ``note`` is None).
+    """
+    rels = [getattr(f, "relation", None) or None for f in facts]
+    if all(r is None for r in rels):
+        return [ANY_RELATION] * len(rels), ANY_RELATION_NOTE
+    return rels, None
+
+
+def prior_order(labels: Sequence[str], classes: Sequence[str] | None = None) -> list[str]:
+    """The relation prior: answers by decreasing training frequency, no hidden state.
+
+    Ties are broken by the answer string in ascending code-point order (Python ``str`` order), so
+    the order is a deterministic function of the training labels and independent of the attacked
+    fact and of the order of the training set.
+
+    Args:
+        labels: training answers (stripped before counting).
+        classes: restrict to these answers (the probe's classes, i.e. answers with at least
+            ``min_examples`` training examples); None = every label.
+
+    Returns:
+        The answers, most frequent first; the prior's top-``m`` set is the first ``m`` entries
+        and an answer's prior rank is its 1-based position.
+    """
+    counts = Counter(str(a).strip() for a in labels)
+    keep = counts.keys() if classes is None else [c for c in classes if c in counts]
+    return sorted(keep, key=lambda a: (-counts[a], a))
+
+
+def evenly_capped(items: Sequence[Any], cap: int | None) -> list[Any]:
+    """At most ``cap`` items taken evenly spaced over ``items``' order (deterministic; all when
+    ``cap`` is None or not exceeded)."""
+    items = list(items)
+    if cap is None or len(items) <= cap:
+        return items
+    step = len(items) / cap
+    return [items[int(i * step)] for i in range(cap)]
+
+
+def _splits(labels: Sequence[str], folds: int, seed: int) -> tuple[list, bool]:
+    """K-fold ``(train, test)`` index pairs: stratified by answer when at least one answer has
+    ``folds`` examples, else a shuffled ``KFold``; ``(splits, stratified)``."""
+    from sklearn.model_selection import KFold, StratifiedKFold
+
+    n = len(labels)
+    stratified = Counter(labels).most_common(1)[0][1] >= folds
+    splitter = (StratifiedKFold if stratified else KFold)(folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "least populated class has only 1 member"
+        return list(splitter.split(np.zeros(n), np.asarray(labels, dtype=object))), stratified
+
+
+def relation_cv(X, labels: Sequence[str], relations: Sequence[str | None], folds: int = 5, *,
+                layers: Sequence[int] | None = None, k: int = 4, seed: int = 0, min_examples: int = 2,
+                **train_kwargs) -> dict:
+    """Cross-validated per-layer accuracy of per-relation probes against the relation prior.
+
+    Within each relation, ``folds``-fold cross-validation (stratified by answer when some answer
+    has ``folds`` examples, shuffled with ``seed``; ``folds`` capped at the relation's size): on
+    every training part, per-layer probes (:func:`train_probes`, ``min_examples``) and the prior
+    (:func:`prior_order` of the same part, over the probes' classes); every held-out example whose
+    answer is a class of that part is scored by both -- the same rule as the ``linear-probe``
+    attack, whose control is that prior. Held-out examples whose answer has fewer than
+    ``min_examples`` examples in the training part are counted in ``n_skipped`` (the attack skips
+    them too), as are relations with fewer than 2 facts and facts without a relation.
+
+    Args:
+        X: ``[n, n_layers, d_model]`` residual streams; labels: ``[n]`` answers; relations:
+            ``[n]`` relation per example (None = no relation).
+        folds: folds per relation (>= 2). layers: decoder-layer labels of X's layer axis.
+        k: the "top-k" of ``accuracy_at_k`` / ``prior_at_k``.
+        train_kwargs: passed to :func:`train_probes` (``C``, ``max_iter``).
+
+    Returns:
+        JSON-serialisable dict, fractions 0..1 of the scored held-out examples, pooled over
+        relations (``None`` where nothing was scored)::
+
+            {"layers": [l, ...], "accuracy": [top-1 per layer], "accuracy_at_k": [top-k per layer],
+             "prior": top-1 of the prior, "prior_at_k": top-k of the prior, "k", "folds", "seed",
+             "min_examples", "n": scored examples, "n_skipped": not scored,
+             "relations": {relation: {"n", "n_scored", "n_classes", "folds", "stratified",
+                                       "accuracy", "accuracy_at_k", "prior", "prior_at_k"}}}
+
+    Raises:
+        ValueError: ``folds < 2``, ``k < 1``, or lengths that do not match ``X``.
+    """
+    X = _check_X(X)
+    labels = [str(a).strip() for a in labels]
+    n, n_layers = X.shape[0], X.shape[1]
+    if len(labels) != n or len(relations) != n:
+        raise ValueError(f"{len(labels)} labels and {len(relations)} relations for {n} examples")
+    if folds < 2 or k < 1:
+        raise ValueError(f"relation_cv needs folds >= 2 and k >= 1, got folds={folds}, k={k}")
+    layer_ids = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    y = np.asarray(labels, dtype=object)
+    tot = {"c1": np.zeros(n_layers, np.int64), "ck": np.zeros(n_layers, np.int64), "p1": 0, "pk": 0, "n": 0}
+    per_rel: dict[str, dict] = {}
+    n_skipped = sum(1 for r in relations if r is None)
+    for rel in sorted({r for r in relations if r is not None}):
+        idx = np.array([i for i, r in enumerate(relations) if r == rel])
+        if len(idx) < 2:
+            n_skipped += len(idx)
+            continue
+        f = min(folds, len(idx))
+        splits, stratified = _splits(y[idx].tolist(), f, seed)
+        c1 = np.zeros(n_layers, np.int64)
+        ck = np.zeros(n_layers, np.int64)
+        p1 = pk = scored = 0
+        for train, test in splits:
+            tr, te = idx[train], idx[test]
+            probes = train_probes(X[tr], y[tr].tolist(), layer_ids, seed=seed, min_examples=min_examples,
+                                  **train_kwargs)
+            prior_rank = {a: j + 1 for j, a in enumerate(prior_order(y[tr].tolist(), probes.classes))}
+            te = np.array([i for i in te if y[i] in prior_rank], dtype=np.int64)
+            if not len(te):
+                continue
+            ranks = probes.rank(X[te], y[te].tolist())  # [n_test, n_layers]
+            c1 += (ranks == 1).sum(0)
+            ck += (ranks <= k).sum(0)
+            pr = np.array([prior_rank[y[i]] for i in te])
+            p1 += int((pr == 1).sum())
+            pk += int((pr <= k).sum())
+            scored += len(te)
+        n_skipped += len(idx) - scored
+        tot["c1"] += c1
+        tot["ck"] += ck
+        tot["p1"] += p1
+        tot["pk"] += pk
+        tot["n"] += scored
+        per_rel[rel] = {"n": int(len(idx)), "n_scored": scored, "n_classes": len(set(y[idx].tolist())),
+                        "folds": f, "stratified": stratified, **_fractions(c1, ck, p1, pk, scored)}
+    return {"layers": layer_ids, **_fractions(tot["c1"], tot["ck"], tot["p1"], tot["pk"], tot["n"]), "k": k,
+            "folds": folds, "seed": seed, "min_examples": min_examples, "n": tot["n"], "n_skipped": n_skipped,
+            "relations": per_rel}
+
+
+def _fractions(c1, ck, p1: int, pk: int, n: int) -> dict:
+    if not n:
+        return {"accuracy": [None] * len(c1), "accuracy_at_k": [None] * len(ck), "prior": None, "prior_at_k": None}
+    return {"accuracy": (c1 / n).tolist(), "accuracy_at_k": (ck / n).tolist(), "prior": p1 / n, "prior_at_k": pk / n}
+
+
+def probe_cv_report(model, facts: Sequence[Any], layers: int | Sequence[int] | None = None, *, folds: int = 5,
+                    k: int = 4, max_per_relation: int | None = 200, relations: Sequence[str] | None = None,
+                    min_examples: int = 2, C: float = 1.0, max_iter: int = 30, seed: int = 0, batch_size: int = 32,
+                    progress: bool = False) -> dict:
+    """Per-layer cross-validated accuracy of per-relation linear probes vs the relation prior, on
+    ``model`` as it is (for the report; issue 11 item 5).
+
+    Reads the residual stream at the last prompt token (:func:`probe_dataset`) of at most
+    ``max_per_relation`` facts per relation (evenly spaced in file order) and runs
+    :func:`relation_cv` on it. A probe layer that beats the prior reads more than the relation's
+    answer frequencies out of the hidden state (Belinkov 2022, "Probing Classifiers": compare a
+    probe with a control that has no access to the representation).
+
+    Args:
+        model: a :class:`~probe.model.ProbeModel`.
+        facts: :class:`~probe.facts.Fact` objects; without any ``relation`` they form one relation
+            :data:`ANY_RELATION` (the result's ``relation_note`` says so).
+        layers: decoder layers (negative allowed); None = every layer.
+        relations: only these relations (None = all).
+        folds, k, min_examples, seed: see :func:`relation_cv`. C, max_iter: :func:`train_probes`.
+
+    Returns:
+        :func:`relation_cv`'s dict plus ``"max_per_relation"``, ``"relation_note"`` (str or None)
+        and ``"seconds"`` (wall-clock, read + fits). JSON-serialisable.
+
+    Raises:
+        ValueError: no fact left to read, or as :func:`relation_cv`. InputError / IndexError: as
+        :func:`probe_dataset`.
+    """
+    import time
+
+    from .layers import resolve_layers
+
+    t0 = time.perf_counter()
+    facts = list(facts)
+    rels, note = fact_relations(facts)
+    wanted = None if relations is None else set(relations)
+    by_rel: dict[str, list[int]] = {}
+    for i, r in enumerate(rels):
+        if r is not None and (wanted is None or r in wanted):
+            by_rel.setdefault(r, []).append(i)
+    chosen = sorted(i for idx in by_rel.values() for i in evenly_capped(idx, max_per_relation))
+    if not chosen:
+        raise ValueError("probe_cv_report: no fact with a (selected) relation to read")
+    layer_ids = resolve_layers(layers, model.n_layers, "probe_cv_report: layer", error=IndexError)
+    X, labels = probe_dataset(model, [facts[i] for i in chosen], layer_ids, batch_size=batch_size,
+                              progress=progress)
+    out = relation_cv(X, labels, [rels[i] for i in chosen], folds, layers=layer_ids, k=k, seed=seed,
+                      min_examples=min_examples, C=C, max_iter=max_iter)
+    out.update(max_per_relation=max_per_relation, relation_note=note, seconds=round(time.perf_counter() - t0, 2))
+    return out

@@ -275,6 +275,8 @@ def success_vs_budget(result: RunResult) -> go.Figure:
     budgets: list[float] = []
     for i, (name, a) in enumerate(result.attacks.items()):
         color = _ATTACK_COLORS[i % len(_ATTACK_COLORS)]
+        if a.success_pre is None and not a.curve_budget:
+            continue  # every fact skipped (e.g. linear-probe answers with < 2 training examples): nothing to draw
         if a.curve_budget:
             xs = list(a.curve_budget)
             pre = [100 * v for v in a.curve_pre]

@@ -758,7 +758,10 @@ def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp
                        *RUN_FAST)
     assert rc == 0, err
     res = strict_json((out_dir / "results.json").read_text())
-    assert res["attacks"]["tuned-lens"]["budget"] == 8 and res["attacks"]["linear-probe"]["n_facts"] == 2
+    assert res["attacks"]["tuned-lens"]["budget"] == 8
+    # the probe trains on the 2 facts not deleted: no answer has 2 training examples -> both skipped, counted
+    lp = res["attacks"]["linear-probe"]
+    assert (lp["n_facts"], lp["n_skipped"], lp["control"]) == (0, 2, None)
     rec = read_jsonl(out_dir / "per_fact.jsonl")[0]
     assert len(rec["outcomes"]["tuned-lens"]["post"]["layer_ranks"]) == 2
     traces = read_jsonl(out_dir / "causal_traces.jsonl")

@@ -94,6 +94,13 @@ def jobs(tiny_tokenizer, tmp_path_factory):
     return grid, run, out
 
 
+#: attacks whose scoring changed by design after the golden file was written: issue 11 item 5
+#: (per-relation probes that skip answers with < 2 training examples); their attack numbers are
+#: checked on their own, their defense metrics still against the golden file
+REDESIGNED = {"linear-probe"}
+ATTACK_KEYS = {"success_pre", "success_post", "n_facts", "n_skipped"}
+
+
 def _close(a, b):
     if isinstance(a, float) or isinstance(b, float):
         return a == pytest.approx(b, rel=1e-4, abs=1e-6)
@@ -110,7 +117,11 @@ def test_grid_cells_unchanged_by_the_shared_loop(jobs):
             continue
         new = cells[(old["defense"], old["attack"])]
         for k, v in old.items():
+            if old["attack"] in REDESIGNED and k in ATTACK_KEYS:
+                continue
             assert _close(new[k], v), (old["defense"], old["attack"], k, new[k], v)
+        if old["attack"] == "linear-probe":  # no answer of the 4 deleted facts has 2 of the 9 others' answers
+            assert (new["n_facts"], new["n_skipped"], new["success_pre"]) == (0, 4, None)
     # the written grid.json loads back into the same typed result
     assert GridResult.load(out / "grid").to_dict()["cells"] == grid.to_dict()["cells"]
 
@@ -122,6 +133,8 @@ def test_run_unchanged_by_the_shared_loop(jobs):
         if name in REBUILT:
             continue
         a = run.attacks[name]
+        if name in REDESIGNED:
+            continue
         assert (a.success_pre, a.success_post, a.budget) == (old["success_pre"], old["success_post"], old["budget"])
     for k, v in golden["run_defense"].items():
         if k in ("edit_parameter", "editor_config", "name", "editor", "protocol", "n_deleted") or v is None:

@@ -1,5 +1,6 @@
-"""Linear probes (probe.probes), the linear-probe attack, causal tracing (probe.causal) and the
-layer-wise / causal-trace figures (viz.layers).
+"""Linear probes (probe.probes), the linear-probe attack's default layers, causal tracing
+(probe.causal) and the layer-wise / causal-trace figures (viz.layers). The linear-probe attack itself:
+``tests/unit/attacks/test_linear_probe.py``.
 
 Probes are tested on synthetic residuals with a planted linear signal; causal tracing on tiny
 random models (exact consistency checks) and once on the real SmolLM2.
@@ -15,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.base import ATTACKS, AttackContext
-from attacks.linear_probe import LinearProbeAttack
 from probe.layers import spread_layers
 from probe.causal import (CAUSAL_TRACE, CausalTrace, _clean_run, _positions_by_decoding, causal_trace,
                           restored_probs, subject_embedding_std, subject_token_positions, trace_fact, trace_input)
@@ -108,10 +107,6 @@ def test_probe_dataset_on_tiny_model(tiny_llama):
 # the linear-probe attack
 
 
-class _FakeModel:
-    n_layers = 6
-
-
 def probe_default_layers(n):
     return spread_layers(n, 5, start_frac=1 / 3)
 
@@ -123,67 +118,6 @@ def test_default_layers():
     for n in range(5, 60):
         ls = probe_default_layers(n)
         assert len(ls) == 5 and ls[-1] == n - 1 and ls == sorted(set(ls))
-
-
-@pytest.mark.parametrize("rank_layers", ["all", "attack"])
-def test_linear_probe_attack_recovers_planted_signal(monkeypatch, rank_layers):
-    """Training data = non-deleted facts; the deleted facts' answers are planted at layer 3."""
-    n_layers, d, planted_layer = 6, 16, 3
-    rng = np.random.default_rng(0)
-    means = {a: rng.normal(size=d) for a in ANSWERS}
-    facts = [Fact(id=f"{a}-{j}", prompt=f"prompt {a} {j}", answer=a) for a in ANSWERS for j in range(12)]
-    facts.append(Fact(id="unique", prompt="prompt unique", answer="Lisbon"))
-    resid = {}
-    for f in facts:
-        x = rng.normal(size=(n_layers, d)).astype(np.float32)
-        x[planted_layer] += 4.0 * means.get(f.answer, np.zeros(d))
-        resid[f.id] = x
-    calls = []
-
-    def fake_dataset(model, fs, layers=None, **kw):
-        calls.append([f.id for f in fs])
-        layers = list(range(n_layers)) if layers is None else list(layers)
-        return np.stack([resid[f.id][layers] for f in fs]), [f.answer for f in fs]
-
-    monkeypatch.setattr("probe.probes.probe_dataset", fake_dataset)
-    deleted = [f for f in facts if f.id.endswith("-0")] + [facts[-1]]
-    ctx = AttackContext(facts=facts, deleted=frozenset(f.id for f in deleted))
-    attack = LinearProbeAttack(layers=[1, 3, 5], rank_layers=rank_layers)
-    assert ATTACKS["linear-probe"] is LinearProbeAttack and attack.kind == "whitebox"
-    assert attack.budget(n_layers) == 12 and LinearProbeAttack().budget(30) == 20
-    out = attack.run(_FakeModel(), deleted, ctx)
-    assert len(out) == len(deleted)
-    assert not set(calls[0]) & ctx.deleted and len(calls[0]) == len(facts) - len(deleted)  # trained on the rest
-    for f, o in zip(deleted[:-1], out[:-1]):
-        assert o.success and o.best_rank == 1 and o.budget == 12
-        assert o.details["answer_is_class"] and o.details["ranks_at_L"][1] == 1  # layer 3
-        assert f.answer in o.details["candidates"]
-        if rank_layers == "all":
-            assert len(o.layer_ranks) == n_layers and o.layer_ranks[planted_layer] == 1
-        else:
-            assert o.layer_ranks is None
-    last = out[-1]  # "Lisbon": no training example -> not a class
-    assert not last.success and last.best_rank == UNRANKED and not last.details["answer_is_class"]
-    # the candidate sets are k classes per layer of L
-    assert all(len(o.details["candidates"]) <= 12 for o in out)
-    json.dumps([o.to_json() for o in out])
-    # second call on the same model state: cached probes, only the attacked facts are read
-    again = attack.run(_FakeModel(), deleted, ctx)
-    assert again[0].details["cached_probes"] and len(calls) == 3 and calls[2] == [f.id for f in deleted]
-    assert [o.best_rank for o in again] == [o.best_rank for o in out]
-
-
-def test_linear_probe_attack_on_tiny_model(tiny_llama):
-    facts = [Fact(id=str(i), prompt=f"The capital of {c} is", answer=a)
-             for i, (c, a) in enumerate([("France", "Paris"), ("Japan", "Tokyo"), ("Italy", "Rome"),
-                                         ("Spain", "Madrid"), ("Brazil", "Rio"), ("Germany", "Berlin")] * 2)]
-    facts = [Fact(id=str(i), prompt=f.prompt + "." * (i // 6), answer=f.answer) for i, f in enumerate(facts)]
-    ctx = AttackContext(facts=facts, deleted=frozenset({"0"}))
-    out = LinearProbeAttack().run(tiny_llama, [facts[0]], ctx)
-    (o,) = out
-    assert o.budget == 4 * 2 and len(o.layer_ranks) == 2 and o.details["n_train"] == 10
-    assert o.details["n_classes"] == 5 and o.details["answer_is_class"] is False  # Paris' only other copy is
-    assert o.best_rank == UNRANKED  # fact 6 -> 1 example < min_examples
 
 
 # ------------------------------------------------------------------------------------------
