@@ -44,6 +44,7 @@ RUN_STAMP = "run.json"
 RESULTS = "results.json"
 CAUSAL = "causal_traces.jsonl"
 REPORT = "report.html"
+PROBE_CV = "probe_cv.json"
 
 
 def _stamp(model, facts_label: str, cfg, command: str) -> dict:
@@ -71,11 +72,37 @@ def summarize_run(model, results: Sequence[FactResult], plan: Plan, defense: dic
                      defense=defense, meta=meta)
 
 
+def probe_cv(model, plan: Plan, out: Path, cfg) -> None:
+    """With a probe attack in the plan: the per-layer cross-validated accuracy of per-relation
+    linear probes vs the relation prior on ``model`` (:func:`probe.probes.probe_cv_report`, at the
+    attack's layers and k), written once to ``probe_cv.json`` (kept on resume) for the report."""
+    from ..probes import probe_cv_report
+
+    probes = [a for a in plan.attacks if a.readout == "probe"]
+    path = out / PROBE_CV
+    if not probes or path.is_file():
+        return
+    a = probes[0]
+    try:
+        rep = probe_cv_report(model, plan.pool, a.attack_layers(model.n_layers), k=a.k, seed=cfg.seed,
+                              progress=cfg.progress)
+    except ValueError as exc:  # too few facts per answer for any fold
+        rep = {"error": str(exc)}
+    write_text_atomic(path, json.dumps(rep) + "\n")
+
+
 def finish(result: RunResult, out: Path) -> RunResult:
-    """Write ``results.json`` and ``report.html`` (with the causal traces, if any) atomically."""
+    """Write ``results.json`` and ``report.html`` (with the causal traces and the probes' CV
+    accuracy, if any) atomically."""
+    from viz.probe_figure import probe_cv_figure
 
     extra = [(f"Causal trace of fact {rec['fact_id']}: unedited vs edited model as the clean run",
               causal_trace_figure(rec["pre"], rec["post"])) for rec in read_jsonl(out / CAUSAL)]
+    if (out / PROBE_CV).is_file():
+        rep = json.loads((out / PROBE_CV).read_text())
+        if "error" not in rep:
+            extra.append(("Linear probes per relation: cross-validated accuracy per layer vs the relation prior "
+                          "(the probe's control)", probe_cv_figure(rep)))
     write_text_atomic(out / RESULTS, result.to_json() + "\n")
     write_report(result, out / REPORT, extra_figures=extra)
     return result
@@ -132,6 +159,7 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
                      for i, f in enumerate(chunk)])
     finished = _load_finished(log, {f.id for f in facts})
     ordered = [finished[f.id] for f in facts if f.id in finished]
+    probe_cv(model, plan, out, cfg)
     return finish(summarize_run(model, ordered, plan, None, {"command": "attack", "facts_file": facts_label}), out)
 
 
@@ -211,6 +239,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
 
     finished = _load_finished(log, set(evaluated))
     ordered = [finished[i] for i in evaluated if i in finished]
+    probe_cv(model, plan, out, cfg)
     _, editor = plan.defenses[cfg.defense]
     defense = {"name": cfg.defense, "editor": cfg.editor, "editor_config": editor.config(),
                "edit_parameter": editor.param_name(model), "protocol": cfg.protocol}

@@ -15,9 +15,26 @@ pytestmark = pytest.mark.real
 
 @pytest.fixture(scope="module")
 def erased(smollm2, tmp_path_factory):
-    """Fact erasure (constrained FT, the defaults) of 6 built-in facts, evenly spaced."""
-    cfg = RunConfig(attacks=["head-projection", "probability-delta", "pd2"], max_facts=6, progress=False)
-    return run_main(smollm2, load_facts(), tmp_path_factory.mktemp("fe") / "out", cfg)
+    """Fact erasure (constrained FT, the defaults) of 6 built-in facts, evenly spaced, attacked by
+    the logit-lens attacks and by the tuned-lens attack (a small tuned lens trained here: least-
+    squares warm start on 4k tokens + 60 Adam steps, cached in a temporary cache)."""
+    import os
+
+    from probe.lens_training import get_tuned_lens
+
+    old = os.environ.get("PROBE_ATTACK_CACHE")
+    os.environ["PROBE_ATTACK_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        get_tuned_lens(smollm2, retrain=True, minutes=None, steps=60, train_tokens=4096, heldout_tokens=256,
+                       adam_tokens=2048, seq_len=64, batch=64)
+        cfg = RunConfig(attacks=["head-projection", "probability-delta", "pd2", "tuned-lens"], max_facts=6,
+                        progress=False)
+        return run_main(smollm2, load_facts(), tmp_path_factory.mktemp("fe") / "out", cfg)
+    finally:
+        if old is None:
+            os.environ.pop("PROBE_ATTACK_CACHE", None)
+        else:
+            os.environ["PROBE_ATTACK_CACHE"] = old
 
 
 def test_fact_erasure_lowers_head_projection_and_reports_its_excess_over_the_control(erased):
@@ -45,6 +62,13 @@ def test_hidden_only_success_is_reported_and_the_output_layer_is_most_of_it(eras
     # before the edit the answer is the output's top-1 (known filter), so the output alone succeeds
     assert hp.success_output_pre == 1.0
     assert hp.success_hidden_post <= hp.success_output_post + 1 / 6
+
+
+def test_tuned_lens_attack_after_fact_erasure_is_at_least_the_logit_lens(erased):
+    tuned, logit = erased.attacks["tuned-lens"], erased.attacks["head-projection"]
+    assert tuned.budget == logit.budget == 20 and tuned.readout == "tuned lens"
+    assert tuned.success_post >= logit.success_post
+    assert tuned.n_control == 6 and tuned.excess == pytest.approx(tuned.success_post - tuned.success_control)
 
 
 def test_known_reference_rule(smollm2):

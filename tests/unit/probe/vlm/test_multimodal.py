@@ -268,28 +268,30 @@ def test_relearning_and_probe_attacks_run_on_a_vlm(tiny_vlm, flag_facts):
 
     facts = attach_images(tiny_vlm, flag_facts)
     ctx = AttackContext(facts=facts, deleted=frozenset({facts[0].id}), seed=0)
-    rel = make_attack("relearning").run(tiny_vlm, facts[:1], ctx)[0]
+    rel = make_attack("relearning", lr=1e-2).run(tiny_vlm, facts[:1], ctx)[0]
     n = tiny_vlm.n_layers
     assert rel.budget == make_attack("head-projection").budget(n)
     assert all(isinstance(p, ImagePrompt) for p in rel.details["relearn_data"])
-    # relearning trains the language model's MLPs on image prompts (its loss falls at every step)
-    # but 10 steps do not teach a random model the answer: rank 142 of ~300 measured, k = 4
+    # relearning trains LoRA adapters on the language model's MLPs only, on image prompts (its loss
+    # falls), but 10 epochs do not teach a random model the answer
     loss = rel.details["relearn_loss"]
-    assert len(loss) == rel.details["relearn_steps"] == 10 and all(b < a for a, b in zip(loss, loss[1:]))
-    assert all(".language_model." in p for p in rel.details["relearn_params"])
+    assert len(loss) == rel.details["relearn_steps"] == 10 and loss[-1] < 0.95 * loss[0]  # measured 5.72 -> 5.19
+    assert rel.details["relearn_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj"]
+    assert rel.details["relearn_layers"] == list(range(n))  # the language model's decoder layers
     assert not rel.success and 4 < rel.best_rank <= len(tiny_vlm.tokenizer)
     # the probe reads the image prompts' hidden states: trained on two copies (other ids) of every
-    # image fact, it ranks the deleted fact's answer first at both layers -- the four countries'
-    # capital prompts differ only by their image
+    # image fact of the relation, it ranks the deleted fact's answer first at both layers -- the
+    # countries' capital prompts differ only by their image
     twins = [dataclasses.replace(f, id=f"{f.id}-{c}") for c in "ab" for f in facts]
     ctx2 = AttackContext(facts=facts + twins, deleted=frozenset({facts[0].id}), seed=0)
     lp = make_attack("linear-probe", max_train=None).run(tiny_vlm, facts[:1], ctx2)[0]
-    assert lp.details["n_classes"] == 8 and lp.details["answer_is_class"]
+    rel_answers = {f.answer for f in facts if f.relation == facts[0].relation}
+    assert lp.details["n_classes"] == len(rel_answers) and set(lp.details["candidates"]) <= rel_answers
     assert lp.details["ranks_at_L"] == [1, 1] and lp.best_rank == 1 and lp.success
     assert len(lp.layer_ranks) == n
-    # without them every answer occurs once (min_examples = 2): no class, so no rank
+    # without them every answer occurs once (min_examples = 2): the fact is skipped, not failed
     alone = make_attack("linear-probe", max_train=8).run(tiny_vlm, facts[:1], ctx)[0]
-    assert alone.details["n_classes"] == 0 and alone.best_rank == UNRANKED and not alone.success
+    assert alone.skipped == "answer has < 2 training examples" and alone.best_rank is None
 
 
 def test_causal_traces_of_image_facts_use_the_text_form(tiny_vlm, flag_facts, tmp_path):
