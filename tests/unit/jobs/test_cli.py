@@ -822,3 +822,25 @@ def test_causal_traces_refuse_a_fact_without_subject_before_writing(cli, tmp_pat
                        "--known-rank", "1000", *RUN_FAST)
     assert_input_error(rc, out, err, "has no subject", out_dir=out_dir)
     assert "f.jsonl:1" in err and "subject" in err
+
+
+@pytest.mark.parametrize("command", ["run", "grid"])
+def test_a_relation_with_a_single_attacked_fact_is_refused_before_writing(cli, tmp_path, command):
+    facts = [{"id": "a", "prompt": "The capital of France is", "answer": "Paris", "relation": "capital"},
+             {"id": "b", "prompt": "The capital of Japan is", "answer": "Tokyo", "relation": "capital"},
+             {"id": "c", "prompt": "Water is made of hydrogen and", "answer": "oxygen", "relation": "chemistry"}]
+    path = write_jsonl(tmp_path / "f.jsonl", facts)
+    out_dir = tmp_path / "out"
+    extra = ["--defenses", "fact-erasure", "--attacks", "head-projection"] if command == "grid" else []
+    rc, out, err = cli(command, "--facts", str(path), "--out", str(out_dir), *extra, *RUN_FAST)
+    assert_input_error(rc, out, err, "f.jsonl:3", "relation", "single fact", out_dir=out_dir)
+
+
+@pytest.mark.parametrize("value", ['3', '""', '"  "', '["capital"]'])
+def test_a_relation_that_is_not_a_non_empty_string_is_refused(cli, tmp_path, value):
+    path = tmp_path / "f.jsonl"
+    path.write_text('{"id": "a", "prompt": "The capital of France is", "answer": "Paris"}\n'
+                    '{"id": "b", "prompt": "The capital of Japan is", "answer": "Tokyo", "relation": ' + value + '}\n')
+    out_dir = tmp_path / "out"
+    rc, out, err = cli("run", "--facts", str(path), "--out", str(out_dir), *RUN_FAST)
+    assert_input_error(rc, out, err, "f.jsonl:2", "relation", out_dir=out_dir)
