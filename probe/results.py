@@ -365,9 +365,9 @@ class AttackSummary:
     """
 
     name: str
-    kind: str
-    budget: int
-    success_pre: float | None
+    kind: str = "whitebox"  # a default so that result files written before ``kind`` existed load
+    budget: int = 0
+    success_pre: float | None = None
     success_post: float | None = None
     n_facts: int = 0
     n_skipped: int = 0
