@@ -54,6 +54,11 @@ class Plan:
     unknown: list[Fact] = field(default_factory=list)
 
     @property
+    def control_answers(self) -> dict[str, str]:
+        """Fact id -> control answer (what :attr:`attacks.AttackContext.controls` holds)."""
+        return {k: c.answer for k, c in self.controls.items()}
+
+    @property
     def lens_attacks(self) -> list:
         return [a for a in self.attacks if isinstance(a, LensAttack)]
 
@@ -76,7 +81,7 @@ def attack_context(plan: Plan, deleted, cfg):
     train on, the controls and the known / never-known facts, the run seed and batch size, an empty
     per-state cache."""
     return AttackContext(facts=plan.pool, deleted=frozenset(deleted), seed=cfg.seed, cache={},
-                         batch_size=cfg.batch_size, controls={k: c.answer for k, c in plan.controls.items()},
+                         batch_size=cfg.batch_size, controls=plan.control_answers,
                          known=plan.known, unknown=list(plan.unknown))
 
 
@@ -213,7 +218,7 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
         raise RunError(f"none of the {len(facts)} facts is known by the model ({rule}); nothing to delete")
     kfacts = [facts[i] for i in kept]
     choose_job_controls(model, plan, kfacts, [reads[i] for i in kept], cfg)
-    ctx.controls, ctx.known, ctx.unknown = {k: c.answer for k, c in plan.controls.items()}, plan.known, plan.unknown
+    ctx.controls, ctx.known, ctx.unknown = plan.control_answers, plan.known, plan.unknown
     sweeps, outs = evaluate_attacks(model, kfacts, plan.lens_attacks, ctx, progress=progress)
     return [(f, sweeps["logit"][j], {a: o[j] for a, o in outs.items()}) for j, f in enumerate(kfacts)], n_known
 

@@ -278,15 +278,15 @@ def causal_setup(model, known: Sequence[Fact], n: int) -> float | None:
 
     if not n:
         return None
-    for f in known[:n]:
-        trace_input(f)
     traceable = []
-    for f in known:
+    for i, f in enumerate(known):
         try:
             trace_input(f)
-            traceable.append(f)
         except InputError:
-            pass
+            if i < n:
+                raise
+            continue
+        traceable.append(f)
     return subject_embedding_std(model, traceable)
 
 
