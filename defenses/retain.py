@@ -50,8 +50,9 @@ from probe.seeds import RETAIN, fact_rng
 #: about different subjects must stay available (they are what specificity needs): the most
 #: similar such pairs are 0.78 on CounterFact ("Rayner Glacier is a part of the continent of" vs
 #: "Hull Glacier is a part of the continent of") and 0.76 on the built-in facts ("Sydney is a city
-#: in the country of" vs "Kyoto is ..."). Above 0.8 two prompts differ by about one word in ten:
-#: a near-copy of the deleted fact's own wording, which the retain KL must not hold in place.
+#: in the country of" vs "Kyoto is ..."). Above 0.8 two prompts differ in at most about one word
+#: in fifteen (one word swapped in a 16-word prompt gives 0.81): a near-copy of the deleted fact's
+#: own wording, which the retain KL must not hold in place.
 SIMILARITY_MAX = 0.8
 
 _WORD = re.compile(r"\w+")

@@ -114,7 +114,8 @@ def main(argv=None) -> None:
         for rows in (sets[k], sets[k][:first]):
             hits = [sum(partial_subject(f, p) for p in ps) for f, ps in zip(facts, rows)]
             cells += [str(sum(h > 0 for h in hits)), str(sum(hits))]
-    print("| has >= half the subject's words (diagnostic: other entities of one kind, kept) | " + " | ".join(cells) + " |")
+    label = "has >= half the subject's words (diagnostic: other entities of one kind, kept)"
+    print(f"| {label} | " + " | ".join(cells) + " |")
     free = [len(pool.leak_free(f)) for f in facts]
     got = [len(ps) for ps in sets["after"]]
     print(f"\nleak-free pool per fact: min {min(free)}, mean {sum(free) / len(free):.1f} (of {len(pool)}); "

@@ -58,8 +58,9 @@ def test_similarity_values_and_threshold():
 
 
 def _facts():
-    mk = lambda i, p, a, s, r, nb=(): Fact(i, p, a, neighborhood=[{"prompt": q, "answer": x} for q, x in nb],  # noqa: E731
-                                           subject=s, relation=r)
+    def mk(i, p, a, s, r, nb=()):
+        return Fact(i, p, a, neighborhood=[{"prompt": q, "answer": x} for q, x in nb], subject=s, relation=r)
+
     return [
         mk("fr", "The capital of France is", "Paris", "France", "capital", [("The capital of Spain is", "Madrid")]),
         mk("jp", "The capital of Japan is", "Tokyo", "Japan", "capital", [("The capital of Peru is", "Lima")]),
