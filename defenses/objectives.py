@@ -12,8 +12,10 @@ logit-lens distribution (probabilities) at the last prompt token of decoder laye
   answer out of the top-k *and* out of the bottom-k (the code form; the paper writes only the
   first hinge), D_(k) taken over the other tokens (see :func:`head_projection_loss`). ``k`` = 4,
   ``m`` = 0 as in the code. The fact-erasure term is dropped.
-* ``max-entropy`` -- maximise mean_l H(D^(l)) at the defense layers; the loss is the normalised
-  entropy gap mean_l (log V - H(D^(l))) / log V in [0, 1].
+* ``max-entropy`` -- maximise mean_{l, prompts} H(D^(l)) at the defense layers; the loss is minus
+  that mean entropy in nats, in [-log V, 0], on the reference's scale (R-TXT ``compute_v.py``:
+  ``Categorical(probs).entropy().mean()``, not divided by log V, so its weight relative to the KL
+  retain term and the weight decay is the reference's).
 * ``input-rephrasing`` -- fact erasure on the prompt and its rephrasings (the prompt with each of
   :data:`probe.rephrase.DEFENSE_PREFIXES` inserted; disjoint from the attack's prefixes).
 
@@ -23,7 +25,6 @@ Defense layers default to the last 30% of depth including the output layer (LLaV
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -150,20 +151,22 @@ class HeadProjectionDefense(Objective):
         return head_projection_loss(inputs.lens_logits, inputs.answer_first, self.k, self.margin, self.bottom)
 
 
-def normalized_entropy_gap(lens_logits: torch.Tensor) -> torch.Tensor:
-    """mean over prompts and layers of ``(log V - H(D)) / log V`` for lens logits ``[n, L, V]``;
-    0 = uniform, 1 = one-hot. H in nats."""
+def neg_mean_entropy(lens_logits: torch.Tensor) -> torch.Tensor:
+    """Max-entropy loss: minus the mean over prompts and layers of the entropy H(D) (nats) of the
+    lens distributions, for lens logits ``[n, L, V]`` (fp32); a scalar in [-log V, 0]: -log V for
+    uniform distributions, 0 for one-hot ones. As the reference (Patil et al. 2024, section 4;
+    R-TXT ``rome/compute_v.py``, ``Categorical(probs=...).entropy().mean()``), not normalised by
+    log V."""
     lp = torch.log_softmax(lens_logits, -1)
-    h = -(lp.exp() * lp).sum(-1)
-    log_v = math.log(lens_logits.shape[-1])
-    return ((log_v - h) / log_v).mean()
+    return (lp.exp() * lp).sum(-1).mean()
 
 
 @register_objective("max-entropy")
 @dataclass
 class MaxEntropy(Objective):
     """Max-Entropy defense: maximise the logit lens's entropy at the defense layers (no separate
-    erasure term, the output layer is among the defense layers). Runs every step."""
+    erasure term, the output layer is among the defense layers). Loss: :func:`neg_mean_entropy`
+    (nats, negative). Runs every step (no early stop)."""
 
     defense_layers: list[int] | None = None
     layer_frac: float = 0.3
@@ -174,7 +177,7 @@ class MaxEntropy(Objective):
         return _resolve_layers(self.defense_layers, self.layer_frac, n_layers)
 
     def loss(self, inputs):
-        return normalized_entropy_gap(inputs.lens_logits)
+        return neg_mean_entropy(inputs.lens_logits)
 
 
 @register_objective("input-rephrasing")

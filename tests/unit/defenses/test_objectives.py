@@ -11,7 +11,7 @@ import torch
 import defenses
 import probe.model
 from defenses.forward import objective_forward, prepare
-from defenses.objectives import head_projection_loss, normalized_entropy_gap, other_answer
+from defenses.objectives import head_projection_loss, neg_mean_entropy, other_answer
 from probe.facts import Fact
 from probe.lens import logit_lens
 from probe.readout import sequence_logprobs
@@ -110,11 +110,15 @@ def test_head_projection_loss_values():
     assert head_projection_loss(logits, torch.tensor([1]), k=1, margin=0.25).item() == pytest.approx(0.05, abs=1e-6)
 
 
-def test_entropy_gap_values():
-    uniform = torch.zeros(1, 1, 8)
-    assert normalized_entropy_gap(uniform).item() == pytest.approx(0.0, abs=1e-6)
+def test_neg_mean_entropy_values():
+    # the reference's scale: minus the mean entropy in nats, not divided by log V
+    uniform = torch.zeros(2, 3, 8)
+    assert neg_mean_entropy(uniform).item() == pytest.approx(-math.log(8), abs=1e-6)
     peaked = torch.tensor([[[100.0] + [0.0] * 7]])
-    assert normalized_entropy_gap(peaked).item() == pytest.approx(1.0, abs=1e-4)
+    assert neg_mean_entropy(peaked).item() == pytest.approx(0.0, abs=1e-4)
+    # two equally likely tokens of four at one layer, uniform at the other: -(log 2 + log 4) / 2
+    two = torch.tensor([[[0.0, 0.0, -1e4, -1e4], [0.0, 0.0, 0.0, 0.0]]])
+    assert neg_mean_entropy(two).item() == pytest.approx(-(math.log(2) + math.log(4)) / 2, abs=1e-6)
 
 
 def test_max_entropy_raises_lens_entropy(tiny_llama):
@@ -129,9 +133,12 @@ def test_max_entropy_raises_lens_entropy(tiny_llama):
     before = entropy(tiny_llama)
     ed = _editor()
     sess = ed.session(tiny_llama)
-    ed.edit(sess, obj, obj.request(FACT, [FACT], []))
+    info = ed.edit(sess, obj, obj.request(FACT, [FACT], []))
     log_v = math.log(tiny_llama.vocab_size)
     after = entropy(sess.model)
+    # the first step's loss is minus the unedited mean lens entropy (nats; no retain, no decay)
+    assert info.losses[0] == pytest.approx(-before, abs=1e-4)
+    assert info.losses[-1] < info.losses[0] < 0
     # a random model is already near-uniform: the gap to the maximum entropy log V must halve
     assert log_v - after < 0.5 * (log_v - before), (before, after, log_v)
     assert after <= log_v + 1e-4
