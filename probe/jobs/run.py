@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from attacks import evaluate_attacks, summarize
 from defenses import DeletionRequest
-from defenses.retain import retain_prompts
+from defenses.retain import pool_for, retain_prompts
 from viz.layers import causal_trace_figure
 from viz.report import write_report
 
@@ -254,9 +254,11 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
 
 def all_at_once_request(objective, req_facts: Sequence[Fact], facts: Sequence[Fact], evaluated: set[str], cfg):
     """One :class:`~defenses.base.DeletionRequest` deleting every fact of ``req_facts`` in one edit;
-    retain prompts: ``retain_size`` prompts of facts that are not evaluated (seeded)."""
+    retain prompts: ``retain_size`` prompts of facts that are not evaluated and leak none of the
+    deleted facts (:meth:`defenses.retain.RetainPool.leak_free_all`), drawn with the run's seed."""
 
-    pool = sorted({g.prompt for g in facts if g.id not in evaluated})
+    free = set(pool_for(facts).leak_free_all(req_facts))
+    pool = sorted({g.prompt for g in facts if g.id not in evaluated} & free)
     retain = random.Random(cfg.seed).sample(pool, min(cfg.retain_size, len(pool)))
     reqs = [objective.request(f, facts, []) for f in req_facts]
     return DeletionRequest(
