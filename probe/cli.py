@@ -81,6 +81,7 @@ def _add_run(sub) -> None:
                      help="deletion objective: fact-erasure (default), empty-response, error-injection, "
                           "head-projection, max-entropy, input-rephrasing")
     _editor_flags(run)
+    _calibration_flag(run)
     run.add_argument("--protocol", default="one-at-a-time", choices=["one-at-a-time", "all-at-once"],
                      help="delete each fact from a fresh copy (papers' protocol) or all facts in one edit")
     _known_flags(run)
@@ -120,6 +121,7 @@ def _add_grid(sub) -> None:
                       help="comma-separated defenses or 'all' (fact-erasure, empty-response, error-injection, "
                            "head-projection, max-entropy, input-rephrasing)")
     _editor_flags(grid)
+    _calibration_flag(grid)
     _known_flags(grid)
     grid.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
     grid.add_argument("--random-n", type=int, default=10, help="other facts per edit for the random Δ-Acc (default 10)")
@@ -214,6 +216,42 @@ def _add_train_vlm(sub) -> None:
     vlm.add_argument("--per-strength", type=int, default=2, help="evaluation images per strength and country")
 
 
+def _add_calibrate(sub) -> None:
+    """``calibrate``: choose each objective's strongest setting within a damage target."""
+    cal = sub.add_parser("calibrate", help="choose, per defense, the strongest edit whose damage stays within a target "
+                                           "(matched damage); cached and used by run and grid",
+                         description="For each deletion objective, measure the editor's settings from the weakest "
+                                     "edit up on calibration facts (known facts of --facts, default the built-in "
+                                     "facts) and keep the strongest whose mean neighborhood score and retention drop "
+                                     "stay within the target. Prints the table; the result is cached per model "
+                                     "fingerprint and editor, and run / grid use it by default (--calibration).")
+    cal.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m)")
+    cal.add_argument("--editor", default="constrained-ft", help="editor: constrained-ft (default), lora, rome")
+    cal.add_argument("--objectives", default="all", help="comma-separated defenses or 'all' (default)")
+    cal.add_argument("--facts", default=None, help="calibration facts file (default: the built-in facts)")
+    cal.add_argument("--format", default="auto", choices=["auto", "jsonl", "counterfact"], help="facts file format")
+    cal.add_argument("--n-facts", type=int, default=8, help="calibration facts per setting (default 8)")
+    cal.add_argument("--min-neighborhood", type=float, default=0.9,
+                     help="damage target: mean neighborhood score at least this (default 0.9)")
+    cal.add_argument("--max-retention-drop", type=float, default=0.02,
+                     help="damage target: mean retention drop on the other known facts at most this (default 0.02)")
+    cal.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
+    cal.add_argument("--out", default=None,
+                     help="folder for calibration.json and its unit log (default: the cache, where run and grid "
+                          "find it); an interrupted calibration resumes from its log")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default=None)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _calibration_flag(p) -> None:
+    p.add_argument("--calibration", default="auto", metavar="auto|none|FILE",
+                   help="editor settings per defense: 'auto' (default) uses the cached or shipped calibration of "
+                        "this model and editor (probe-attack calibrate) when there is one, 'none' the defenses' "
+                        "built-in settings, FILE a calibration.json; explicit editor flags override it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="probe-attack",
@@ -228,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_unlok_vqa(sub)
     _add_tuned_lens(sub)
     _add_train_vlm(sub)
+    _add_calibrate(sub)
     return parser
 
 
@@ -328,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with graceful_interrupts():
-            return _run(args)
+            return _calibrate(args) if args.command == "calibrate" else _run(args)
     except ProbeAttackError as exc:
         return _fail(str(exc))
     except ValueError as exc:  # unknown attack/defense/editor names, bad layer indices
@@ -339,6 +378,66 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nprobe-attack: interrupted; finished facts are saved in {out} ({files}) -- "
               f"rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _calibrate(args) -> int:
+    from .facts import load_facts
+    from .jobs import resolve_names
+    from .jobs.calibrate import CalibrateConfig, calibrate, calibration_dir, format_calibration
+    from .model import load_model
+
+    from defenses import EDITORS
+
+    if args.editor not in EDITORS:
+        return _fail(f"unknown editor {args.editor!r}; valid editors: {', '.join(EDITORS)}")
+    objectives = resolve_names(args.objectives, "defense")
+    if args.n_facts < 1:
+        return _fail("--n-facts must be >= 1")
+    if not 0 <= args.min_neighborhood <= 1 or not 0 <= args.max_retention_drop <= 1:
+        return _fail("--min-neighborhood and --max-retention-drop must be within [0, 1]")
+    if args.retain_size < 0:
+        return _fail("--retain-size must be >= 0")
+    facts = load_facts(args.facts, args.format)
+    if not args.quiet:
+        print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    cfg = CalibrateConfig(editor=args.editor, objectives=objectives, n_facts=args.n_facts,
+                          min_neighborhood=args.min_neighborhood, max_retention_drop=args.max_retention_drop,
+                          retain_size=args.retain_size, seed=args.seed, progress=not args.quiet)
+    out = Path(args.out) if args.out else calibration_dir(model, args.editor)
+    cal = calibrate(model, facts, cfg, facts_label=str(Path(args.facts).resolve()) if args.facts else "built-in",
+                    out=out)
+    print(format_calibration(cal))
+    print(f"\ncalibration: {out / 'calibration.json'}")
+    return 0
+
+
+def _calibration_record(args, model) -> dict:
+    """The job's calibration (:meth:`probe.jobs.calibrate.Calibration.job_record`) from ``--calibration``;
+    ``{}`` for none. Raises InputError for an unreadable file or one for another model or editor."""
+    from .errors import InputError
+    from .jobs.calibrate import Calibration, load_calibration
+
+    choice = getattr(args, "calibration", "none")
+    if choice == "none":
+        return {}
+    if choice == "auto":
+        found = load_calibration(model, args.editor)
+        if found is None:
+            if not args.quiet:
+                print(f"probe-attack: no calibration of {model.name} with editor {args.editor} "
+                      f"(probe-attack calibrate); each defense uses its built-in settings", file=sys.stderr)
+            return {}
+        return found[0].job_record(found[1])
+    try:
+        cal = Calibration.load(choice)
+    except (OSError, ValueError) as exc:
+        raise InputError(str(exc), file=choice, field="calibration") from None
+    if cal.fingerprint != model.fingerprint or cal.editor != args.editor:
+        raise InputError(f"calibration of {cal.model} ({cal.fingerprint}) with editor {cal.editor}, but the job uses "
+                         f"{model.name} ({model.fingerprint}) with editor {args.editor}", file=choice,
+                         field="calibration")
+    return cal.job_record(str(Path(choice).resolve()))
 
 
 def _tuned_lens(args) -> int:
@@ -457,6 +556,7 @@ def _run(args) -> int:
         if progress:
             print(f"using {max_facts} of the {len(facts)} built-in facts (evenly spaced); --max-facts N for more",
                   file=sys.stderr)
+    calibration = _calibration_record(args, model) if args.command in ("run", "grid") else {}
     if args.command == "grid":
         from .jobs import GridConfig, run_grid
 
@@ -464,7 +564,7 @@ def _run(args) -> int:
                           attack_config=attack_config,
                           known=args.known, known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
                           random_n=args.random_n, acc_tokens=args.acc_tokens, batch_size=args.batch_size,
-                          seed=args.seed, progress=progress)
+                          seed=args.seed, progress=progress, calibration=calibration)
         grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume)
         print(format_grid(grid))
         print(f"\ngrid:    {Path(args.out) / 'grid.json'}")
@@ -476,6 +576,7 @@ def _run(args) -> int:
         cfg.defense, cfg.editor, cfg.editor_config = args.defense, args.editor, editor_config
         cfg.protocol, cfg.known, cfg.known_rank = args.protocol, args.known, args.known_rank
         cfg.retain_size, cfg.acc_tokens, cfg.random_n = args.retain_size, args.acc_tokens, args.random_n
+        cfg.calibration = calibration
         if args.causal_traces < 0:
             return _fail("--causal-traces must be >= 0")
         cfg.causal_traces = args.causal_traces

@@ -38,6 +38,11 @@ class JobConfig:
         acc_tokens: greedy tokens for the accuracy metrics.
         batch_size: prompts per forward pass of the lens sweeps (None = automatic).
         seed: base seed (per-fact seeds derive from it and the fact id).
+        calibration: the matched-damage calibration in use (:meth:`probe.jobs.calibrate.Calibration.job_record`:
+            ``source``, ``editor``, target, per-objective ``settings``, calibration ``facts``), or ``{}``
+            for none: each objective then uses its built-in editor defaults. Its settings sit between
+            the objective's defaults and ``editor_config`` (explicit settings win); its facts are left
+            out of the evaluated facts.
     """
 
     attacks: list[str] = field(default_factory=lambda: list(RUN_ATTACKS))
@@ -54,6 +59,7 @@ class JobConfig:
     acc_tokens: int = 8
     batch_size: int | None = None
     seed: int = 0
+    calibration: dict = field(default_factory=dict)
     progress: bool = True
 
 

@@ -44,6 +44,7 @@ class Plan:
         known: ids of the facts the unedited model knows (before ``max_facts``).
         unknown: facts the unedited model never knew (answer's first token at rank >
             :data:`UNKNOWN_RANK` at the output): the relearning control.
+        n_calibration_excluded: known facts left out because they are calibration facts.
     """
 
     attacks: list
@@ -52,6 +53,7 @@ class Plan:
     controls: dict[str, Control] = field(default_factory=dict)
     known: frozenset = frozenset()
     unknown: list[Fact] = field(default_factory=list)
+    n_calibration_excluded: int = 0
 
     @property
     def control_answers(self) -> dict[str, str]:
@@ -99,9 +101,12 @@ def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str],
     for a in attacks:
         a.attack_layers(model.n_layers)  # validates explicit layers before anything is written
     defenses = {}
+    cal = cfg.calibration or {}
+    if cal and cal.get("editor") != cfg.editor:
+        raise ValueError(f"the calibration is for editor {cal.get('editor')!r}, the job uses {cfg.editor!r}")
     for d in defense_names:
         objective = make_objective(d, **cfg.objective_config.get(d, {}))
-        editor = editor_for(objective, cfg.editor, cfg.editor_config)
+        editor = editor_for(objective, cfg.editor, {**cal.get("settings", {}).get(d, {}), **cfg.editor_config})
         editor.check(model, objective, protocol)
         defenses[d] = (objective, editor)
     return Plan(attacks=attacks, defenses=defenses)
@@ -208,6 +213,10 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
     known = is_known(model, facts, reads, cfg)
     kept = [i for i, k in enumerate(known) if k]
     n_known = len(kept)
+    cal_keys = {tuple(k) for k in (cfg.calibration or {}).get("facts", [])}
+    if cal_keys:  # calibration and evaluation facts stay disjoint
+        kept = [i for i in kept if (str(facts[i].prompt).strip(), facts[i].answer.strip()) not in cal_keys]
+        plan.n_calibration_excluded = n_known - len(kept)
     plan.known = frozenset(facts[i].id for i in kept)
     plan.unknown = [f for f, r in zip(facts, reads) if r.rank[-1] > UNKNOWN_RANK]
     if cfg.max_facts:
