@@ -235,6 +235,7 @@ def _add_calibrate(sub) -> None:
                      help="damage target: mean neighborhood score at least this (default 0.9)")
     cal.add_argument("--max-retention-drop", type=float, default=0.02,
                      help="damage target: mean retention drop on the other known facts at most this (default 0.02)")
+    _known_flags(cal)
     cal.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
     cal.add_argument("--out", default=None,
                      help="folder for calibration.json and its unit log (default: the cache, where run and grid "
@@ -403,7 +404,8 @@ def _calibrate(args) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype)
     cfg = CalibrateConfig(editor=args.editor, objectives=objectives, n_facts=args.n_facts,
                           min_neighborhood=args.min_neighborhood, max_retention_drop=args.max_retention_drop,
-                          retain_size=args.retain_size, seed=args.seed, progress=not args.quiet)
+                          retain_size=args.retain_size, seed=args.seed, progress=not args.quiet,
+                          known=args.known, known_rank=args.known_rank)
     out = Path(args.out) if args.out else calibration_dir(model, args.editor)
     cal = calibrate(model, facts, cfg, facts_label=str(Path(args.facts).resolve()) if args.facts else "built-in",
                     out=out)
@@ -438,6 +440,16 @@ def _calibration_record(args, model) -> dict:
                          f"{model.name} ({model.fingerprint}) with editor {args.editor}", file=choice,
                          field="calibration")
     return cal.job_record(str(Path(choice).resolve()))
+
+
+def calibration_line(calibration: dict) -> str:
+    """One line saying which editor settings the defenses ran at."""
+    if not calibration:
+        return "\nedit settings: each defense's built-in settings (no calibration; see probe-attack calibrate)"
+    unmet = [k for k, v in calibration.get("met", {}).items() if not v]
+    note = f"; target not met by any setting for {', '.join(unmet)}" if unmet else ""
+    return (f"\nedit settings: calibrated for matched damage (neighborhood >= {calibration['min_neighborhood']}, "
+            f"retention drop <= {calibration['max_retention_drop']}{note}): {calibration['source']}")
 
 
 def _tuned_lens(args) -> int:
@@ -567,6 +579,7 @@ def _run(args) -> int:
                           seed=args.seed, progress=progress, calibration=calibration)
         grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume)
         print(format_grid(grid))
+        print(calibration_line(calibration))
         print(f"\ngrid:    {Path(args.out) / 'grid.json'}")
         print(f"report:  {Path(args.out) / 'report.html'}")
         return 0
@@ -584,6 +597,8 @@ def _run(args) -> int:
     else:
         result = run_attack(model, facts, args.out, cfg, facts_label=facts_label, resume=args.resume)
     print(format_table(result))
+    if args.command == "run":
+        print(calibration_line(calibration))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
     print(f"report:  {Path(args.out) / 'report.html'}")
     return 0

@@ -518,6 +518,8 @@ class GridResult:
         per_layer: median logit-lens rank per layer, unedited (``pre``) and after each defense
             (``post[defense]``); ``per_layer_text`` the same for image facts' text forms.
         complete: every planned (defense, fact) unit is finished.
+        calibration: the matched-damage calibration in use (:func:`probe.jobs.calibrate.calibration_meta`),
+            None when each defense ran at its built-in settings.
     """
 
     model: str
@@ -539,6 +541,7 @@ class GridResult:
     seed: int = 0
     per_layer_text: dict | None = None
     image_examples: list | None = None
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         """The ``grid.json`` content."""

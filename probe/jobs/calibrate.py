@@ -151,6 +151,17 @@ class Calibration:
                 "met": {k: v.met for k, v in self.objectives.items()}, "facts": self.facts}
 
 
+def calibration_meta(cfg, plan) -> dict | None:
+    """What a job's results record about its calibration (None: none in use): the
+    :meth:`Calibration.job_record` without the fact list, plus how many calibration facts there are
+    and how many known facts were left out of the evaluation as calibration facts."""
+    cal = cfg.calibration or {}
+    if not cal:
+        return None
+    return {k: v for k, v in cal.items() if k != "facts"} | {"n_facts": len(cal.get("facts", [])),
+                                                             "n_excluded": plan.n_calibration_excluded}
+
+
 def calibration_dir(model, editor: str) -> Path:
     """``cache_dir()/calibration/<fingerprint>-<editor>/`` (calibration.json + units.jsonl)."""
     from ..model import cache_dir

@@ -39,6 +39,7 @@ from ..facts import Fact, check_lengths
 from ..images import attach_images
 from ..interrupt import check as check_interrupt
 from ..results import Cell, DeletionScores, FactResult, GridResult, LayerReadout, PreMeasure, median
+from .calibrate import calibration_meta
 from .config import GridConfig, resolve_names
 from .deletion import Plan, attack_context, build_plan, image_examples, known_facts, measure_deletion, measure_pre
 from ..jsonl import JsonlLog
@@ -182,7 +183,8 @@ def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units:
         n_facts_planned=n_facts_planned, defenses_started=sorted({u.defense for u in units}),
         complete=all((d, f) in done for d in defenses for f in pre) and len(pre) == n_facts_planned,
         mean_edit_seconds=round(sum(edit_s) / len(edit_s), 2) if edit_s else None,
-        seconds_this_session=round(time.time() - t0, 1), seed=cfg.seed, image_examples=examples or None)
+        seconds_this_session=round(time.time() - t0, 1), seed=cfg.seed, image_examples=examples or None,
+        calibration=calibration_meta(cfg, plan))
     if any(p.text_readout is not None for p in pre.values()):
         res.per_layer_text = per_layer({k: p.text_readout for k, p in pre.items()},
                                        [(u.defense, u.modal.text_post if u.modal else None) for u in ok],

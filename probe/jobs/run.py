@@ -33,6 +33,7 @@ from ..facts import Fact, check_lengths
 from ..images import attach_images
 from ..interrupt import check as check_interrupt
 from ..results import DeletionScores, FactResult, RunResult
+from .calibrate import calibration_meta
 from .config import RunConfig
 from .deletion import (Plan, attack_context, build_plan, choose_job_controls, evenly_spaced, image_examples,
                        known_facts, measure_deletion, measure_pre, text_readouts)
@@ -247,19 +248,10 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             "known_filter": {"rule": cfg.known, "max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known),
                              "n_never_known": len(plan.unknown)},
             "controls": control_label(plan.controls), "seed": cfg.seed,
-            "calibration": _calibration_meta(cfg, plan),
+            "calibration": calibration_meta(cfg, plan),
             "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT},
             "image_examples": image_examples([f for f, _, _ in known])}
     return finish(summarize_run(model, ordered, plan, defense, meta), out)
-
-
-def _calibration_meta(cfg, plan: Plan) -> dict | None:
-    """What the results record about the calibration in use (None: none)."""
-    cal = cfg.calibration or {}
-    if not cal:
-        return None
-    return {k: v for k, v in cal.items() if k != "facts"} | {"n_facts": len(cal.get("facts", [])),
-                                                             "n_excluded": plan.n_calibration_excluded}
 
 
 def all_at_once_request(objective, req_facts: Sequence[Fact], facts: Sequence[Fact], evaluated: set[str], cfg):

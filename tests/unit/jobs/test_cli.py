@@ -844,3 +844,58 @@ def test_a_relation_that_is_not_a_non_empty_string_is_refused(cli, tmp_path, val
     out_dir = tmp_path / "out"
     rc, out, err = cli("run", "--facts", str(path), "--out", str(out_dir), *RUN_FAST)
     assert_input_error(rc, out, err, "f.jsonl:2", "relation", out_dir=out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate (issue 12 item 3)
+
+
+def test_calibrate_then_run_uses_the_calibration_and_leaves_its_facts_out(cli, facts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(ConstrainedFineTune, "calibration_ladder", ({"norm_bound": 1e-7, "lr": 1e-7},
+                                                                    {"norm_bound": 1e-6, "lr": 1e-6}))
+    monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path / "cache"))
+    rc, out, err = cli("calibrate", "--facts", str(facts_file), "--objectives", "fact-erasure", "--n-facts", "2",
+                       "--known-rank", "1000", "--quiet")
+    assert rc == 0, err
+    assert "fact-erasure" in out and "norm_bound=1e-06" in out
+    path = out.strip().splitlines()[-1].split("calibration: ")[1]
+    cal = json.loads(Path(path).read_text())
+    assert cal["complete"] and cal["objectives"]["fact-erasure"]["settings"]["norm_bound"] == 1e-6
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(tmp_path / "r"), *RUN_FAST)
+    assert rc == 0, err
+    assert "calibrated for matched damage" in out and path in out
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["defense"]["editor_config"]["norm_bound"] == 1e-6
+    assert res["meta"]["calibration"]["n_excluded"] == 2 and res["meta"]["calibration"]["source"] == path
+    cal_prompts = {p for p, _ in cal["facts"]}
+    assert len(res["facts"]) == len(FACTS) - 2 and not {f["prompt"] for f in res["facts"]} & cal_prompts
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(tmp_path / "r2"), "--calibration", "none",
+                       "--norm-bound", "0.5", *RUN_FAST)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "r2" / "results.json").read_text())
+    assert res["defense"]["editor_config"]["norm_bound"] == 0.5 and res["meta"]["calibration"] is None
+    assert len(res["facts"]) == len(FACTS) and "built-in settings" in out
+
+
+@pytest.mark.parametrize("content, needle", [(None, "No such file"), ("{}", "not a probe-attack calibration"),
+                                             ("FOREIGN", "with editor constrained-ft, but the job uses")])
+def test_bad_calibration_file_is_one_line(cli, facts_file, tmp_path, content, needle):
+    path = tmp_path / "cal.json"
+    if content == "FOREIGN":
+        content = json.dumps({"model": "m", "fingerprint": "abc", "editor": "constrained-ft", "min_neighborhood": 0.9,
+                              "max_retention_drop": 0.02, "facts": [], "facts_file": "x", "objectives": {},
+                              "complete": True, "created": ""})
+    if content is not None:
+        path.write_text(content)
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(tmp_path / "r"), "--calibration", str(path),
+                       *RUN_FAST)
+    assert_input_error(rc, out, err, str(path), "'calibration'", needle, out_dir=tmp_path / "r")
+
+
+@pytest.mark.parametrize("args, needle", [(["--n-facts", "0"], "--n-facts must be >= 1"),
+                                          (["--editor", "nope"], "unknown editor 'nope'"),
+                                          (["--objectives", "nope"], "unknown defense 'nope'"),
+                                          (["--min-neighborhood", "2"], "within [0, 1]")])
+def test_calibrate_bad_flags(cli, facts_file, args, needle):
+    rc, out, err = cli("calibrate", "--facts", str(facts_file), "--quiet", *args)
+    assert_input_error(rc, out, err, needle)
