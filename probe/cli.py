@@ -91,6 +91,7 @@ def _add_run(sub) -> None:
                      help="greedy tokens generated for neighborhood accuracy (paper: 36)")
     run.add_argument("--random-n", type=int, default=10,
                      help="other facts per edit for the random Δ-Acc (default 10, as UnLOK-VQA)")
+    _gen_tokens_flag(run)
     run.add_argument("--causal-traces", type=int, default=0,
                      help="causal traces (layer x position, subject corrupted) of the first N deleted facts, with "
                           "the unedited and the edited model as clean run, in causal_traces.jsonl and the report "
@@ -105,6 +106,13 @@ def _known_flags(p) -> None:
     p.add_argument("--known-rank", type=int, default=1,
                    help="with --known rank: keep facts whose answer's first token has rank <= N before deletion "
                         "(default 1)")
+
+
+def _gen_tokens_flag(p) -> None:
+    p.add_argument("--gen-tokens", type=int, default=36,
+                   help="greedy tokens generated from the prompt and every paraphrase, before and after each edit, "
+                        "for the generation-based deletion scores (generation_efficacy, "
+                        "generation_paraphrase_efficacy; default 36 as in the text paper; 0 = off)")
 
 
 def _add_grid(sub) -> None:
@@ -126,6 +134,7 @@ def _add_grid(sub) -> None:
     grid.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
     grid.add_argument("--random-n", type=int, default=10, help="other facts per edit for the random Δ-Acc (default 10)")
     grid.add_argument("--acc-tokens", type=int, default=8, help="greedy tokens for the accuracy metrics (default 8)")
+    _gen_tokens_flag(grid)
 
 
 def _add_attack(sub) -> None:
@@ -524,6 +533,7 @@ def _run(args) -> int:
                              ("--acc-tokens", getattr(args, "acc_tokens", None), 1),
                              ("--retain-size", getattr(args, "retain_size", None), 0),
                              ("--random-n", getattr(args, "random_n", None), 0),
+                             ("--gen-tokens", getattr(args, "gen_tokens", None), 0),
                              ("--known-rank", getattr(args, "known_rank", None), 1)):
         if value is not None and value < low:
             return _fail(f"{flag} must be >= {low}")
@@ -575,8 +585,8 @@ def _run(args) -> int:
         gcfg = GridConfig(defenses=defenses, attacks=attacks, editor=args.editor, editor_config=editor_config,
                           attack_config=attack_config,
                           known=args.known, known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
-                          random_n=args.random_n, acc_tokens=args.acc_tokens, batch_size=args.batch_size,
-                          seed=args.seed, progress=progress, calibration=calibration)
+                          random_n=args.random_n, acc_tokens=args.acc_tokens, gen_tokens=args.gen_tokens,
+                          batch_size=args.batch_size, seed=args.seed, progress=progress, calibration=calibration)
         grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume)
         print(format_grid(grid))
         print(calibration_line(calibration))
@@ -590,6 +600,7 @@ def _run(args) -> int:
         cfg.protocol, cfg.known, cfg.known_rank = args.protocol, args.known, args.known_rank
         cfg.retain_size, cfg.acc_tokens, cfg.random_n = args.retain_size, args.acc_tokens, args.random_n
         cfg.calibration = calibration
+        cfg.gen_tokens = args.gen_tokens
         if args.causal_traces < 0:
             return _fail("--causal-traces must be >= 0")
         cfg.causal_traces = args.causal_traces
@@ -639,8 +650,21 @@ def format_table(result) -> str:
         for k in DeletionScores.REPORTED:
             v = d.get(k)
             if isinstance(v, (int, float)):
-                lines.append(f"  {k:24s} {v:.3f}")
+                lines.append(f"  {k:30s} {v:.3f}{_denominator(d, k)}")
     return "\n".join(lines)
+
+
+def _denominator(scores: dict, key: str) -> str:
+    """What a reported mean score is taken over, from the denominator fields
+    (:attr:`probe.results.DeletionScores.DENOMINATORS`), as a note for the tables; ``""`` if none."""
+    pct = {"generation_efficacy": ("generation_acc_pre", "facts"),
+           "generation_paraphrase_efficacy": ("generation_paraphrase_acc_pre", "paraphrases")}
+    if key in pct and isinstance(scores.get(pct[key][0]), (int, float)):
+        return (f"  (on the {pct[key][1]} the unedited model generated the answer for: "
+                f"{100 * scores[pct[key][0]]:.0f}%)")
+    if key == "retention_drop" and isinstance(scores.get("retention_n"), (int, float)):
+        return f"  (top-1 accuracy pre - post on {scores['retention_n']:.0f} other known facts)"
+    return ""
 
 
 def format_grid(grid) -> str:
@@ -681,17 +705,21 @@ def format_grid(grid) -> str:
             c = cells.get((d, a))
             row.append(f"{'—':>17s}" if not c or c.get("excess") is None else f"{100 * c['excess']:17.1f}")
         lines.append(f"{d:{width}s} " + " ".join(row))
-    lines += ["", f"{'defense':{width}s} {'rewrite':>8s} {'paraphr':>8s} {'neighb':>8s} {'nΔAcc':>8s} {'rΔAcc':>8s} "
-              f"{'target':>8s} {'failed':>7s}"]
+    cols = [("rewrite", "rewrite_score"), ("gen", "generation_efficacy"), ("paraphr", "paraphrase_score"),
+            ("genPara", "generation_paraphrase_efficacy"), ("neighb", "neighborhood_score"),
+            ("nΔAcc", "neighborhood_delta_acc"), ("rΔAcc", "random_delta_acc"), ("retΔ", "retention_drop"),
+            ("target", "target_rewrite_score")]
+    lines += ["", f"{'defense':{width}s} " + " ".join(f"{h:>8s}" for h, _ in cols) + f" {'failed':>7s}"]
 
     def f(v):
         return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'—':>8s}"
 
     for d in defenses:
         c = next(cells[(d, a)] for a in attacks if (d, a) in cells)
-        lines.append(f"{d:{width}s} {f(c['rewrite_score'])} {f(c['paraphrase_score'])} {f(c['neighborhood_score'])} "
-                     f"{f(c['neighborhood_delta_acc'])} {f(c['random_delta_acc'])} {f(c['target_rewrite_score'])} "
-                     f"{c['n_failed']:7d}")
+        lines.append(f"{d:{width}s} " + " ".join(f(c.get(k)) for _, k in cols) + f" {c['n_failed']:7d}")
+    lines += ["", "gen / genPara: greedy continuations of the prompt / paraphrases that no longer contain the answer, "
+              "over those that did before the edit; retΔ: drop of first-token top-1 accuracy on every other known "
+              "fact (retention_drop)"]
     return "\n".join(lines)
 
 

@@ -36,6 +36,9 @@ class JobConfig:
         retain_size, retain_similar: KL retain prompts per edit (see :mod:`defenses.retain`).
         random_n: other facts per edit for the random Δ-Acc (UnLOK-VQA: 10).
         acc_tokens: greedy tokens for the accuracy metrics.
+        gen_tokens: greedy tokens of the generation-based deletion scores (prompt and every
+            paraphrase, before and after the edit; 36 as the text paper's ``max_new_tokens``;
+            0 = not measured).
         batch_size: prompts per forward pass of the lens sweeps (None = automatic).
         seed: base seed (per-fact seeds derive from it and the fact id).
         calibration: the matched-damage calibration in use (:meth:`probe.jobs.calibrate.Calibration.job_record`:
@@ -57,6 +60,7 @@ class JobConfig:
     retain_similar: float = 1.0
     random_n: int = 10
     acc_tokens: int = 8
+    gen_tokens: int = 36
     batch_size: int | None = None
     seed: int = 0
     calibration: dict = field(default_factory=dict)

@@ -41,7 +41,8 @@ from ..interrupt import check as check_interrupt
 from ..results import Cell, DeletionScores, FactResult, GridResult, LayerReadout, PreMeasure, median
 from .calibrate import calibration_meta
 from .config import GridConfig, resolve_names
-from .deletion import Plan, attack_context, build_plan, image_examples, known_facts, measure_deletion, measure_pre
+from .deletion import (Plan, attack_context, build_plan, check_generation_lengths, image_examples, known_facts,
+                       measure_deletion, measure_pre)
 from ..jsonl import JsonlLog
 from .output import check_output, say_resumed
 
@@ -123,6 +124,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     pre_ctx = attack_context(plan, [], cfg)
     known, n_known = known_facts(model, facts, plan, cfg, pre_ctx, progress=cfg.progress)
     evaluated = frozenset(f.id for f, _, _ in known)
+    check_generation_lengths(model, [f for f, _, _ in known], cfg.gen_tokens)
     pre_ctx.deleted = evaluated
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / STAMP, json.dumps(stamp, indent=2))

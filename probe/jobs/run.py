@@ -35,8 +35,8 @@ from ..interrupt import check as check_interrupt
 from ..results import DeletionScores, FactResult, RunResult
 from .calibrate import calibration_meta
 from .config import RunConfig
-from .deletion import (Plan, attack_context, build_plan, choose_job_controls, evenly_spaced, image_examples,
-                       known_facts, measure_deletion, measure_pre, text_readouts)
+from .deletion import (Plan, attack_context, build_plan, check_generation_lengths, choose_job_controls, evenly_spaced,
+                       image_examples, known_facts, measure_deletion, measure_pre, text_readouts)
 from ..jsonl import JsonlLog, read_jsonl
 from .output import check_output, say_resumed
 
@@ -200,6 +200,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     known, n_known = known_facts(model, facts, plan, cfg, pre_ctx, progress=cfg.progress,
                                  desc="known-fact filter")
     evaluated = [f.id for f, _, _ in known]
+    check_generation_lengths(model, [f for f, _, _ in known], cfg.gen_tokens)
     pre_ctx.deleted = frozenset(evaluated)  # the unedited model's scratch space, shared by every fact
     embed_std = causal_setup(model, [f for f, _, _ in known], cfg.causal_traces)
     out.mkdir(parents=True, exist_ok=True)
