@@ -33,6 +33,7 @@ This is our addition: the papers tune each defense separately (method.md section
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,7 @@ from ..facts import Fact
 from ..interrupt import check as check_interrupt
 from ..jsonl import JsonlLog
 from .config import ALL_DEFENSES, JobConfig
-from .deletion import Plan, attack_context, build_plan, known_facts, measure_deletion, measure_pre
+from .deletion import attack_context, build_plan, known_facts, measure_deletion, measure_pre
 
 #: Default damage target: mean neighborhood score at least this ...
 MIN_NEIGHBORHOOD = 0.9
@@ -272,8 +273,7 @@ def calibrate(model, facts: Sequence[Fact], cfg: CalibrateConfig, *, facts_label
             editor.check(model, objective)
             settings = {k: getattr(editor, k) for k in sorted({*rung, *cfg.editor_config})}
             key = json.dumps(settings, sort_keys=True)
-            rplan = Plan(attacks=plan.attacks, defenses={obj_name: (objective, editor)}, pool=plan.pool,
-                         controls=plan.controls, known=plan.known, unknown=plan.unknown)
+            rplan = dataclasses.replace(plan, defenses={obj_name: (objective, editor)})
             units = []
             for fact, read, lens_out in tqdm(chosen, desc=f"{obj_name} {settings}", disable=not cfg.progress):
                 check_interrupt()

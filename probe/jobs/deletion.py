@@ -217,13 +217,13 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
     known = is_known(model, facts, reads, cfg)
     kept = [i for i, k in enumerate(known) if k]
     n_known = len(kept)
-    cal_keys = {tuple(k) for k in (cfg.calibration or {}).get("facts", [])}
-    if cal_keys:  # calibration and evaluation facts stay disjoint
-        kept = [i for i in kept if (str(facts[i].prompt).strip(), facts[i].answer.strip()) not in cal_keys]
-        plan.n_calibration_excluded = n_known - len(kept)
     plan.known = frozenset(facts[i].id for i in kept)
     plan.known_top1 = {facts[i].id: reads[i].rank[-1] == 1 for i in kept}
     plan.unknown = [f for f, r in zip(facts, reads) if r.rank[-1] > UNKNOWN_RANK]
+    cal_keys = {tuple(k) for k in (cfg.calibration or {}).get("facts", [])}
+    if cal_keys:  # calibration facts are never evaluated (they still count for retention)
+        kept = [i for i in kept if (str(facts[i].prompt).strip(), facts[i].answer.strip()) not in cal_keys]
+        plan.n_calibration_excluded = n_known - len(kept)
     if cfg.max_facts:
         kept = evenly_spaced(kept, cfg.max_facts)
     if not kept:

@@ -899,15 +899,16 @@ def test_calibrate_then_run_uses_the_calibration_and_leaves_its_facts_out(cli, f
     assert "calibrated for matched damage" in out and path in out
     res = json.loads((tmp_path / "r" / "results.json").read_text())
     assert res["defense"]["editor_config"]["norm_bound"] == 1e-6
-    assert res["meta"]["calibration"]["n_excluded"] == 2 and res["meta"]["calibration"]["source"] == path
+    assert res["calibration"]["n_excluded"] == 2 and res["calibration"]["source"] == path
     cal_prompts = {p for p, _ in cal["facts"]}
-    assert len(res["facts"]) == len(FACTS) - 2 and not {f["prompt"] for f in res["facts"]} & cal_prompts
+    done = read_jsonl(tmp_path / "r" / "per_fact.jsonl")
+    assert len(done) == len(FACTS) - 2 and not {f["prompt"] for f in done} & cal_prompts
     rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(tmp_path / "r2"), "--calibration", "none",
                        "--norm-bound", "0.5", *RUN_FAST)
     assert rc == 0, err
     res = json.loads((tmp_path / "r2" / "results.json").read_text())
-    assert res["defense"]["editor_config"]["norm_bound"] == 0.5 and res["meta"]["calibration"] is None
-    assert len(res["facts"]) == len(FACTS) and "built-in settings" in out
+    assert res["defense"]["editor_config"]["norm_bound"] == 0.5 and res["calibration"] is None
+    assert len(read_jsonl(tmp_path / "r2" / "per_fact.jsonl")) == len(FACTS) and "built-in settings" in out
 
 
 @pytest.mark.parametrize("content, needle", [(None, "No such file"), ("{}", "not a probe-attack calibration"),
