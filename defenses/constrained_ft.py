@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -51,6 +52,10 @@ class ConstrainedFineTune(Editor):
     retain_weight: float = 1.0
     early_stop: float | str | None = "auto"
     optimizer: str = "adam"
+
+    #: the edit size: norm bound (and lr = bound / 2, the ratio of the tuned defaults), 25 steps
+    calibration_ladder: ClassVar[tuple[dict, ...]] = tuple(
+        {"norm_bound": b, "lr": b / 2} for b in (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2))
 
     @contextlib.contextmanager
     def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):

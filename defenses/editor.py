@@ -117,6 +117,9 @@ class Editor:
     name: ClassVar[str] = "editor"
     #: False: the editor writes one fact per edit (refuses the all-at-once protocol)
     multi_fact: ClassVar[bool] = True
+    #: settings from weakest to strongest edit, searched by ``probe-attack calibrate``
+    #: (:mod:`probe.jobs.calibrate`); empty: the editor cannot be calibrated
+    calibration_ladder: ClassVar[tuple[dict, ...]] = ()
 
     layer: int | None
     layer_frac: float

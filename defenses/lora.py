@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -107,6 +108,11 @@ class LoRA(Editor):
     retain_weight: float = 1.0
     early_stop: float | str | None = "auto"
     seed: int = 0
+
+    #: the edit size: adapter rank and steps (lr 1e-2)
+    calibration_ladder: ClassVar[tuple[dict, ...]] = (
+        {"rank": 1, "steps": 5}, {"rank": 1, "steps": 10}, {"rank": 2, "steps": 10}, {"rank": 2, "steps": 20},
+        {"rank": 4, "steps": 20}, {"rank": 8, "steps": 30})
 
     @contextlib.contextmanager
     def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):

@@ -18,6 +18,20 @@ probability (0..1) of the *full* answer, p(y | x) = exp(sum_t log p(y_t | x, y_<
   the label as whole words, case-insensitively (:func:`probe.matching.answer_matches`).
 * Efficacy (ours for completion prompts): the fraction of facts whose answer's first token is no
   longer the model's top-1 prediction after the edit.
+* Retention drop (ours; issue 12 item 4): ``Acc_pre - Acc_post`` of first-token top-1 accuracy
+  (the answer's first token at rank 1 at the output, the known-fact rule's readout) on *every*
+  other fact the unedited model knows -- not a sample of 10 -- leaving out every fact deleted by
+  the same edit. Acc_pre comes from the known-fact filter's sweep (1.0 under the default rule
+  "rank 1"), Acc_post from one batched forward pass per edit.
+* Generation efficacy (issue 12 item 5; the editing literature's generation check next to the
+  teacher-forced scores): greedy continuations of ``max_new_tokens`` tokens (36, the text
+  paper's) of the prompt and of every paraphrase, tested with :func:`answer_in_text`. Per fact:
+  ``generation_efficacy`` = 1 if the edited model's prompt continuation no longer contains the
+  answer, *counted only when the unedited model's did* (else undefined, JSON ``null``);
+  ``generation_paraphrase_efficacy`` = among the paraphrases whose unedited continuation
+  contained the answer, the fraction whose edited continuation does not. The unedited model's
+  hit rates (``generation_acc_pre``, ``generation_paraphrase_acc_pre``) are reported with them:
+  they say how many facts / paraphrases the efficacy is measured on.
 """
 
 from __future__ import annotations

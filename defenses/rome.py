@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
@@ -188,6 +189,12 @@ class ROME(Editor):
     retain_weight: float = 5.0
     v_exact: bool = True
     early_stop: float | str | None = "auto"
+
+    #: the edit size: v* steps and the clamp on |delta| / |v_init|
+    calibration_ladder: ClassVar[tuple[dict, ...]] = (
+        {"v_steps": 5, "clamp_norm_factor": 0.5}, {"v_steps": 10, "clamp_norm_factor": 1.0},
+        {"v_steps": 20, "clamp_norm_factor": 1.0}, {"v_steps": 20, "clamp_norm_factor": 2.0},
+        {"v_steps": 20, "clamp_norm_factor": 4.0}, {"v_steps": 30, "clamp_norm_factor": 8.0})
     _mom2: dict = field(default_factory=dict, repr=False, compare=False)
 
     multi_fact = False  # one key/value pair per edit: refuses the all-at-once protocol

@@ -81,6 +81,7 @@ def _add_run(sub) -> None:
                      help="deletion objective: fact-erasure (default), empty-response, error-injection, "
                           "head-projection, max-entropy, input-rephrasing")
     _editor_flags(run)
+    _calibration_flag(run)
     run.add_argument("--protocol", default="one-at-a-time", choices=["one-at-a-time", "all-at-once"],
                      help="delete each fact from a fresh copy (papers' protocol) or all facts in one edit")
     _known_flags(run)
@@ -90,6 +91,7 @@ def _add_run(sub) -> None:
                      help="greedy tokens generated for neighborhood accuracy (paper: 36)")
     run.add_argument("--random-n", type=int, default=10,
                      help="other facts per edit for the random Δ-Acc (default 10, as UnLOK-VQA)")
+    _gen_tokens_flag(run)
     run.add_argument("--causal-traces", type=int, default=0,
                      help="causal traces (layer x position, subject corrupted) of the first N deleted facts, with "
                           "the unedited and the edited model as clean run, in causal_traces.jsonl and the report "
@@ -106,6 +108,13 @@ def _known_flags(p) -> None:
                         "(default 1)")
 
 
+def _gen_tokens_flag(p) -> None:
+    p.add_argument("--gen-tokens", type=int, default=36,
+                   help="greedy tokens generated from the prompt and every paraphrase, before and after each edit, "
+                        "for the generation-based deletion scores (generation_efficacy, "
+                        "generation_paraphrase_efficacy; default 36 as in the text paper; 0 = off)")
+
+
 def _add_grid(sub) -> None:
     """``grid``: every defense x attack on the known facts."""
     grid = sub.add_parser("grid", help="every defense x attack on the known facts: grid.json + report.html",
@@ -120,10 +129,12 @@ def _add_grid(sub) -> None:
                       help="comma-separated defenses or 'all' (fact-erasure, empty-response, error-injection, "
                            "head-projection, max-entropy, input-rephrasing)")
     _editor_flags(grid)
+    _calibration_flag(grid)
     _known_flags(grid)
     grid.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
     grid.add_argument("--random-n", type=int, default=10, help="other facts per edit for the random Δ-Acc (default 10)")
     grid.add_argument("--acc-tokens", type=int, default=8, help="greedy tokens for the accuracy metrics (default 8)")
+    _gen_tokens_flag(grid)
 
 
 def _add_attack(sub) -> None:
@@ -214,6 +225,43 @@ def _add_train_vlm(sub) -> None:
     vlm.add_argument("--per-strength", type=int, default=2, help="evaluation images per strength and country")
 
 
+def _add_calibrate(sub) -> None:
+    """``calibrate``: choose each objective's strongest setting within a damage target."""
+    cal = sub.add_parser("calibrate", help="choose, per defense, the strongest edit whose damage stays within a target "
+                                           "(matched damage); cached and used by run and grid",
+                         description="For each deletion objective, measure the editor's settings from the weakest "
+                                     "edit up on calibration facts (known facts of --facts, default the built-in "
+                                     "facts) and keep the strongest whose mean neighborhood score and retention drop "
+                                     "stay within the target. Prints the table; the result is cached per model "
+                                     "fingerprint and editor, and run / grid use it by default (--calibration).")
+    cal.add_argument("--model", default=None, help="model (default: the embedded smollm2-135m)")
+    cal.add_argument("--editor", default="constrained-ft", help="editor: constrained-ft (default), lora, rome")
+    cal.add_argument("--objectives", default="all", help="comma-separated defenses or 'all' (default)")
+    cal.add_argument("--facts", default=None, help="calibration facts file (default: the built-in facts)")
+    cal.add_argument("--format", default="auto", choices=["auto", "jsonl", "counterfact"], help="facts file format")
+    cal.add_argument("--n-facts", type=int, default=8, help="calibration facts per setting (default 8)")
+    cal.add_argument("--min-neighborhood", type=float, default=0.9,
+                     help="damage target: mean neighborhood score at least this (default 0.9)")
+    cal.add_argument("--max-retention-drop", type=float, default=0.02,
+                     help="damage target: mean retention drop on the other known facts at most this (default 0.02)")
+    _known_flags(cal)
+    cal.add_argument("--retain-size", type=int, default=4, help="retain prompts per edit (default 4)")
+    cal.add_argument("--out", default=None,
+                     help="folder for calibration.json and its unit log (default: the cache, where run and grid "
+                          "find it); an interrupted calibration resumes from its log")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--dtype", default=None)
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _calibration_flag(p) -> None:
+    p.add_argument("--calibration", default="auto", metavar="auto|none|FILE",
+                   help="editor settings per defense: 'auto' (default) uses the cached or shipped calibration of "
+                        "this model and editor (probe-attack calibrate) when there is one, 'none' the defenses' "
+                        "built-in settings, FILE a calibration.json; explicit editor flags override it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="probe-attack",
@@ -228,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_import_unlok_vqa(sub)
     _add_tuned_lens(sub)
     _add_train_vlm(sub)
+    _add_calibrate(sub)
     return parser
 
 
@@ -328,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with graceful_interrupts():
-            return _run(args)
+            return _calibrate(args) if args.command == "calibrate" else _run(args)
     except ProbeAttackError as exc:
         return _fail(str(exc))
     except ValueError as exc:  # unknown attack/defense/editor names, bad layer indices
@@ -339,6 +388,77 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nprobe-attack: interrupted; finished facts are saved in {out} ({files}) -- "
               f"rerun with --resume to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _calibrate(args) -> int:
+    from .facts import load_facts
+    from .jobs import resolve_names
+    from .jobs.calibrate import CalibrateConfig, calibrate, calibration_dir, format_calibration
+    from .model import load_model
+
+    from defenses import EDITORS
+
+    if args.editor not in EDITORS:
+        return _fail(f"unknown editor {args.editor!r}; valid editors: {', '.join(EDITORS)}")
+    objectives = resolve_names(args.objectives, "defense")
+    if args.n_facts < 1:
+        return _fail("--n-facts must be >= 1")
+    if not 0 <= args.min_neighborhood <= 1 or not 0 <= args.max_retention_drop <= 1:
+        return _fail("--min-neighborhood and --max-retention-drop must be within [0, 1]")
+    if args.retain_size < 0:
+        return _fail("--retain-size must be >= 0")
+    facts = load_facts(args.facts, args.format)
+    if not args.quiet:
+        print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    cfg = CalibrateConfig(editor=args.editor, objectives=objectives, n_facts=args.n_facts,
+                          min_neighborhood=args.min_neighborhood, max_retention_drop=args.max_retention_drop,
+                          retain_size=args.retain_size, seed=args.seed, progress=not args.quiet,
+                          known=args.known, known_rank=args.known_rank)
+    out = Path(args.out) if args.out else calibration_dir(model, args.editor)
+    cal = calibrate(model, facts, cfg, facts_label=str(Path(args.facts).resolve()) if args.facts else "built-in",
+                    out=out)
+    print(format_calibration(cal))
+    print(f"\ncalibration: {out / 'calibration.json'}")
+    return 0
+
+
+def _calibration_record(args, model) -> dict:
+    """The job's calibration (:meth:`probe.jobs.calibrate.Calibration.job_record`) from ``--calibration``;
+    ``{}`` for none. Raises InputError for an unreadable file or one for another model or editor."""
+    from .errors import InputError
+    from .jobs.calibrate import Calibration, load_calibration
+
+    choice = getattr(args, "calibration", "none")
+    if choice == "none":
+        return {}
+    if choice == "auto":
+        found = load_calibration(model, args.editor)
+        if found is None:
+            if not args.quiet:
+                print(f"probe-attack: no calibration of {model.name} with editor {args.editor} "
+                      f"(probe-attack calibrate); each defense uses its built-in settings", file=sys.stderr)
+            return {}
+        return found[0].job_record(found[1])
+    try:
+        cal = Calibration.load(choice)
+    except (OSError, ValueError) as exc:
+        raise InputError(str(exc), file=choice, field="calibration") from None
+    if cal.fingerprint != model.fingerprint or cal.editor != args.editor:
+        raise InputError(f"calibration of {cal.model} ({cal.fingerprint}) with editor {cal.editor}, but the job uses "
+                         f"{model.name} ({model.fingerprint}) with editor {args.editor}", file=choice,
+                         field="calibration")
+    return cal.job_record(str(Path(choice).resolve()))
+
+
+def calibration_line(calibration: dict) -> str:
+    """One line saying which editor settings the defenses ran at."""
+    if not calibration:
+        return "\nedit settings: each defense's built-in settings (no calibration; see probe-attack calibrate)"
+    unmet = [k for k, v in calibration.get("met", {}).items() if not v]
+    note = f"; target not met by any setting for {', '.join(unmet)}" if unmet else ""
+    return (f"\nedit settings: calibrated for matched damage (neighborhood >= {calibration['min_neighborhood']}, "
+            f"retention drop <= {calibration['max_retention_drop']}{note}): {calibration['source']}")
 
 
 def _tuned_lens(args) -> int:
@@ -413,6 +533,7 @@ def _run(args) -> int:
                              ("--acc-tokens", getattr(args, "acc_tokens", None), 1),
                              ("--retain-size", getattr(args, "retain_size", None), 0),
                              ("--random-n", getattr(args, "random_n", None), 0),
+                             ("--gen-tokens", getattr(args, "gen_tokens", None), 0),
                              ("--known-rank", getattr(args, "known_rank", None), 1)):
         if value is not None and value < low:
             return _fail(f"{flag} must be >= {low}")
@@ -457,16 +578,18 @@ def _run(args) -> int:
         if progress:
             print(f"using {max_facts} of the {len(facts)} built-in facts (evenly spaced); --max-facts N for more",
                   file=sys.stderr)
+    calibration = _calibration_record(args, model) if args.command in ("run", "grid") else {}
     if args.command == "grid":
         from .jobs import GridConfig, run_grid
 
         gcfg = GridConfig(defenses=defenses, attacks=attacks, editor=args.editor, editor_config=editor_config,
                           attack_config=attack_config,
                           known=args.known, known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
-                          random_n=args.random_n, acc_tokens=args.acc_tokens, batch_size=args.batch_size,
-                          seed=args.seed, progress=progress)
+                          random_n=args.random_n, acc_tokens=args.acc_tokens, gen_tokens=args.gen_tokens,
+                          batch_size=args.batch_size, seed=args.seed, progress=progress, calibration=calibration)
         grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume)
         print(format_grid(grid))
+        print(calibration_line(calibration))
         print(f"\ngrid:    {Path(args.out) / 'grid.json'}")
         print(f"report:  {Path(args.out) / 'report.html'}")
         return 0
@@ -476,6 +599,8 @@ def _run(args) -> int:
         cfg.defense, cfg.editor, cfg.editor_config = args.defense, args.editor, editor_config
         cfg.protocol, cfg.known, cfg.known_rank = args.protocol, args.known, args.known_rank
         cfg.retain_size, cfg.acc_tokens, cfg.random_n = args.retain_size, args.acc_tokens, args.random_n
+        cfg.calibration = calibration
+        cfg.gen_tokens = args.gen_tokens
         if args.causal_traces < 0:
             return _fail("--causal-traces must be >= 0")
         cfg.causal_traces = args.causal_traces
@@ -483,6 +608,8 @@ def _run(args) -> int:
     else:
         result = run_attack(model, facts, args.out, cfg, facts_label=facts_label, resume=args.resume)
     print(format_table(result))
+    if args.command == "run":
+        print(calibration_line(calibration))
     print(f"\nresults: {Path(args.out) / 'results.json'}")
     print(f"report:  {Path(args.out) / 'report.html'}")
     return 0
@@ -523,8 +650,21 @@ def format_table(result) -> str:
         for k in DeletionScores.REPORTED:
             v = d.get(k)
             if isinstance(v, (int, float)):
-                lines.append(f"  {k:24s} {v:.3f}")
+                lines.append(f"  {k:30s} {v:.3f}{_denominator(d, k)}")
     return "\n".join(lines)
+
+
+def _denominator(scores: dict, key: str) -> str:
+    """What a reported mean score is taken over, from the denominator fields
+    (:attr:`probe.results.DeletionScores.DENOMINATORS`), as a note for the tables; ``""`` if none."""
+    pct = {"generation_efficacy": ("generation_acc_pre", "facts"),
+           "generation_paraphrase_efficacy": ("generation_paraphrase_acc_pre", "paraphrases")}
+    if key in pct and isinstance(scores.get(pct[key][0]), (int, float)):
+        return (f"  (on the {pct[key][1]} the unedited model generated the answer for: "
+                f"{100 * scores[pct[key][0]]:.0f}%)")
+    if key == "retention_drop" and isinstance(scores.get("retention_n"), (int, float)):
+        return f"  (top-1 accuracy pre - post on {scores['retention_n']:.0f} other known facts)"
+    return ""
 
 
 def format_grid(grid) -> str:
@@ -565,17 +705,21 @@ def format_grid(grid) -> str:
             c = cells.get((d, a))
             row.append(f"{'—':>17s}" if not c or c.get("excess") is None else f"{100 * c['excess']:17.1f}")
         lines.append(f"{d:{width}s} " + " ".join(row))
-    lines += ["", f"{'defense':{width}s} {'rewrite':>8s} {'paraphr':>8s} {'neighb':>8s} {'nΔAcc':>8s} {'rΔAcc':>8s} "
-              f"{'target':>8s} {'failed':>7s}"]
+    cols = [("rewrite", "rewrite_score"), ("gen", "generation_efficacy"), ("paraphr", "paraphrase_score"),
+            ("genPara", "generation_paraphrase_efficacy"), ("neighb", "neighborhood_score"),
+            ("nΔAcc", "neighborhood_delta_acc"), ("rΔAcc", "random_delta_acc"), ("retΔ", "retention_drop"),
+            ("target", "target_rewrite_score")]
+    lines += ["", f"{'defense':{width}s} " + " ".join(f"{h:>8s}" for h, _ in cols) + f" {'failed':>7s}"]
 
     def f(v):
         return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'—':>8s}"
 
     for d in defenses:
         c = next(cells[(d, a)] for a in attacks if (d, a) in cells)
-        lines.append(f"{d:{width}s} {f(c['rewrite_score'])} {f(c['paraphrase_score'])} {f(c['neighborhood_score'])} "
-                     f"{f(c['neighborhood_delta_acc'])} {f(c['random_delta_acc'])} {f(c['target_rewrite_score'])} "
-                     f"{c['n_failed']:7d}")
+        lines.append(f"{d:{width}s} " + " ".join(f(c.get(k)) for _, k in cols) + f" {c['n_failed']:7d}")
+    lines += ["", "gen / genPara: greedy continuations of the prompt / paraphrases that no longer contain the answer, "
+              "over those that did before the edit; retΔ: drop of first-token top-1 accuracy on every other known "
+              "fact (retention_drop)"]
     return "\n".join(lines)
 
 

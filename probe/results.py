@@ -204,6 +204,21 @@ class DeletionScores:
     accuracies are fractions of greedy generations containing the label; Δ-Accs are pre − post.
     ``efficacy`` is 1 when the answer's first token is no longer the model's top-1 output.
     Target fields are set for target objectives (empty response, error injection) only.
+
+    Retention (every other fact the unedited model knows, issue 12 item 4): ``retention_acc_pre``
+    / ``retention_acc_post`` are the fractions of those facts whose answer's first token is the
+    model's top-1 output (rank 1) before / after the edit, ``retention_drop`` = pre − post (the
+    damage; > 0 = facts lost), over ``retention_n`` facts: the job's known facts (``Plan.known``,
+    before ``max_facts``) minus every fact deleted by the same edit. None when not measured.
+
+    Generation (greedy ``gen_tokens``-token continuations, the answer found by
+    :func:`probe.matching.answer_matches`; issue 12 item 5): ``generation_acc_pre`` is 1 when the
+    unedited model's continuation of the prompt contains the answer; ``generation_efficacy`` is 1
+    when the edited model's no longer does, and is defined only for facts whose unedited
+    continuation contained it (None otherwise: a fact the model never generated is not a
+    success). ``generation_paraphrase_acc_pre`` is the fraction of paraphrases whose unedited
+    continuation contains the answer; ``generation_paraphrase_efficacy`` the fraction of *those*
+    paraphrases whose edited continuation no longer does (None when none did).
     """
 
     p_pre: float | None = None
@@ -215,7 +230,15 @@ class DeletionScores:
     neighborhood_acc_post: float | None = None
     neighborhood_delta_acc: float | None = None
     random_delta_acc: float | None = None
+    retention_acc_pre: float | None = None
+    retention_acc_post: float | None = None
+    retention_drop: float | None = None
+    retention_n: int | None = None
     efficacy: float | None = None
+    generation_acc_pre: float | None = None
+    generation_efficacy: float | None = None
+    generation_paraphrase_acc_pre: float | None = None
+    generation_paraphrase_efficacy: float | None = None
     target: str | None = None
     target_p_pre: float | None = None
     target_p_post: float | None = None
@@ -225,9 +248,13 @@ class DeletionScores:
     #: the metrics averaged over facts in every summary (derived from the fields)
     METRICS: ClassVar[tuple[str, ...]] = ()
     #: the metrics every table and report shows, in this order (the rest stay in the files)
-    REPORTED: ClassVar[tuple[str, ...]] = ("rewrite_score", "paraphrase_score", "neighborhood_score",
-                                           "neighborhood_delta_acc", "random_delta_acc", "efficacy",
-                                           "target_rewrite_score")
+    REPORTED: ClassVar[tuple[str, ...]] = ("rewrite_score", "paraphrase_score", "generation_efficacy",
+                                           "generation_paraphrase_efficacy", "neighborhood_score",
+                                           "neighborhood_delta_acc", "random_delta_acc", "retention_drop",
+                                           "efficacy", "target_rewrite_score")
+    #: the denominators shown next to :attr:`REPORTED` (how many facts the retention covers; how
+    #: many facts / paraphrases the unedited model generated the answer for)
+    DENOMINATORS: ClassVar[tuple[str, ...]] = ("retention_n", "generation_acc_pre", "generation_paraphrase_acc_pre")
 
     @classmethod
     def from_json(cls, d: dict | None) -> "DeletionScores | None":
@@ -270,6 +297,9 @@ class PreMeasure:
         random_ids, random_acc: the other facts drawn for the random Δ-Acc and whether the
             unedited model answers each (greedy generation).
         text_readout: image facts: the readout of the fact's text form, else None.
+        generation: whether the unedited model's greedy continuation (``gen_tokens`` tokens) of
+            the prompt, then of each paraphrase, contains the answer
+            (:func:`defenses.evaluate.generation_hits`); None when not measured (``gen_tokens=0``).
     """
 
     fact_id: str
@@ -279,16 +309,18 @@ class PreMeasure:
     random_ids: list[str] = field(default_factory=list)
     random_acc: list[bool] = field(default_factory=list)
     text_readout: LayerReadout | None = None
+    generation: list[bool] | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, d: dict) -> "PreMeasure":
+        gen = d.get("generation")
         return cls(d["fact_id"], LayerReadout.from_json(d["readout"]),
                    {k: AttackOutcome.from_json(v) for k, v in d.get("outcomes", {}).items()},
                    FactProbs.from_json(d["probs"]), list(d.get("random_ids", [])), list(d.get("random_acc", [])),
-                   LayerReadout.from_json(d.get("text_readout")))
+                   LayerReadout.from_json(d.get("text_readout")), None if gen is None else [bool(x) for x in gen])
 
 
 @dataclass
@@ -518,6 +550,8 @@ class GridResult:
         per_layer: median logit-lens rank per layer, unedited (``pre``) and after each defense
             (``post[defense]``); ``per_layer_text`` the same for image facts' text forms.
         complete: every planned (defense, fact) unit is finished.
+        calibration: the matched-damage calibration in use (:func:`probe.jobs.calibrate.calibration_meta`),
+            None when each defense ran at its built-in settings.
     """
 
     model: str
@@ -539,6 +573,7 @@ class GridResult:
     seed: int = 0
     per_layer_text: dict | None = None
     image_examples: list | None = None
+    calibration: dict | None = None
 
     def to_dict(self) -> dict:
         """The ``grid.json`` content."""

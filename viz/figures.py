@@ -56,6 +56,8 @@ PHASES = ("pre", "post")
 #: Defense metrics drawn by :func:`defense_scores`, in order.
 #: the defense metrics drawn and tabulated (one list, from the result type)
 DEFENSE_KEYS = DeletionScores.REPORTED
+#: the damage measures among them (drawn grey: lower is better)
+DAMAGE_KEYS = ("neighborhood_delta_acc", "random_delta_acc", "retention_drop")
 
 _PHASE_COLOR = {"pre": "#1f77b4", "post": "#d62728"}
 _PHASE_LABEL = {"pre": "pre (before deletion)", "post": "post (after deletion)"}
@@ -327,7 +329,7 @@ def defense_scores(result: RunResult) -> go.Figure | None:
     vals = [float(d[k]) for k in keys]
     fig = go.Figure(go.Bar(
         x=keys, y=vals, text=[f"{v:.3f}" for v in vals], textposition="outside",
-        marker={"color": ["#7f7f7f" if k == "neighborhood_delta_acc" else "#2ca02c" for k in keys]},
+        marker={"color": ["#7f7f7f" if k in DAMAGE_KEYS else "#2ca02c" for k in keys]},
         hovertemplate="%{x}: %{y:.4f}<extra></extra>",
         meta={"kind": "defense"},
     ))

@@ -28,7 +28,7 @@ from .controls import (control_legend_html, hidden_table_html, is_lens, is_relea
                        unedited_excess)
 from .multimodal import grid_image_rank_figure, image_examples_html, modality_figure, modality_table_html
 
-SCORE_KEYS = DeletionScores.REPORTED + ("n_facts", "n_failed")
+SCORE_KEYS = DeletionScores.REPORTED + DeletionScores.DENOMINATORS + ("n_facts", "n_failed")
 _COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 
@@ -159,7 +159,8 @@ def _scores_table(grid: dict) -> str:
         vals = []
         for k in SCORE_KEYS:
             v = c.get(k)
-            vals.append("—" if v is None else (str(v) if isinstance(v, int) else f"{v:.3f}"))
+            vals.append("—" if v is None else (str(v) if isinstance(v, int) else
+                                               f"{v:.0f}" if k == "retention_n" else f"{v:.3f}"))
         rows.append(f"<tr><td>{html.escape(d)}</td>" + "".join(f"<td>{v}</td>" for v in vals) + "</tr>")
     return (f"<table id=\"defense-scores\"><thead><tr><th>defense</th>{head}</tr></thead><tbody>"
             + "".join(rows) + "</tbody></table>\n")

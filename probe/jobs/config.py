@@ -36,8 +36,16 @@ class JobConfig:
         retain_size, retain_similar: KL retain prompts per edit (see :mod:`defenses.retain`).
         random_n: other facts per edit for the random Δ-Acc (UnLOK-VQA: 10).
         acc_tokens: greedy tokens for the accuracy metrics.
+        gen_tokens: greedy tokens of the generation-based deletion scores (prompt and every
+            paraphrase, before and after the edit; 36 as the text paper's ``max_new_tokens``;
+            0 = not measured).
         batch_size: prompts per forward pass of the lens sweeps (None = automatic).
         seed: base seed (per-fact seeds derive from it and the fact id).
+        calibration: the matched-damage calibration in use (:meth:`probe.jobs.calibrate.Calibration.job_record`:
+            ``source``, ``editor``, target, per-objective ``settings``, calibration ``facts``), or ``{}``
+            for none: each objective then uses its built-in editor defaults. Its settings sit between
+            the objective's defaults and ``editor_config`` (explicit settings win); its facts are left
+            out of the evaluated facts.
     """
 
     attacks: list[str] = field(default_factory=lambda: list(RUN_ATTACKS))
@@ -52,8 +60,10 @@ class JobConfig:
     retain_similar: float = 1.0
     random_n: int = 10
     acc_tokens: int = 8
+    gen_tokens: int = 36
     batch_size: int | None = None
     seed: int = 0
+    calibration: dict = field(default_factory=dict)
     progress: bool = True
 
 

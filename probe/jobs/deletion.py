@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 from attacks import AttackContext, LensAttack, attack_readout, evaluate_attacks, make_attack
 from defenses import EditFailed, make_objective
 from defenses.base import editor_for
-from defenses.evaluate import (deletion_scores, fact_probs, random_accuracy, target_probs,
-                               target_scores)
+from defenses.evaluate import (deletion_scores, fact_probs, generation_hits, generation_scores, output_ranks,
+                               random_accuracy, retention_scores, target_probs, target_scores)
 
 from ..controls import Control, choose_controls
 from ..facts import Fact
@@ -42,8 +42,12 @@ class Plan:
         controls: fact id -> :class:`probe.controls.Control` of every attacked fact (set by
             :func:`known_facts` / :func:`choose_job_controls`).
         known: ids of the facts the unedited model knows (before ``max_facts``).
+        known_top1: the same facts, in file order -> whether the answer's first token is the unedited
+            model's top-1 output (the known-fact filter's sweep): the retention's "before"
+            (:func:`retention`).
         unknown: facts the unedited model never knew (answer's first token at rank >
             :data:`UNKNOWN_RANK` at the output): the relearning control.
+        n_calibration_excluded: known facts left out because they are calibration facts.
     """
 
     attacks: list
@@ -51,7 +55,9 @@ class Plan:
     pool: list[Fact] = field(default_factory=list)
     controls: dict[str, Control] = field(default_factory=dict)
     known: frozenset = frozenset()
+    known_top1: dict[str, bool] = field(default_factory=dict)
     unknown: list[Fact] = field(default_factory=list)
+    n_calibration_excluded: int = 0
 
     @property
     def control_answers(self) -> dict[str, str]:
@@ -99,9 +105,12 @@ def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str],
     for a in attacks:
         a.attack_layers(model.n_layers)  # validates explicit layers before anything is written
     defenses = {}
+    cal = cfg.calibration or {}
+    if cal and cal.get("editor") != cfg.editor:
+        raise ValueError(f"the calibration is for editor {cal.get('editor')!r}, the job uses {cfg.editor!r}")
     for d in defense_names:
         objective = make_objective(d, **cfg.objective_config.get(d, {}))
-        editor = editor_for(objective, cfg.editor, cfg.editor_config)
+        editor = editor_for(objective, cfg.editor, {**cal.get("settings", {}).get(d, {}), **cfg.editor_config})
         editor.check(model, objective, protocol)
         defenses[d] = (objective, editor)
     return Plan(attacks=attacks, defenses=defenses)
@@ -190,8 +199,8 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
     """The known-fact filter: one logit-lens sweep of the unedited model over every fact
     (:func:`is_known`), then at most ``cfg.max_facts`` known facts, evenly spaced; their controls
     (:func:`choose_job_controls`), and one sweep of the kept facts scoring every lens attack on the
-    answer and the control. Sets ``plan.known``, ``plan.unknown``, ``plan.controls`` and the same in
-    ``ctx``.
+    answer and the control. Sets ``plan.known``, ``plan.known_top1``, ``plan.unknown``,
+    ``plan.controls`` and the same in ``ctx``.
 
     Returns:
         ``([(fact, logit-lens readout, {lens attack: pre outcome}), ...], number of known facts
@@ -209,7 +218,12 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
     kept = [i for i, k in enumerate(known) if k]
     n_known = len(kept)
     plan.known = frozenset(facts[i].id for i in kept)
+    plan.known_top1 = {facts[i].id: reads[i].rank[-1] == 1 for i in kept}
     plan.unknown = [f for f, r in zip(facts, reads) if r.rank[-1] > UNKNOWN_RANK]
+    cal_keys = {tuple(k) for k in (cfg.calibration or {}).get("facts", [])}
+    if cal_keys:  # calibration facts are never evaluated (they still count for retention)
+        kept = [i for i in kept if (str(facts[i].prompt).strip(), facts[i].answer.strip()) not in cal_keys]
+        plan.n_calibration_excluded = n_known - len(kept)
     if cfg.max_facts:
         kept = evenly_spaced(kept, cfg.max_facts)
     if not kept:
@@ -232,16 +246,53 @@ def measure_pre(model, fact: Fact, readout: LayerReadout, lens_outcomes: dict[st
     """The unedited model's measurements of ``fact``, shared by every defense: every attack's
     outcome (the lens attacks' come from the filter's sweep), full-answer probabilities of prompt,
     paraphrases and neighbours (with neighbour accuracy), the random Δ-Acc draw and its accuracy,
-    and the image fact's text-form readout."""
+    the image fact's text-form readout, and whether the greedy ``cfg.gen_tokens``-token
+    continuations of prompt and paraphrases contain the answer (None when ``gen_tokens`` is 0)."""
 
     outcomes = dict(lens_outcomes)
     for a in plan.other_attacks:
         outcomes[a.name] = a.run(model, [fact], ctx)[0]
     probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
     rand = random_facts_for(fact, plan.pool, cfg.random_n, cfg.seed)
+    gen = generation_hits(model, [fact], max_new_tokens=cfg.gen_tokens)[0] if cfg.gen_tokens else None
     return PreMeasure(fact.id, readout, {a.name: outcomes[a.name] for a in plan.attacks}, probs,
                       [g.id for g in rand], random_accuracy(model, rand, max_new_tokens=cfg.acc_tokens),
-                      text_readouts(model, [fact])[0])
+                      text_readouts(model, [fact])[0], gen)
+
+
+def retention(edited, plan: Plan, deleted: Sequence[str], by_id: dict[str, Fact], cfg) -> dict:
+    """Retention scores of one edit (:func:`defenses.evaluate.retention_scores`): first-token top-1
+    accuracy on every fact of ``plan.known_top1`` except the ``deleted`` ids, before (from the
+    known-fact filter's sweep) and after (one batched output sweep of ``edited``,
+    :func:`defenses.evaluate.output_ranks`); empty when no such fact is left."""
+    deleted = set(deleted)
+    ids = [k for k in plan.known_top1 if k not in deleted]
+    if not ids:
+        return {}
+    post = output_ranks(edited, [by_id[k] for k in ids], batch_size=cfg.batch_size or 32)
+    return retention_scores([plan.known_top1[k] for k in ids], [r == 1 for r in post])
+
+
+def check_generation_lengths(model, facts: Sequence[Fact], gen_tokens: int) -> None:
+    """Before anything is written: every prompt and paraphrase of the facts to delete leaves room for
+    ``gen_tokens`` generated tokens in the model's context (the generation scores).
+
+    Raises:
+        PromptTooLongError: naming the fact's file, line and field, and ``--gen-tokens``.
+    """
+    from ..errors import PromptTooLongError
+    from ..tokens import tokenize
+
+    limit = model.context_length
+    if not gen_tokens or limit is None:
+        return
+    for f in facts:
+        file, line = f.where()
+        for fld, text in [("prompt", f.prompt)] + [(f"paraphrases[{i}]", p) for i, p in enumerate(f.paraphrases)]:
+            n_tok = len(tokenize(model.tokenizer, text))
+            if n_tok + gen_tokens > limit:
+                raise PromptTooLongError(f"{n_tok} tokens plus {gen_tokens} generated (--gen-tokens) exceed the "
+                                         f"model's context of {limit}", file=file, line=line, field=fld)
 
 
 def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], defense: str, plan: Plan, request,
@@ -249,7 +300,9 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
                      by_id: dict[str, Fact] | None = None) -> list[FactResult]:
     """Delete ``facts`` with one edit (``request``; one fact for the one-at-a-time protocol) by
     ``defense`` from a fresh copy of ``model``, then measure every attack and every score on the
-    edited model; the original weights are restored on return.
+    edited model -- including the retention on every other known fact (:func:`retention`, one
+    sweep per edit, all of ``facts`` left out) and the generation scores (for facts whose
+    ``pres`` have ``generation``); the original weights are restored on return.
 
     Args:
         pres: :func:`measure_pre` of each fact (parallel to ``facts``).
@@ -291,6 +344,10 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
         rand_post = [random_accuracy(edited, [by_id[g] for g in p.random_ids], max_new_tokens=cfg.acc_tokens)
                      for p in pres]
         t_post = [target_probs(edited, f, t) if t else None for f, t in zip(facts, targets)]
+        kept = retention(edited, plan, [f.id for f in facts], by_id, cfg)
+        gen_idx = [i for i, p in enumerate(pres) if p.generation is not None] if cfg.gen_tokens else []
+        gen_post = dict(zip(gen_idx, generation_hits(edited, [facts[i] for i in gen_idx],
+                                                     max_new_tokens=cfg.gen_tokens) if gen_idx else []))
         if during_edit is not None:
             for f in facts:
                 during_edit(edited, f)
@@ -304,6 +361,9 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
         if targets[i]:
             s.update(target_scores(t_pre[i], t_post[i]), target=targets[i])
         s["efficacy"] = float(post.rank[-1] > 1)
+        s.update(kept)
+        if i in gen_post:
+            s.update(generation_scores(pres[i].generation, gen_post[i]))
         r = base(i, f)
         r.post, r.scores, r.edit = post, DeletionScores(**s), info
         r.outcomes = {a.name: {"pre": pres[i].outcomes.get(a.name), "post": post_out[a.name][i]} for a in plan.attacks}

@@ -39,8 +39,10 @@ from ..facts import Fact, check_lengths
 from ..images import attach_images
 from ..interrupt import check as check_interrupt
 from ..results import Cell, DeletionScores, FactResult, GridResult, LayerReadout, PreMeasure, median
+from .calibrate import calibration_meta
 from .config import GridConfig, resolve_names
-from .deletion import Plan, attack_context, build_plan, image_examples, known_facts, measure_deletion, measure_pre
+from .deletion import (Plan, attack_context, build_plan, check_generation_lengths, image_examples, known_facts,
+                       measure_deletion, measure_pre)
 from ..jsonl import JsonlLog
 from .output import check_output, say_resumed
 
@@ -122,6 +124,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     pre_ctx = attack_context(plan, [], cfg)
     known, n_known = known_facts(model, facts, plan, cfg, pre_ctx, progress=cfg.progress)
     evaluated = frozenset(f.id for f, _, _ in known)
+    check_generation_lengths(model, [f for f, _, _ in known], cfg.gen_tokens)
     pre_ctx.deleted = evaluated
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / STAMP, json.dumps(stamp, indent=2))
@@ -182,7 +185,8 @@ def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units:
         n_facts_planned=n_facts_planned, defenses_started=sorted({u.defense for u in units}),
         complete=all((d, f) in done for d in defenses for f in pre) and len(pre) == n_facts_planned,
         mean_edit_seconds=round(sum(edit_s) / len(edit_s), 2) if edit_s else None,
-        seconds_this_session=round(time.time() - t0, 1), seed=cfg.seed, image_examples=examples or None)
+        seconds_this_session=round(time.time() - t0, 1), seed=cfg.seed, image_examples=examples or None,
+        calibration=calibration_meta(cfg, plan))
     if any(p.text_readout is not None for p in pre.values()):
         res.per_layer_text = per_layer({k: p.text_readout for k, p in pre.items()},
                                        [(u.defense, u.modal.text_post if u.modal else None) for u in ok],

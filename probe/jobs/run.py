@@ -33,9 +33,10 @@ from ..facts import Fact, check_lengths
 from ..images import attach_images
 from ..interrupt import check as check_interrupt
 from ..results import DeletionScores, FactResult, RunResult
+from .calibrate import calibration_meta
 from .config import RunConfig
-from .deletion import (Plan, attack_context, build_plan, choose_job_controls, evenly_spaced, image_examples,
-                       known_facts, measure_deletion, measure_pre, text_readouts)
+from .deletion import (Plan, attack_context, build_plan, check_generation_lengths, choose_job_controls, evenly_spaced,
+                       image_examples, known_facts, measure_deletion, measure_pre, text_readouts)
 from ..jsonl import JsonlLog, read_jsonl
 from .output import check_output, say_resumed
 
@@ -199,6 +200,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     known, n_known = known_facts(model, facts, plan, cfg, pre_ctx, progress=cfg.progress,
                                  desc="known-fact filter")
     evaluated = [f.id for f, _, _ in known]
+    check_generation_lengths(model, [f for f, _, _ in known], cfg.gen_tokens)
     pre_ctx.deleted = frozenset(evaluated)  # the unedited model's scratch space, shared by every fact
     embed_std = causal_setup(model, [f for f, _, _ in known], cfg.causal_traces)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,6 +249,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             "known_filter": {"rule": cfg.known, "max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known),
                              "n_never_known": len(plan.unknown)},
             "controls": control_label(plan.controls), "seed": cfg.seed,
+            "calibration": calibration_meta(cfg, plan),
             "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT},
             "image_examples": image_examples([f for f, _, _ in known])}
     return finish(summarize_run(model, ordered, plan, defense, meta), out)

@@ -480,6 +480,38 @@ def test_grid_cli_writes_cells_and_report(cli, facts_file, tmp_path):
     assert rc == 2 and "--resume" in err
 
 
+def test_retention_and_generation_scores_reach_results_tables_and_reports(cli, facts_file, tmp_path):
+    out_dir = tmp_path / "out"
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--max-facts", "2",
+                       "--gen-tokens", "3", *RUN_FAST)
+    assert rc == 0, err
+    d = strict_json((out_dir / "results.json").read_text())["defense"]
+    recs = read_jsonl(out_dir / "per_fact.jsonl")
+    # every fact is known at --known-rank 1000: each edit is scored on the 4 other facts
+    assert d["retention_n"] == 4 and all(r["scores"]["retention_n"] == 4 for r in recs)
+    assert d["retention_drop"] == pytest.approx(d["retention_acc_pre"] - d["retention_acc_post"])
+    assert d["retention_drop"] == pytest.approx(sum(r["scores"]["retention_drop"] for r in recs) / 2)
+    assert d["generation_acc_pre"] in (0.0, 0.5, 1.0) and json.loads((out_dir / "run.json").read_text())["gen_tokens"] == 3
+    line = next(x for x in out.splitlines() if x.strip().startswith("retention_drop"))
+    assert line.split()[1] == f"{d['retention_drop']:.3f}" and "on 4 other known facts" in line
+    assert "retention_drop" in (out_dir / "report.html").read_text()
+
+    grid_dir = tmp_path / "grid"
+    rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(grid_dir), "--defenses", "fact-erasure",
+                       "--attacks", "head-projection", "--max-facts", "1", "--random-n", "0", "--gen-tokens", "0",
+                       *RUN_FAST)
+    assert rc == 0, err
+    cell = strict_json((grid_dir / "grid.json").read_text())["cells"][0]
+    assert cell["retention_n"] == 4 and cell["generation_efficacy"] is None and cell["generation_acc_pre"] is None
+    head = next(x for x in out.splitlines() if x.startswith("defense ") and "rewrite" in x)
+    assert head.split() == ["defense", "rewrite", "gen", "paraphr", "genPara", "neighb", "nΔAcc", "rΔAcc", "retΔ",
+                            "target", "failed"]
+    row = next(x for x in out.splitlines()[out.splitlines().index(head) + 1:] if x.startswith("fact-erasure"))
+    assert row.split()[8] == f"{cell['retention_drop']:.3f}" and row.split()[2] == "—"
+    html = (grid_dir / "report.html").read_text()
+    assert "<th>retention_drop</th>" in html and "<th>retention_n</th>" in html
+
+
 @pytest.mark.parametrize("n", ["0", "-3"])
 def test_max_facts_must_be_positive(cli, facts_file, tmp_path, n):
     out_dir = tmp_path / "out"
@@ -623,7 +655,7 @@ def test_keyboard_interrupt_keeps_finished_facts_and_resumes(cli, facts_file, tm
 @pytest.mark.parametrize("argv, flags", [
     ([], ["run", "attack", "models"]),
     (["run"], ["--model", "--facts", "--out", "--attacks", "--defense", "--known-rank", "--max-facts", "--steps",
-               "--protocol", "--resume", "--seed"]),
+               "--protocol", "--resume", "--seed", "--gen-tokens"]),
     (["attack"], ["--model", "--facts", "--out", "--attacks", "--max-facts", "--resume"]),
 ])
 def test_help(capsys, argv, flags):
@@ -774,6 +806,7 @@ def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp
 @pytest.mark.parametrize("flag,value,needle", [("--steps", "0", "--steps must be >= 1"),
                                                ("--acc-tokens", "-1", "--acc-tokens must be >= 1"),
                                                ("--bb-tokens", "0", "--bb-tokens must be >= 1"),
+                                               ("--gen-tokens", "-1", "--gen-tokens must be >= 0"),
                                                ("--device", "cuda", "CUDA is not available")])
 def test_bad_numeric_flags_and_device_exit_2_and_write_nothing(cli, facts_file, tmp_path, flag, value, needle):
     out_dir = tmp_path / "out"
@@ -844,3 +877,59 @@ def test_a_relation_that_is_not_a_non_empty_string_is_refused(cli, tmp_path, val
     out_dir = tmp_path / "out"
     rc, out, err = cli("run", "--facts", str(path), "--out", str(out_dir), *RUN_FAST)
     assert_input_error(rc, out, err, "f.jsonl:2", "relation", out_dir=out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrate (issue 12 item 3)
+
+
+def test_calibrate_then_run_uses_the_calibration_and_leaves_its_facts_out(cli, facts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(ConstrainedFineTune, "calibration_ladder", ({"norm_bound": 1e-7, "lr": 1e-7},
+                                                                    {"norm_bound": 1e-6, "lr": 1e-6}))
+    monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path / "cache"))
+    rc, out, err = cli("calibrate", "--facts", str(facts_file), "--objectives", "fact-erasure", "--n-facts", "2",
+                       "--known-rank", "1000", "--quiet")
+    assert rc == 0, err
+    assert "fact-erasure" in out and "norm_bound=1e-06" in out
+    path = out.strip().splitlines()[-1].split("calibration: ")[1]
+    cal = json.loads(Path(path).read_text())
+    assert cal["complete"] and cal["objectives"]["fact-erasure"]["settings"]["norm_bound"] == 1e-6
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(tmp_path / "r"), *RUN_FAST)
+    assert rc == 0, err
+    assert "calibrated for matched damage" in out and path in out
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["defense"]["editor_config"]["norm_bound"] == 1e-6
+    assert res["calibration"]["n_excluded"] == 2 and res["calibration"]["source"] == path
+    cal_prompts = {p for p, _ in cal["facts"]}
+    done = read_jsonl(tmp_path / "r" / "per_fact.jsonl")
+    assert len(done) == len(FACTS) - 2 and not {f["prompt"] for f in done} & cal_prompts
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(tmp_path / "r2"), "--calibration", "none",
+                       "--norm-bound", "0.5", *RUN_FAST)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "r2" / "results.json").read_text())
+    assert res["defense"]["editor_config"]["norm_bound"] == 0.5 and res["calibration"] is None
+    assert len(read_jsonl(tmp_path / "r2" / "per_fact.jsonl")) == len(FACTS) and "built-in settings" in out
+
+
+@pytest.mark.parametrize("content, needle", [(None, "No such file"), ("{}", "not a probe-attack calibration"),
+                                             ("FOREIGN", "with editor constrained-ft, but the job uses")])
+def test_bad_calibration_file_is_one_line(cli, facts_file, tmp_path, content, needle):
+    path = tmp_path / "cal.json"
+    if content == "FOREIGN":
+        content = json.dumps({"model": "m", "fingerprint": "abc", "editor": "constrained-ft", "min_neighborhood": 0.9,
+                              "max_retention_drop": 0.02, "facts": [], "facts_file": "x", "objectives": {},
+                              "complete": True, "created": ""})
+    if content is not None:
+        path.write_text(content)
+    rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(tmp_path / "r"), "--calibration", str(path),
+                       *RUN_FAST)
+    assert_input_error(rc, out, err, str(path), "'calibration'", needle, out_dir=tmp_path / "r")
+
+
+@pytest.mark.parametrize("args, needle", [(["--n-facts", "0"], "--n-facts must be >= 1"),
+                                          (["--editor", "nope"], "unknown editor 'nope'"),
+                                          (["--objectives", "nope"], "unknown defense 'nope'"),
+                                          (["--min-neighborhood", "2"], "within [0, 1]")])
+def test_calibrate_bad_flags(cli, facts_file, args, needle):
+    rc, out, err = cli("calibrate", "--facts", str(facts_file), "--quiet", *args)
+    assert_input_error(rc, out, err, needle)
