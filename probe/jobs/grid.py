@@ -117,7 +117,8 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     stamp = {"command": "grid", "model": model.name, "model_fingerprint": model.fingerprint, "facts": facts_label,
              **{k: v for k, v in asdict(cfg).items() if k not in ("progress", "defenses")},
              "editor_config_resolved": {d: e.config() for d, (_, e) in plan.defenses.items()}}
-    check_output(out, "grid", stamp, resume, stamp_file=STAMP, ignore=("editor_config_resolved",))
+    check_output(out, "grid", stamp, resume, stamp_file=STAMP, ignore=("editor_config_resolved",),
+                 defaults=asdict(type(cfg)()))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
 

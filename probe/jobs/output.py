@@ -20,10 +20,12 @@ class RunError(ProbeAttackError):
 
 
 def check_output(out: str | Path, kind: str, stamp: dict, resume: bool, *, stamp_file: str,
-                 ignore: tuple[str, ...] = ()) -> Path:
+                 ignore: tuple[str, ...] = (), defaults: dict | None = None) -> Path:
     """Check that ``out`` can take a job of ``kind`` (``"run"`` or ``"grid"``): not a file, not
     holding the other kind, not holding results unless ``resume``, and on resume holding a job
-    with the same settings (``stamp`` keys other than ``ignore``). Writes nothing.
+    with the same settings (``stamp`` keys other than ``ignore``; a setting the earlier job's stamp
+    does not have -- one added to the toolkit since -- matches when it is at its value in
+    ``defaults``, the config's defaults). Writes nothing.
 
     Raises:
         RunError: any of those (the message says which and what to do).
@@ -41,7 +43,9 @@ def check_output(out: str | Path, kind: str, stamp: dict, resume: bool, *, stamp
         raise RunError(f"{out}: already holds {what} or choose another --out")
     if resume and (out / stamp_file).is_file():
         old = json.loads((out / stamp_file).read_text(encoding="utf-8"))
-        diff = [k for k in stamp if k not in ignore and old.get(k) != stamp[k]]
+        defaults = defaults or {}
+        diff = [k for k in stamp if k not in ignore and old.get(k) != stamp[k]
+                and not (k not in old and k in defaults and defaults[k] == stamp[k])]
         if diff:
             noun = "run" if kind == "run" else "grid"
             raise RunError(f"{out / stamp_file}: cannot resume, settings differ from the earlier {noun} in: "

@@ -140,7 +140,8 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     check_lengths(model, facts)
     choose_job_controls(model, plan, facts, None, cfg)
     stamp = _stamp(model, facts_label, cfg, "attack")
-    check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",))
+    check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",),
+                 defaults=asdict(type(cfg)()))
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
     log = JsonlLog(out / PER_FACT)
@@ -193,7 +194,8 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
     plan.pool = facts
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "run")
-    check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",))
+    check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",),
+                 defaults=asdict(type(cfg)()))
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     pre_ctx = attack_context(plan, [], cfg)

@@ -8,7 +8,9 @@ per-fact scores. Random Δ-Acc is new in ``run``; the grid's per-layer median is
 median (it was the upper median), so per-layer medians are compared through the per-fact ranks.
 The error-injection target of a fact without ``alt_answer`` used to share its random stream with
 the retain-prompt draw (``"{seed}:{fact_id}"``); it now has its own (:mod:`probe.seeds`), so the
-comparison runs with the old key for that one draw.
+comparison runs with the old key for that one draw. Issue 12 made the retain prompts leak-free
+(:mod:`defenses.retain`), a change of the loop's *input*; the comparison runs with the selection
+the golden file was written with.
 """
 
 from __future__ import annotations
@@ -77,18 +79,46 @@ def taught_tiny_llama(tokenizer):
     return m
 
 
+def legacy_retain_prompts(fact, facts, size, *, sim_frac=0.5, seed=0):
+    """The retain selection the golden file was written with (before issue 12's leak-free retain
+    sets, :mod:`defenses.retain`): the pool prompts most similar to the fact's by word overlap."""
+    from probe.seeds import RETAIN, fact_rng
+
+    def words(text):
+        w = text.lower().split()
+        return set(w) | set(zip(w, w[1:]))
+
+    if size <= 0:
+        return []
+    banned = {fact.prompt, *fact.paraphrases, *(n["prompt"] for n in fact.neighborhood)}
+    pool = sorted({g.prompt for g in facts if g.id != fact.id}
+                  | {n["prompt"] for g in facts if g.id != fact.id for n in g.neighborhood} - banned)
+    if len(pool) <= size:
+        return pool
+    ref = words(fact.prompt)
+    n_sim = int(round(size * sim_frac))
+    similar = sorted(pool, key=lambda p: (-len(ref & words(p)) / (1 + len(words(p))), p))[:n_sim]
+    rest = [p for p in pool if p not in set(similar)]
+    return similar + fact_rng(seed, RETAIN, fact.id).sample(rest, size - n_sim)
+
+
 @pytest.fixture(scope="module")
 def jobs(tiny_tokenizer, tmp_path_factory):
     from probe import seeds
+    from probe.jobs import grid as grid_mod, run as run_mod
 
     model = taught_tiny_llama(tiny_tokenizer)
     out = tmp_path_factory.mktemp("jobs")
     legacy = dict(seeds._LEGACY_KEYS)
     seeds._LEGACY_KEYS[seeds.ERROR_TARGET] = "{seed}:{fact_id}"  # the draw before it got its own stream
+    mp = pytest.MonkeyPatch()
+    for mod in (grid_mod, run_mod):  # the golden numbers' retain prompts (inputs of the loop, not the loop)
+        mp.setattr(mod, "retain_prompts", legacy_retain_prompts)
     try:
         grid = run_grid(model, FACTS, out / "grid", GridConfig(defenses=DEFENSES, **COMMON))
         run = run_main(model, FACTS, out / "run", RunConfig(**COMMON))
     finally:
+        mp.undo()
         seeds._LEGACY_KEYS.clear()
         seeds._LEGACY_KEYS.update(legacy)
     return grid, run, out
