@@ -34,7 +34,8 @@ class ConstrainedFineTune(Editor):
     Attributes:
         layer: decoder layer to edit; None = ``layer_frac`` of depth (:func:`probe.layers.layer_at_depth`).
         layer_frac: relative depth of the default layer.
-        steps: Adam steps per edit.
+        steps: Adam steps per edit (at most; an update the editor loop rejects is redone at half
+            the lr and counts as a step, see :meth:`defenses.editor.Editor.edit`).
         lr: Adam learning rate.
         norm_bound: element-wise bound on ``|W - W0|`` (the papers' ``norm_constraint``).
         retain_weight: weight of the KL retain loss (0 disables it).
@@ -73,14 +74,12 @@ class ConstrainedFineTune(Editor):
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)([param], lr=self.lr)
 
         def loss(step: int):
-            opt.zero_grad(set_to_none=True)
             return objective_step_loss(model, prep, objective, retain_ref, self.retain_weight)
 
-        def update(loss: torch.Tensor) -> None:
-            loss.backward()
+        def update() -> None:
             opt.step()
             with torch.no_grad():
                 param.copy_(torch.clamp(param, w0 - self.norm_bound, w0 + self.norm_bound))
 
         with only_trainable(model, [param]), torch.enable_grad():
-            yield Steps(self.steps, loss, update, stop)
+            yield Steps(self.steps, loss, update, [param], opt, stop=stop)

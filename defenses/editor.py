@@ -6,9 +6,13 @@ projection (``down_proj`` / ``c_proj`` / ``fc_out``) of a copy-on-write clone of
 
 * the edit layer (``layer``, else ``layer_frac`` of depth) and the weight's name;
 * :meth:`Editor.check`: every validation, before any output is written;
-* the step loop of :meth:`Editor.edit`: interrupt checks, the loss of each step, ONE non-finite
-  policy (restore the weight, raise :class:`EditFailed`), early stopping at the objective's
-  threshold (``early_stop``), restore on any error;
+* the step loop of :meth:`Editor.edit`: interrupt checks, the loss of each step, backward,
+  **stable updates** (an update that raised the total loss while moving the retain prompts by
+  more than :data:`RETAIN_KL_CAP` is undone and redone at half the learning rate, and recorded;
+  a NaN/inf loss after an update is such a rejection), ONE non-finite policy for the unedited
+  model (restore the weight, raise :class:`EditFailed`), early stopping at the objective's
+  threshold (``early_stop``) on accepted states, a final measuring pass (the edit ends on a
+  checked state), restore on any error;
 * :meth:`Editor.applied`: a context manager that edits, yields the edited model and the
   :class:`EditInfo`, and restores the original weight bit for bit on exit (also on error); the
   clone is made once per model and re-used across calls.
@@ -21,10 +25,11 @@ rank-one update).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field, fields
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator, Sequence
 
 import torch
 
@@ -36,9 +41,53 @@ from probe.model import ProbeModel, clone_model
 from probe.results import EditInfo
 
 from .base import DeletionRequest, Objective
-from .forward import stop_threshold
+from .forward import StepLoss, stop_threshold
 
 PROTOCOLS = ("one-at-a-time", "all-at-once")
+
+
+#: Retain KL (nats, batch mean of KL(unedited || edited) over the retain prompts) under which an
+#: update is accepted even though the total loss rose. 0.1 nats: by Pinsker's inequality the
+#: retain prompts' next-token distributions then move by at most sqrt(0.1 / 2) = 0.22 in total
+#: variation on average, so a top-1 answer leading by a clear margin keeps its place, while
+#: the small rises of a noisy objective (LoRA dropout, Adam overshoot near the objective's floor)
+#: do not stop progress. The Gemma-3-270M edit that broke " Ag" / " Fe" had a retain KL of ~5.6.
+RETAIN_KL_CAP = 0.1
+
+#: The lr is multiplied by this after every rejected update (a backtracking step size).
+LR_SHRINK = 0.5
+
+#: This many rejected updates in a row end the edit at the last accepted state. 8 lets the lr fall to
+#: 2^-8 of the configured one before giving up: the Gemma-3-270M gold edit with the SmolLM2-tuned
+#: constrained-FT settings (lr 1e-3) was first accepted at 2^-5, after five rejections.
+MAX_REJECTIONS = 8
+
+
+def accepted(total: float, retain_kl: float | None, last_total: float) -> bool:
+    """Whether an update is kept: its total loss is finite and not above ``last_total`` (the last
+    accepted state's), or its retain KL (nats; None: no retain term, i.e. 0) is at most
+    :data:`RETAIN_KL_CAP`."""
+    if not math.isfinite(total):
+        return False
+    kl = 0.0 if retain_kl is None else retain_kl
+    return total <= last_total or kl <= RETAIN_KL_CAP
+
+
+def _scaled_group_lr(optimizer: torch.optim.Optimizer | None) -> Callable[[float], None]:
+    """``set_lr(scale)`` for an optimizer whose lr does not change by itself: every param group's
+    lr as found now, times ``scale``.
+
+    Raises:
+        ValueError: no optimizer (the editor must then give ``Steps.set_lr``).
+    """
+    if optimizer is None:
+        raise ValueError("Steps needs an optimizer or a set_lr function (a rejected update halves the lr)")
+    base = [g["lr"] for g in optimizer.param_groups]
+
+    def set_lr(scale: float) -> None:
+        for g, lr in zip(optimizer.param_groups, base):
+            g["lr"] = lr * scale
+    return set_lr
 
 
 class EditFailed(RuntimeError):
@@ -89,20 +138,53 @@ class Steps:
     """The per-step work of one edit, supplied by an editor's :meth:`Editor._run`.
 
     Attributes:
-        n: the most forward passes.
-        loss: ``loss(step) -> (total loss tensor, objective value)``: zero the gradients and run
-            one forward pass (the base checks the value, records it and stops early).
-        update: ``update(loss)``: backward and optimiser step (and projection/clamp).
+        n: the most optimiser updates; the loop makes at most ``n + 1`` forward passes, the last
+            one only measuring (so the final state's loss is known and checked). With
+            ``measure_last`` the last of ``n`` passes only measures (ROME: ``n - 1`` updates,
+            as in the reference code).
+        loss: ``loss(step) -> StepLoss``: one forward pass (``step``: the 0-based pass index,
+            rejected passes included); the base zeroes ``params``' gradients and runs the
+            backward itself.
+        update: ``update()``: the optimiser step from the gradients in ``params[i].grad`` (and
+            the projection / clamp).
+        params: the trainable tensors (what :meth:`snapshot` copies; the weight for constrained
+            FT, the adapter's matrices for LoRA, ROME's delta).
+        optimizer: the optimiser over ``params`` (its state is part of the snapshot; its param
+            groups' lr is what a rejection halves unless ``set_lr`` is given), or None.
+        set_lr: ``set_lr(scale)``: set the lr to ``scale`` x the configured one (editors with an
+            lr schedule, or without an optimizer); None: every param group's lr as the loop
+            found it, times ``scale``.
         stop: the early-stopping threshold on the objective value (None: never).
-        measure_last: the last pass only measures (ROME: ``n - 1`` updates).
+        measure_last: the last of the ``n`` passes only measures (no extra pass).
+        extra: editor-specific numbers for :attr:`EditInfo.extra` (the loop adds its own).
     """
 
     n: int
-    loss: Callable[[int], tuple[torch.Tensor, float]]
-    update: Callable[[torch.Tensor], None]
+    loss: Callable[[int], StepLoss]
+    update: Callable[[], None]
+    params: Sequence[torch.Tensor]
+    optimizer: torch.optim.Optimizer | None = None
+    set_lr: Callable[[float], None] | None = None
     stop: float | None = None
     measure_last: bool = False
     extra: dict = field(default_factory=dict)
+
+    def snapshot(self) -> tuple:
+        """Exact copies of ``params``, their gradients and the optimizer state."""
+        with torch.no_grad():
+            return ([p.detach().clone() for p in self.params],
+                    [None if p.grad is None else p.grad.detach().clone() for p in self.params],
+                    None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()))
+
+    def restore(self, state: tuple) -> None:
+        """Put a :meth:`snapshot` back bit for bit (it can be restored again later)."""
+        values, grads, opt_state = state
+        with torch.no_grad():
+            for p, v, g in zip(self.params, values, grads):
+                p.copy_(v)
+                p.grad = None if g is None else g.clone()
+        if opt_state is not None:
+            self.optimizer.load_state_dict(copy.deepcopy(opt_state))
 
 
 class Editor:
@@ -206,29 +288,76 @@ class Editor:
         """Optimise ``objective`` on ``session.model`` in place (restore with
         ``session.restore()``; :meth:`applied` does both).
 
+        The loop (one place for every editor; see :data:`RETAIN_KL_CAP`): each pass measures the
+        state the last update made; an update is accepted only if its total loss did not rise
+        above the last accepted state's or the retain KL stays within :data:`RETAIN_KL_CAP`.
+        A rejected update is undone (``Steps.restore``: the trainable tensors, their gradients
+        and the optimizer's moments as they were before it), the lr is multiplied by
+        :data:`LR_SHRINK` and the same update is redone from the restored gradients (no extra
+        forward pass); :data:`MAX_REJECTIONS` rejections in a row end the edit at the last
+        accepted state. A NaN/inf total after an update is a rejection; on the unedited model
+        it raises :class:`EditFailed`. Early stopping (``Steps.stop``) looks at accepted states
+        only, and the final state is always an accepted, measured one.
+
+        Returns:
+            :class:`EditInfo`: ``losses`` the total loss of every accepted state (the unedited
+            model first), ``steps = len(losses)``; ``extra`` adds ``rejected_steps`` (0-based
+            indices of the passes that measured a rejected update; forward passes =
+            ``steps + len(rejected_steps)``), ``rejected_losses`` (their totals), ``lr_scale``
+            (the lr of the last update tried, relative to the configured lr: 0.5 per rejection)
+            and ``retain_kl`` (the final state's retain KL, nats; None without retain prompts).
+
         Raises:
-            EditFailed: the loss became NaN/inf (the weight is restored first).
+            EditFailed: the loss of the unedited model is NaN/inf (the weight is restored first).
             ValueError: invalid request or settings (nothing is modified).
         """
         t0 = time.perf_counter()
         losses: list[float] = []
+        rejected: list[int] = []
+        rejected_losses: list[float] = []
+        scale, retain = 1.0, None
         try:
             with self._run(session, objective, request) as steps:
-                for i in range(steps.n):
+                set_lr = steps.set_lr or _scaled_group_lr(steps.optimizer)
+                passes = steps.n if steps.measure_last else steps.n + 1
+                state = None  # snapshot before the last update (None: no update made yet)
+                in_a_row = 0
+                for i in range(passes):
                     check_interrupt()
-                    loss, obj_val = steps.loss(i)
-                    val = float(loss.detach())
+                    for p in steps.params:
+                        p.grad = None
+                    sl = steps.loss(i)
+                    val = float(sl.total.detach())
+                    if state is not None and not accepted(val, sl.retain_kl, losses[-1]):
+                        rejected.append(i)
+                        rejected_losses.append(val)
+                        in_a_row += 1
+                        steps.restore(state)
+                        if in_a_row >= MAX_REJECTIONS or i == passes - 1:
+                            break
+                        scale *= LR_SHRINK
+                        set_lr(scale)
+                        steps.update()  # the rejected update again, at the smaller lr
+                        continue
                     if not math.isfinite(val):
                         raise EditFailed(f"defense loss became {val} after {len(losses)} steps")
                     losses.append(val)
-                    if (steps.stop is not None and obj_val < steps.stop) or (steps.measure_last and i == steps.n - 1):
+                    retain = sl.retain_kl
+                    in_a_row = 0
+                    if (steps.stop is not None and sl.objective < steps.stop) or i == passes - 1:
                         break
-                    steps.update(loss)
+                    sl.total.backward()
+                    state = steps.snapshot()
+                    steps.update()
+                for p in steps.params:  # free the gradients (the final state is measured, not updated)
+                    p.grad = None
         except BaseException:
             session.restore()
             raise
+        extra = {**steps.extra, "rejected_steps": rejected, "rejected_losses": rejected_losses, "lr_scale": scale,
+                 "retain_kl": retain}
         return EditInfo(steps=len(losses), losses=losses, max_abs_change=session.max_abs_change(),
-                        parameter=session.param_name, seconds=time.perf_counter() - t0, extra=dict(steps.extra))
+                        parameter=session.param_name, seconds=time.perf_counter() - t0, extra=extra)
 
     def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):
         """Context manager yielding the :class:`Steps` of one edit; code after the ``yield`` runs

@@ -111,16 +111,40 @@ def retain_reference(model, prep: PreparedRequest) -> torch.Tensor | None:
         return objective_forward(model, prep)[1]
 
 
+@dataclass
+class StepLoss:
+    """The loss of one optimisation step (one forward pass), as the editor loop needs it.
+
+    Attributes:
+        total: the loss to minimise (scalar tensor with gradients): the objective plus the
+            editor's regularisers (``retain_weight`` x retain KL; ROME also its essence KL and
+            weight decay).
+        objective: the objective's own value (what early stopping compares; its unit is the
+            objective's: a probability, nats, or a hinge; may be negative).
+        retain_kl: the retain prompts' KL(unedited || current) (nats, batch mean, unweighted), or
+            None when the step has no retain term. The loop accepts a step whose ``total`` rose
+            while this stays under :data:`defenses.editor.RETAIN_KL_CAP`.
+    """
+
+    total: torch.Tensor
+    objective: float
+    retain_kl: float | None = None
+
+
 def objective_step_loss(model, prep: PreparedRequest, objective: Objective, retain_ref: torch.Tensor | None,
-                        retain_weight: float) -> tuple[torch.Tensor, float]:
-    """One traced forward's total loss (objective + ``retain_weight`` x retain KL, with gradients)
-    and the objective's own value (what early stopping compares)."""
+                        retain_weight: float) -> StepLoss:
+    """One traced forward's :class:`StepLoss`: the total loss (objective + ``retain_weight`` x
+    retain KL, with gradients), the objective's own value and the unweighted retain KL (nats;
+    None without retain prompts)."""
     inputs, retain_lp = objective_forward(model, prep)
     loss = objective.loss(inputs)
     obj_val = float(loss.detach())
+    kl = None
     if retain_ref is not None:
-        loss = loss + retain_weight * retain_kl(retain_lp, retain_ref)
-    return loss, obj_val
+        kl_t = retain_kl(retain_lp, retain_ref)
+        kl = float(kl_t.detach())
+        loss = loss + retain_weight * kl_t
+    return StepLoss(loss, obj_val, kl)
 
 
 def retain_kl(retain_lp: torch.Tensor, retain_ref: torch.Tensor) -> torch.Tensor:

@@ -154,18 +154,24 @@ class LoRA(Editor):
                 lora_layer.lora_dropout.train()
                 opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
-                def loss(step: int):
+                lr_at = {"step": 0, "scale": 1.0}
+
+                def apply_lr() -> None:
+                    factor = lr_factor(lr_at["step"], self.steps, self.warmup_ratio, self.schedule)
                     for group in opt.param_groups:
-                        group["lr"] = self.lr * lr_factor(step, self.steps, self.warmup_ratio, self.schedule)
-                    opt.zero_grad(set_to_none=True)
+                        group["lr"] = self.lr * lr_at["scale"] * factor
+
+                def set_lr(scale: float) -> None:  # the loop's backtracking, on top of the schedule
+                    lr_at["scale"] = scale
+                    apply_lr()
+
+                def loss(step: int):
+                    lr_at["step"] = step
+                    apply_lr()
                     return objective_step_loss(adapted, prep, objective, retain_ref, self.retain_weight)
 
-                def update(loss: torch.Tensor) -> None:
-                    loss.backward()
-                    opt.step()
-
                 with only_trainable(adapted, params), torch.enable_grad():
-                    yield Steps(self.steps, loss, update, stop)
+                    yield Steps(self.steps, loss, opt.step, params, opt, set_lr, stop=stop)
             with torch.no_grad():
                 tuner.merge_and_unload()  # W <- W + (alpha / r) B A, module tree back to the original
             merged = True

@@ -51,8 +51,20 @@ One fact per edit: ROME writes one key/value pair. A request with several prompt
 fact (input-rephrasing defense) is supported: delta is optimised over all of them (times the
 context prefixes), k* averages every row's key and v_init/k come from the first prompt. A request
 with several facts (the all-at-once protocol: different (subject, answer) pairs) raises
-ValueError. A ``None`` subject falls back to the prompt's last token (and drops the KL term, which
-needs a subject).
+ValueError. Every prompt needs its ``subject`` (the key is read at its last token): a request
+with a ``None`` or blank subject raises ValueError, and :func:`check_subjects` refuses such facts
+for a whole job before anything is written (keying on the prompt's last token instead -- "is" --
+would edit every prompt of the relation at once).
+
+**All v* steps.** ``early_stop`` defaults to None: the v* optimisation runs all ``v_steps``
+passes, as the text paper's reference code does for the deletion objectives; an explicit
+``early_stop`` (e.g. ``"auto"``) is honoured. The editor
+loop (:meth:`defenses.editor.Editor.edit`) may still reject an update that blew up the total loss
+(restoring delta and Adam's moments and halving ``v_lr``), recorded in ``EditInfo.extra``.
+
+**Our additions** (named in :meth:`ROME.config` and so in every run's ``editor_config``):
+``retain_weight`` (the exact-shift retain KL, below) and ``v_exact``; ``retain_weight=0,
+v_exact=False`` is the reference's ROME (with our statistics corpus and ridge ``mom2_ridge``).
 
 nnsight needs interventions in module execution order, so every defense layer of a
 hidden-state objective must be at or after the edit layer (the lens at the edit layer itself is
@@ -63,18 +75,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 
 from probe.arch import get_attr_path, mlp_out_envoy
+from probe.errors import InputError
 from probe.images import ImagePrompt, expanded_position
 from probe.model import ProbeModel, only_trainable
 from probe.tokens import encode_ids, tokenize, tokenize_with_offsets
 
 from .base import DeletionRequest, Objective, register_editor
 from .editor import EditFailed, Editor, EditSession, Steps
-from .forward import objective_forward, prepare, retain_kl
+from .forward import StepLoss, objective_forward, prepare, retain_kl
 from .rome_stats import key_covariance
 
 #: Context prefixes for the key average and the v* rows (the plain prompt is always row 0).
@@ -147,6 +160,32 @@ def _is_conv1d(module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def check_subjects(facts: Sequence) -> None:
+    """Refuse, before any output is written, facts ROME cannot edit: every fact needs a
+    ``subject`` (non-blank, a substring of its prompt; ROME keys the edit at its last token).
+
+    Args:
+        facts: :class:`probe.facts.Fact` objects (anything with ``id``, ``prompt``, ``subject``;
+            ``where()`` gives the file and line when present).
+
+    Raises:
+        InputError: (field ``subject``, with the fact's file and line when known) the first fact
+            without a subject, or whose subject does not occur in its prompt; the message names
+            the fact's id.
+    """
+    for f in facts:
+        file, line = f.where() if hasattr(f, "where") else (None, None)
+        subject = getattr(f, "subject", None)
+        if subject is None or not str(subject).strip():
+            raise InputError(f"fact {f.id!r} has no subject; the rome editor keys its edit on the subject's last "
+                             "token: add a `subject` (a substring of the prompt) or use --editor constrained-ft / lora",
+                             file=file, line=line, field="subject")
+        try:
+            subject_span(str(f.prompt), subject)
+        except ValueError as exc:
+            raise InputError(f"fact {f.id!r}: {exc}", file=file, line=line, field="subject") from None
+
+
 @register_editor("rome")
 @dataclass
 class ROME(Editor):
@@ -171,8 +210,10 @@ class ROME(Editor):
             final update's exact effect (0: plain ROME, retain prompts ignored).
         v_exact: optimise delta under the final update's exact effect on the deletion rows too
             (every token shifted by ``delta * (u . k_t)``) instead of ROME's subject-token delta.
-        early_stop: stop once the objective's loss is below this value; ``"auto"`` (default) uses
-            the objective's threshold (fact erasure: p < 0.01); None runs every step.
+        early_stop: stop once the objective's loss is below this value; ``"auto"`` uses the
+            objective's threshold (fact erasure: p < 0.01); None (default) runs all ``v_steps``,
+            as the text paper's reference code (R-TXT ``rome/compute_v.py``, method.md section
+            4.2: 20 steps) does for the deletion objectives.
     """
 
     layer: int | None = None
@@ -188,7 +229,7 @@ class ROME(Editor):
     mom2_ridge: float = 1e-2
     retain_weight: float = 5.0
     v_exact: bool = True
-    early_stop: float | str | None = "auto"
+    early_stop: float | str | None = None
 
     #: the edit size: v* steps and the clamp on |delta| / |v_init|
     calibration_ladder: ClassVar[tuple[dict, ...]] = (
@@ -235,10 +276,21 @@ class ROME(Editor):
         return layer
 
     @staticmethod
-    def _one_fact(request: DeletionRequest) -> list[str | None]:
+    def _one_fact(request: DeletionRequest) -> list[str]:
+        """The request's subjects (one per prompt), after checking that every prompt has one and
+        that they all name one fact.
+
+        Raises:
+            ValueError: a prompt without a subject, or several facts in one request.
+        """
         subjects = list(request.subjects) if request.subjects is not None else [None] * len(request.prompts)
         if len(subjects) != len(request.prompts):
             raise ValueError("request.subjects must have one entry per prompt")
+        for p, s in zip(request.prompts, subjects):
+            if s is None or not str(s).strip():
+                raise ValueError(f"rome keys its edit on the subject's last token, but the prompt {str(p)!r} has "
+                                 "no subject; give the fact a `subject` (a substring of its prompt) or use the "
+                                 "constrained-ft or lora editor")
         facts = {((s or "").strip().lower(), a.strip().lower()) for s, a in zip(subjects, request.answers)}
         if len(facts) > 1:
             raise ValueError("rome edits one fact (one subject and answer) per edit, but the request holds "
@@ -255,7 +307,8 @@ class ROME(Editor):
 
         Raises:
             ValueError: a defense layer precedes the edit layer, the request holds several facts,
-                or a subject does not occur in its prompt (nothing is modified).
+                a prompt has no subject, or a subject does not occur in its prompt (nothing is
+                modified).
             EditFailed: v* became non-finite (the base restores the weight).
         """
         model = session.model
@@ -269,9 +322,9 @@ class ROME(Editor):
         prompts, positions, row_subjects = [], [], []
         for ctx in ("",) + tuple(p for p in self.context_prefixes if p):
             for p, s in zip(request.prompts, subjects):
-                span = subject_span(p, s)
+                start, end = subject_span(p, s)
                 text = ctx + p
-                span = None if span is None else (span[0] + len(ctx), span[1] + len(ctx))
+                span = (start + len(ctx), end + len(ctx))
                 prompts.append(text)
                 positions.append(last_token_index(tok, text, span))
                 row_subjects.append(s)
@@ -279,12 +332,12 @@ class ROME(Editor):
         targets = None if request.targets is None else list(request.targets) * n_ctx
         req = DeletionRequest(prompts, list(request.answers) * n_ctx, [], targets, row_subjects)
         prep = prepare(model, objective, req, retain=False)
-        subject = next((s for s in subjects if s and s.strip()), None)
-        if subject is not None and self.kl_factor:
-            kl_text = self.kl_prompt.format(subject.strip())
+        subject = subjects[0].strip()
+        if self.kl_factor:
+            kl_text = self.kl_prompt.format(subject)
             i = self.kl_prompt.find("{}")
             prep.rows.append(tokenize(tok, kl_text))
-            positions.append(last_token_index(tok, kl_text, (i, i + len(subject.strip()))))
+            positions.append(last_token_index(tok, kl_text, (i, i + len(subject))))
 
         n_sub = len(prep.rows)  # rows whose subject's last token gets delta (deletion + essence)
         retain = [tokenize(tok, p) for p in request.retain_prompts] if self.retain_weight else []
@@ -344,8 +397,7 @@ class ROME(Editor):
         kl_ref = [None]
         n_ess = n_sub - prep.n_del
 
-        def loss(step: int):
-            opt.zero_grad(set_to_none=True)
+        def loss(step: int) -> StepLoss:
             inputs, extra_lp = objective_forward(model, prep, intervene=add_delta)
             obj = objective.loss(inputs)
             obj_val = float(obj.detach())
@@ -355,18 +407,20 @@ class ROME(Editor):
                     kl_ref[0] = extra_lp[:n_ess].detach()
                 total = total + self.kl_factor * torch.nn.functional.kl_div(
                     kl_ref[0], extra_lp[:n_ess], log_target=True, reduction="batchmean")
+            kl = None
             if retain_ref is not None:
-                total = total + self.retain_weight * retain_kl(extra_lp[n_ess:], retain_ref)
-            return total, obj_val
+                kl_t = retain_kl(extra_lp[n_ess:], retain_ref)
+                kl = float(kl_t.detach())
+                total = total + self.retain_weight * kl_t
+            return StepLoss(total, obj_val, kl)
 
-        def update(loss: torch.Tensor) -> None:
-            loss.backward()
+        def update() -> None:
             opt.step()
             with torch.no_grad():
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
 
-        steps = Steps(self.v_steps, loss, update, stop, measure_last=True)
+        steps = Steps(self.v_steps, loss, update, [delta], opt, stop=stop, measure_last=True)
         with only_trainable(model, []), torch.enable_grad():
             yield steps
 

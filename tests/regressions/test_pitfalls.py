@@ -810,9 +810,11 @@ def test_R1_constrained_ft_edits_only_its_weight(tiny_llama):
     sess = editor.session(model)
     name = sess.param_name
     assert name == "model.layers.0.mlp.down_proj.weight"
+    grads = []
+    hook = sess.param.register_hook(lambda g: grads.append(g.detach().clone()))
     info = editor.edit(sess, defenses.FactErasure(),
                        defenses.DeletionRequest(prompts=[P1, P2], answers=["Paris", "oxygen"]))
-    assert info.steps == 3 and len(info.losses) == 3
+    assert info.steps == 4 and len(info.losses) == 4  # 3 updates, then a pass measuring the last one
     assert all(torch.isfinite(torch.tensor(info.losses)))
     assert info.losses[-1] < info.losses[0]
 
@@ -822,8 +824,10 @@ def test_R1_constrained_ft_edits_only_its_weight(tiny_llama):
     assert change > 0
     assert change <= 1e-2 * (1 + 1e-5) + 1e-7
     assert info.max_abs_change == pytest.approx(change)
-    grad = sess.param.grad
-    assert grad is not None and torch.isfinite(grad).all() and grad.norm() > 0
+    hook.remove()
+    assert len(grads) == 3  # one backward per update
+    assert all(torch.isfinite(g).all() and g.norm() > 0 for g in grads)
+    assert sess.param.grad is None  # freed after the edit
 
     clone_state = sess.model.hf.state_dict()
     for k, v in clone_state.items():

@@ -27,8 +27,9 @@ P2, A2, S2 = "The capital of Japan is", "Tokyo", "Japan"
 # Tiny random models have MLP-output norms ~0.02, far below a real model's: ROME's GPT-J step size
 # (0.5) and weight decay (|delta| / |v_init|^2, not scale-free) are scaled for them. They also
 # route almost nothing from the subject token to the last one (an answer's p barely moves with any
-# delta there), so the tiny erasure tests key ROME on the prompt's last token (subject None);
-# the subject's last token is exercised by the rank-one, cache and SmolLM2 tests.
+# delta there), so the tiny erasure tests key ROME on the prompt's last token by naming the prompt's
+# last word as the subject (LAST, "is"; ROME refuses a fact without a subject); a real subject's
+# last token is exercised by the rank-one, cache and SmolLM2 tests.
 FAST_ROME = dict(mom2_tokens=1024, v_steps=12, v_lr=0.02, clamp_norm_factor=20, v_weight_decay=0.0,
                  early_stop=None)
 FAST_LORA = dict(steps=12, lr=5e-2, early_stop=None)
@@ -59,10 +60,13 @@ def fact(i, prompt, answer, subject):
     return Fact(str(i), prompt, answer, subject=subject)
 
 
-def known_fact(model, i, prompt, subject=None) -> Fact:
+LAST = "is"  # the last word of P1 and P2: as the subject, ROME keys on the prompt's last token
+
+
+def known_fact(model, i, prompt, subject=LAST) -> Fact:
     """A fact the random model "knows": its answer is the model's own best-ranked single-token
     prediction (a multi-token answer would have p ~ 1e-10 on a random model, too small for a
-    probability loss). No subject by default (see FAST_ROME)."""
+    probability loss). Subject: the prompt's last word by default (see FAST_ROME)."""
     return fact(i, prompt, top_answer(model, prompt, model.n_layers - 1), subject)
 
 
@@ -174,7 +178,8 @@ def test_applied_edits_a_reused_clone_and_restores(tiny_llama, kind):
                 pass
     assert_state(clones[0], orig)
     if kind == "rome":
-        assert set(info.extra) == {"delta_norm", "v_init_norm"}
+        assert set(info.extra) == {"delta_norm", "v_init_norm", "rejected_steps", "rejected_losses", "lr_scale",
+                                   "retain_kl"}
 
 
 @pytest.mark.parametrize("kind", ["constrained-ft", "lora", "rome"])
@@ -188,12 +193,131 @@ def test_non_finite_loss_restores_and_raises_edit_failed(tiny_llama, kind):
     orig = snapshot(tiny_llama)
     editor = make(kind, layer=0) if kind != "constrained-ft" else make_editor(kind, layer=0)
     with pytest.raises(defenses.EditFailed, match="nan") as err:
-        with editor.applied(tiny_llama, NaNObjective(), DeletionRequest([P1], [A1], subjects=[None])):
+        with editor.applied(tiny_llama, NaNObjective(), DeletionRequest([P1], [A1], subjects=[LAST])):
             pass
     assert isinstance(err.value, defenses.DefenseDiverged)
     sess = editor._cached_session(tiny_llama)
     assert_state(sess.model, orig) and sess.max_abs_change() == 0.0
     assert not any("lora" in k for k in sess.model.hf.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# stable updates: a rejected update is undone, redone at half the lr and recorded
+
+
+def test_acceptance_rule():
+    from defenses.editor import RETAIN_KL_CAP, accepted
+
+    # the Gemma-3-270M gold edit: total 0.274 -> 5.64 nats with the retain KL at 5.64: rejected
+    assert not accepted(5.64, 5.64, 0.274)
+    assert accepted(0.147, 0.06, 0.274)  # total fell
+    assert accepted(0.30, RETAIN_KL_CAP / 2, 0.274) and not accepted(0.30, 2 * RETAIN_KL_CAP, 0.274)
+    assert accepted(0.30, None, 0.274)  # no retain term: a rise alone is not a blow-up
+    assert not accepted(float("nan"), 0.0, 0.274) and not accepted(float("inf"), None, 0.274)
+    assert accepted(-2.0, 1.0, -1.5) and not accepted(-1.0, 1.0, -1.5)  # negative losses (max-entropy)
+
+
+class Uphill(defenses.Objective):
+    """A rigged objective: its value is the answer's probability p but its gradient is -dp/dW, so
+    every descent step, however small, raises the value (and the total loss)."""
+
+    cli_name = "uphill"
+
+    def loss(self, inputs):
+        p = torch.stack([lp.sum().exp() for lp in inputs.seq_logprobs]).mean()
+        return 2 * p.detach() - p
+
+
+def _request(answer=A1):
+    return DeletionRequest([P1], [answer], [P2, "Water is made of hydrogen and"], subjects=[LAST])
+
+
+def _recording(monkeypatch, name):
+    """Record (edited weight, total loss) at every constrained-FT forward pass."""
+    import defenses.constrained_ft as cft
+
+    seen, measure = [], cft.objective_step_loss
+
+    def recording(model, *a, **k):
+        out = measure(model, *a, **k)
+        seen.append((dict(model.hf.named_parameters())[name].detach().clone(), float(out.total.detach())))
+        return out
+
+    monkeypatch.setattr(cft, "objective_step_loss", recording)
+    return seen
+
+
+def test_rejected_update_is_redone_at_half_the_lr(tiny_llama, monkeypatch):
+    """lr 1.0 on the tiny model: the first update raises the total (the retain KL jumps 0 ->
+    0.022, more than p(answer) falls); with the KL clause switched off (cap -1) it is rejected
+    and redone from the same state and Adam moments at half the lr -- so each attempt is exactly
+    half the previous one -- until one lowers the total (the 8th, lr / 128); the edit then
+    continues from there at that lr."""
+    import defenses.editor as base
+
+    monkeypatch.setattr(base, "RETAIN_KL_CAP", -1.0)
+    editor = make_editor("constrained-ft", layer=0, lr=1.0, norm_bound=10.0, steps=12, early_stop=None)
+    name = editor.param_name(tiny_llama)
+    seen = _recording(monkeypatch, name)
+    orig = snapshot(tiny_llama)
+    with editor.applied(tiny_llama, make_objective("fact-erasure"), _request()) as edit:
+        info, final = edit.info, edit.model.hf.state_dict()[name].clone()
+    rejected = info.extra["rejected_steps"]
+    assert rejected == [1, 2, 3, 4, 5, 6, 7]  # measured: totals 0.0237, 0.0221, ..., 0.0038 > 0.0034
+    assert info.extra["rejected_losses"] == [seen[i][1] for i in rejected]
+    assert info.extra["lr_scale"] == 0.5 ** 7
+    assert len(seen) == 12 + 1 and info.steps == len(seen) - len(rejected)  # rejected passes count
+    assert info.losses == [t for i, (_, t) in enumerate(seen) if i not in rejected]
+    assert all(b <= a for a, b in zip(info.losses, info.losses[1:]))  # cap -1: the total never rises
+    first = seen[1][0] - orig[name]
+    assert first.abs().max() == pytest.approx(1.0, rel=1e-3)  # Adam's first step: lr per element
+    for k in range(2, 9):  # attempt k: the first update at lr / 2^(k-1), from the restored moments
+        torch.testing.assert_close(seen[k][0] - orig[name], first * 0.5 ** (k - 1), rtol=1e-4, atol=1e-8)
+    assert torch.equal(final, seen[-1][0])
+
+
+def test_max_rejections_end_the_edit_at_the_last_accepted_state(tiny_llama, monkeypatch):
+    import defenses.editor as base
+
+    monkeypatch.setattr(base, "RETAIN_KL_CAP", -1.0)
+    editor = make_editor("constrained-ft", layer=0, lr=1e-2, norm_bound=1.0, steps=20, early_stop=None)
+    name = editor.param_name(tiny_llama)
+    seen = _recording(monkeypatch, name)
+    orig = snapshot(tiny_llama)
+    with editor.applied(tiny_llama, Uphill(), _request()) as edit:
+        info, final = edit.info, edit.model.hf.state_dict()[name].clone()
+    n = base.MAX_REJECTIONS
+    assert info.extra["rejected_steps"] == list(range(1, n + 1)) and len(seen) == n + 1
+    assert info.extra["lr_scale"] == 0.5 ** (n - 1)  # halved before each redo, not after the last
+    assert info.losses == [seen[0][1]] and info.max_abs_change == 0.0
+    assert torch.equal(final, orig[name])  # the unedited weight, bit for bit
+    assert_state(tiny_llama, orig)
+
+
+@pytest.mark.parametrize("kind", ["constrained-ft", "lora", "rome"])
+def test_rejected_last_update_leaves_the_unedited_weight(tiny_llama, monkeypatch, kind):
+    """One update, rejected by the final measuring pass: every editor restores its trainable state
+    (the weight, the LoRA adapter, ROME's delta), so the edit writes nothing; under the documented
+    cap the same rise (retain KL ~1e-3 nats) is kept."""
+    import defenses.editor as base
+
+    cfg = {"constrained-ft": dict(layer=0, lr=1e-2, norm_bound=1.0, steps=1, early_stop=None),
+           "lora": dict(FAST_LORA, layer=0, steps=1), "rome": dict(FAST_ROME, layer=0, v_steps=2)}[kind]
+    editor = make_editor(kind, **cfg)
+    name = editor.param_name(tiny_llama)
+    orig = snapshot(tiny_llama)
+    monkeypatch.setattr(base, "RETAIN_KL_CAP", -1.0)
+    with editor.applied(tiny_llama, Uphill(), _request()) as edit:
+        info = edit.info
+        assert info.extra["rejected_steps"] == [1] and info.steps == 1
+        assert info.extra["rejected_losses"][0] > info.losses[0]
+        assert torch.equal(edit.model.hf.state_dict()[name], orig[name]) and info.max_abs_change == 0.0
+        assert not any("lora" in k for k in edit.model.hf.state_dict())
+    monkeypatch.setattr(base, "RETAIN_KL_CAP", 0.1)
+    with editor.applied(tiny_llama, Uphill(), _request()) as edit:
+        info = edit.info
+        assert info.extra["rejected_steps"] == [] and info.losses[1] > info.losses[0]
+        assert 0 < info.extra["retain_kl"] < 0.1 and info.max_abs_change > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +378,9 @@ def test_lora_retain_and_multi_prompt(tiny_llama):
     p0 = [prob(sess.model, p, a) for p, a in zip(req.prompts, req.answers)]
     info = editor.edit(sess, make_objective("fact-erasure"), req)
     p1 = [prob(sess.model, p, a) for p, a in zip(req.prompts, req.answers)]
-    assert sum(p1) < 0.5 * sum(p0) and len(info.losses) == FAST_LORA["steps"]
+    # every update measured (the last by an extra pass); rises under the retain-KL cap are accepted
+    assert sum(p1) < 0.5 * sum(p0) and len(info.losses) == FAST_LORA["steps"] + 1
+    assert info.extra["rejected_steps"] == [] and max(info.losses) > info.losses[0]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gemma3"])
@@ -309,7 +435,7 @@ def test_head_projection_pushes_answer_out_of_top_k(tiny_llama, kind):
     objective = HeadProjectionDefense(k=k, defense_layers=[1])
     editor = make(kind, layer=0, early_stop="auto", **({"v_steps": 20} if kind == "rome" else {"steps": 20}))
     sess = editor.session(model)
-    info = editor.edit(sess, objective, DeletionRequest([P1], [answer], subjects=[None]))
+    info = editor.edit(sess, objective, DeletionRequest([P1], [answer], subjects=[LAST]))
     after = lens_rank(sess.model, P1, answer, 1)
     assert after >= k > before, (before, after, info.losses)
     assert info.losses[-1] < info.losses[0]
@@ -333,7 +459,7 @@ def test_subject_token_positions(tiny_tokenizer):
         subject_span(prompt, "Berlin")
 
 
-@pytest.mark.parametrize("subject", [S1, None])
+@pytest.mark.parametrize("subject", [S1, LAST])
 def test_rome_rank_one_and_clamp(tiny_llama, subject):
     editor = make("rome", layer=0, clamp_norm_factor=4.0)  # layer 0: the subject token still feeds layer 1
     sess = editor.session(tiny_llama)
@@ -342,6 +468,52 @@ def test_rome_rank_one_and_clamp(tiny_llama, subject):
     info = editor.edit(sess, make_objective("fact-erasure"), erase_request(f))
     assert rank_of_change(sess.param, w0) == 1
     assert 0 < info.extra["delta_norm"] <= 4.0 * info.extra["v_init_norm"] * (1 + 1e-5)
+
+
+def test_rome_runs_every_v_step_by_default(tiny_llama):
+    """The reference runs all v* steps for the deletion objectives: the default never stops early,
+    even with the objective below its threshold from the first pass; an explicit "auto" does."""
+    assert ROME().early_stop is None and "early_stop" in ROME().config()
+    cfg = {k: v for k, v in FAST_ROME.items() if k != "early_stop"}
+    sess = ROME(layer=0, **cfg).session(tiny_llama)
+    req = DeletionRequest([P1], [A1], subjects=[LAST])  # p(" Paris") ~ 1e-10 < 0.01 from the start
+    assert prob(tiny_llama, P1, A1) < make_objective("fact-erasure").stop_below
+    info = ROME(layer=0, **cfg).edit(sess, make_objective("fact-erasure"), req)
+    assert info.steps == cfg["v_steps"] and info.extra["rejected_steps"] == []
+    sess.restore()
+    info = ROME(layer=0, early_stop="auto", **cfg).edit(sess, make_objective("fact-erasure"), req)
+    assert info.steps == 1 and info.max_abs_change == 0.0
+
+
+@pytest.mark.parametrize("subject", [None, "  "])
+def test_rome_refuses_a_prompt_without_subject(tiny_llama, subject):
+    orig = snapshot(tiny_llama)
+    editor = make("rome", layer=0)
+    sess = editor.session(tiny_llama)
+    with pytest.raises(ValueError, match="'The capital of France is' has no subject"):
+        editor.edit(sess, make_objective("fact-erasure"), DeletionRequest([P1], [A1], subjects=[subject]))
+    with pytest.raises(ValueError, match="has no subject"):  # no subjects at all
+        editor.edit(sess, make_objective("fact-erasure"), DeletionRequest([P1], [A1]))
+    assert_state(sess.model, orig)
+
+
+def test_check_subjects_before_a_job(tmp_path):
+    from defenses.rome import check_subjects
+    from probe.errors import InputError
+    from probe.facts import load_facts, load_jsonl
+
+    check_subjects(load_facts())  # every built-in fact has a subject
+    path = tmp_path / "facts.jsonl"
+    path.write_text('{"id": "fr", "prompt": "The capital of France is", "answer": "Paris", "subject": "France"}\n'
+                    '{"id": "jp", "prompt": "The capital of Japan is", "answer": "Tokyo"}\n')
+    facts = load_jsonl(path)
+    check_subjects(facts[:1])
+    with pytest.raises(InputError, match="fact 'jp' has no subject") as err:
+        check_subjects(facts)
+    assert err.value.field == "subject" and err.value.line == 2 and str(path) in str(err.value)
+    with pytest.raises(InputError, match="fact 'x'.*does not occur") as err:
+        check_subjects([Fact("x", P1, A1, subject="Berlin")])
+    assert err.value.field == "subject"
 
 
 def test_rome_covariance_cache(tiny_llama, make_tiny, tmp_path, monkeypatch):
@@ -394,7 +566,7 @@ def test_rome_one_fact_per_edit(tiny_llama):
     obj = make_objective("input-rephrasing")
     f = known_fact(tiny_llama, 1, P1)
     req = obj.request(f, [], [])
-    assert len(req.prompts) == 5 and req.subjects == [None] * 5
+    assert len(req.prompts) == 5 and req.subjects == [LAST] * 5
     p0 = [prob(sess.model, p, f.answer) for p in req.prompts]
     editor.edit(sess, obj, req)
     assert sum(prob(sess.model, p, f.answer) for p in req.prompts) < 0.5 * sum(p0)
@@ -406,7 +578,7 @@ def test_rome_target_objective(tiny_llama):
     editor = make("rome", layer=0)
     sess = editor.session(tiny_llama)
     obj = make_objective("error-injection")
-    f = Fact("1", P1, A1, alt_answer="Rome")
+    f = Fact("1", P1, A1, alt_answer="Rome", subject=LAST)
     req = obj.request(f, [f], [])
     assert req.targets == ["Rome"] and A1 != "Rome"
     p0, t0 = prob(sess.model, P1, A1), prob(sess.model, P1, "Rome")

@@ -75,15 +75,10 @@ def toys():
             opt = torch.optim.SGD([param], lr=self.lr)
 
             def loss(step):
-                opt.zero_grad(set_to_none=True)
                 return objective_step_loss(model, prep, objective, None, 0.0)
 
-            def update(total):
-                total.backward()
-                opt.step()
-
             with only_trainable(model, [param]), torch.enable_grad():
-                yield Steps(self.steps, loss, update, None)
+                yield Steps(self.steps, loss, opt.step, [param], opt)
 
     yield ToyTop1, ToyLogprob, ToySGD
     for registry, keys in zip(registries, before):
@@ -104,7 +99,7 @@ def test_toy_attack_objective_and_editor_reach_the_grid_and_report(toys, tiny_ll
     for u in units:
         post = u["outcomes"]["toy-top1"]["post"]
         assert post["best_rank"] == u["post"]["rank"][-1] and post["success"] == (u["post"]["rank"][-1] == 1)
-        assert u["edit"]["steps"] == 3 and u["edit"]["parameter"] == "model.layers.0.mlp.down_proj.weight"
+        assert u["edit"]["steps"] == 4 and u["edit"]["parameter"]  # 3 updates, each measured == "model.layers.0.mlp.down_proj.weight"
         assert u["edit"]["max_abs_change"] > 0  # the toy editor really edits
     html = (tmp_path / "g" / "report.html").read_text()
     assert "toy-top1" in html and "toy-logprob" in html

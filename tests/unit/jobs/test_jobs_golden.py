@@ -104,6 +104,7 @@ def legacy_retain_prompts(fact, facts, size, *, sim_frac=0.5, seed=0):
 
 @pytest.fixture(scope="module")
 def jobs(tiny_tokenizer, tmp_path_factory):
+    import defenses.editor
     from probe import seeds
     from probe.jobs import grid as grid_mod, run as run_mod
 
@@ -114,6 +115,10 @@ def jobs(tiny_tokenizer, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     for mod in (grid_mod, run_mod):  # the golden numbers' retain prompts (inputs of the loop, not the loop)
         mp.setattr(mod, "retain_prompts", legacy_retain_prompts)
+    # the golden edits predate stable updates (issue 12 item 2): with lr 5e-2 two of them have a
+    # retain KL of 2.3-2.4 nats, which the loop now rejects; an infinite cap accepts every finite
+    # update, i.e. the loop as it was (its extra measuring pass changes no weight)
+    mp.setattr(defenses.editor, "RETAIN_KL_CAP", float("inf"))
     try:
         grid = run_grid(model, FACTS, out / "grid", GridConfig(defenses=DEFENSES, **COMMON))
         run = run_main(model, FACTS, out / "run", RunConfig(**COMMON))

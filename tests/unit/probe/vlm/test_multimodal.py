@@ -4,6 +4,7 @@ expansion, answer positions, batching, generation, edits and bad input."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -232,6 +233,9 @@ def test_lora_and_rome_edits_on_vlm(tiny_vlm, flag_facts, editor_name, config, t
 
     monkeypatch.setenv("PROBE_ATTACK_CACHE", str(tmp_path))
     fact = attach_images(tiny_vlm, flag_facts[:1])[0]
+    if editor_name == "rome":  # ROME refuses a fact without subject; a tiny random model routes little
+        # from earlier tokens, so key on the prompt's last token ("... this country is")
+        fact = dataclasses.replace(fact, subject="country is")
     before = sequence_logprobs(tiny_vlm, [fact.prompt], [fact.answer])[0].sum()
     obj = make_objective("fact-erasure")
     editor = editor_for(obj, editor_name, config)
