@@ -167,13 +167,16 @@ class EditInfo:
     """What one edit did (every editor returns it; JSON via :func:`dataclasses.asdict`).
 
     Attributes:
-        steps: forward passes of the optimisation (= ``len(losses)``).
-        losses: the total loss of every step (objective + the editor's regularisers).
+        steps: accepted states measured (= ``len(losses)``: the unedited model, then every
+            accepted update; forward passes = ``steps + len(extra["rejected_steps"])``).
+        losses: the total loss of every accepted state (objective + the editor's regularisers).
         max_abs_change: largest absolute change of the edited weight.
         parameter: the edited weight's fully-qualified name.
         seconds: wall-clock time of the edit.
-        extra: editor-specific numbers (ROME: ``delta_norm``, ``v_init_norm``).
-        final_loss: the last step's loss (None when no step ran).
+        extra: the editor loop's ``rejected_steps``, ``rejected_losses``, ``lr_scale``,
+            ``retain_kl`` (:meth:`defenses.editor.Editor.edit`) and editor-specific numbers (ROME:
+            ``delta_norm``, ``v_init_norm``).
+        final_loss: the final (accepted) state's loss (None when no step ran).
     """
 
     steps: int
