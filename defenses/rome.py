@@ -15,7 +15,8 @@ With W the MLP output projection (``down_proj`` / ``c_proj``) of the edit layer:
 2. **Value** v* = v_init + delta: v_init is W's output at the subject's last token of the plain
    prompt; delta ``[d_model]`` is added to W's output at the subject's last token of every row
    (each row's column computed from its left padding) and optimised with Adam
-   (``v_steps`` = 20 forward passes, ``v_lr`` = 0.5) on::
+   (``v_steps`` = 20 updates for the deletion objectives, 20 passes of which 19 update for the
+   target objectives, as in the reference code; ``v_lr`` = 0.5) on::
 
        objective(rows) + kl_factor * KL(p_delta || p_0)["{subject} is a"] + v_weight_decay * |delta| / |v_init|^2
 
@@ -195,8 +196,10 @@ class ROME(Editor):
         layer: decoder layer to edit; None = ``layer_frac`` of depth (:func:`probe.layers.layer_at_depth`).
         layer_frac: relative depth of the default layer (ROME edits layer 5-7 of 28-32: ~0.2;
             SmolLM2-135M: layer 6 of 30).
-        v_steps: forward passes of the v* optimisation (the last one only measures, as in the
-            reference code, so ``v_steps - 1`` Adam updates).
+        v_steps: Adam updates of the v* optimisation for the deletion objectives (then one
+            measuring pass), as the text paper's reference code runs them; for the target
+            objectives (empty response, error injection) ``v_steps`` forward passes of which the
+            last only measures (``v_steps - 1`` updates), as ROME's reference code.
         v_lr: Adam learning rate for delta.
         clamp_norm_factor: ``|delta| <= clamp_norm_factor * |v_init|`` after every step.
         v_weight_decay: weight of ``|delta| / |v_init|^2``.
@@ -420,7 +423,10 @@ class ROME(Editor):
                 if delta.norm() > max_norm:
                     delta.mul_(max_norm / delta.norm())
 
-        steps = Steps(self.v_steps, loss, update, [delta], opt, stop=stop, measure_last=True)
+        # the reference code's last pass only measures for ROME's own target loss (empty response,
+        # error injection); for the deletion objectives all v_steps passes update (R-TXT compute_v.py)
+        steps = Steps(self.v_steps, loss, update, [delta], opt, stop=stop,
+                      measure_last=objective.target_kind == "target")
         with only_trainable(model, []), torch.enable_grad():
             yield steps
 
