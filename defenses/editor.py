@@ -243,6 +243,14 @@ class Editor:
     def _check(self, model: ProbeModel, objective: Objective) -> None:
         """Editor-specific validation (default: none)."""
 
+    def check_facts(self, facts) -> None:
+        """Refuse, before a job writes anything, facts this editor cannot edit (default: none;
+        ROME needs subjects).
+
+        Raises:
+            InputError: naming the fact's file, line and field.
+        """
+
     # -- sessions -------------------------------------------------------------------------
     def session(self, model: ProbeModel) -> EditSession:
         """A new copy-on-write clone of ``model`` owning a private copy of the edited weight."""

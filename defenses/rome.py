@@ -258,6 +258,10 @@ class ROME(Editor):
             self._mom2[key] = key_covariance(model, layer, param_name, n_tokens=self.mom2_tokens)
         return self._mom2[key]
 
+    def check_facts(self, facts) -> None:
+        """Every fact needs a subject in its prompt (:func:`check_subjects`)."""
+        check_subjects(facts)
+
     def _check(self, model: ProbeModel, objective: Objective) -> None:
         """Every defense layer of ``objective`` must be at or after the edit layer."""
         self.check_layers(model, objective)

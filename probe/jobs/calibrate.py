@@ -271,6 +271,7 @@ def calibrate(model, facts: Sequence[Fact], cfg: CalibrateConfig, *, facts_label
         for rung in ladder:
             editor = editor_for(objective, cfg.editor, {**rung, **cfg.editor_config})
             editor.check(model, objective)
+            editor.check_facts([f for f, _, _ in chosen])
             settings = {k: getattr(editor, k) for k in sorted({*rung, *cfg.editor_config})}
             key = json.dumps(settings, sort_keys=True)
             rplan = dataclasses.replace(plan, defenses={obj_name: (objective, editor)})

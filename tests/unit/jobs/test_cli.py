@@ -935,3 +935,14 @@ def test_bad_calibration_file_is_one_line(cli, facts_file, tmp_path, content, ne
 def test_calibrate_bad_flags(cli, facts_file, args, needle):
     rc, out, err = cli("calibrate", "--facts", str(facts_file), "--quiet", *args)
     assert_input_error(rc, out, err, needle)
+
+
+@pytest.mark.parametrize("command", ["run", "grid"])
+def test_rome_refuses_facts_without_subject_before_writing(cli, facts_file, tmp_path, command):
+    """issue 12 item 6: ROME keys its edit at the subject's last token; a fact without one is refused
+    (not keyed on the prompt's last token, which every prompt of the relation shares)."""
+    extra = ["--defenses", "fact-erasure"] if command == "grid" else []
+    rc, out, err = cli(command, "--facts", str(facts_file), "--out", str(tmp_path / "o"), "--editor", "rome",
+                       "--calibration", "none", "--known-rank", "1000", "--quiet", *extra)
+    assert_input_error(rc, out, err, f"{facts_file}:1", "'subject'", "fact 'france' has no subject",
+                       out_dir=tmp_path / "o")
