@@ -8,7 +8,8 @@ projection (``down_proj`` / ``c_proj`` / ``fc_out``) of a copy-on-write clone of
 * :meth:`Editor.check`: every validation, before any output is written;
 * the step loop of :meth:`Editor.edit`: interrupt checks, the loss of each step, backward,
   **stable updates** (an update that raised the total loss while moving the retain prompts by
-  more than :data:`RETAIN_KL_CAP` is undone and redone at half the learning rate, and recorded;
+  more than :data:`RETAIN_KL_CAP` is undone and redone at half the learning rate with fresh
+  optimizer moments, and recorded;
   a NaN/inf loss after an update is such a rejection), ONE non-finite policy for the unedited
   model (restore the weight, raise :class:`EditFailed`), early stopping at the objective's
   threshold (``early_stop``) on accepted states, a final measuring pass (the edit ends on a
@@ -25,7 +26,6 @@ rank-one update).
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from dataclasses import dataclass, field, fields
@@ -149,8 +149,9 @@ class Steps:
             the projection / clamp).
         params: the trainable tensors (what :meth:`snapshot` copies; the weight for constrained
             FT, the adapter's matrices for LoRA, ROME's delta).
-        optimizer: the optimiser over ``params`` (its state is part of the snapshot; its param
-            groups' lr is what a rejection halves unless ``set_lr`` is given), or None.
+        optimizer: the optimiser over ``params`` (a rejection clears its state, see
+            :meth:`restore`; its param groups' lr is what a rejection halves unless ``set_lr`` is
+            given), or None.
         set_lr: ``set_lr(scale)``: set the lr to ``scale`` x the configured one (editors with an
             lr schedule, or without an optimizer); None: every param group's lr as the loop
             found it, times ``scale``.
@@ -170,21 +171,28 @@ class Steps:
     extra: dict = field(default_factory=dict)
 
     def snapshot(self) -> tuple:
-        """Exact copies of ``params``, their gradients and the optimizer state."""
+        """Exact copies of ``params`` and their gradients."""
         with torch.no_grad():
             return ([p.detach().clone() for p in self.params],
-                    [None if p.grad is None else p.grad.detach().clone() for p in self.params],
-                    None if self.optimizer is None else copy.deepcopy(self.optimizer.state_dict()))
+                    [None if p.grad is None else p.grad.detach().clone() for p in self.params])
 
     def restore(self, state: tuple) -> None:
-        """Put a :meth:`snapshot` back bit for bit (it can be restored again later)."""
-        values, grads, opt_state = state
+        """Put a :meth:`snapshot` back bit for bit (it can be restored again later) and clear the
+        optimizer's state (Adam's moments and step count).
+
+        Why clear rather than restore the moments: the rejected update's direction is Adam's
+        m/sqrt(v), which carries earlier steps' momentum and need not be a descent direction for
+        the current gradient, so shrinking the lr along it can fail forever (SmolLM2, "The
+        capital of France is": eight halvings, each raising the total by ~1e-4). With fresh
+        moments the redo is Adam's first step, lr * g / (|g| + eps) ~ lr * sign(g), which lowers
+        the loss once the lr is small enough. For the first update the two are the same."""
+        values, grads = state
         with torch.no_grad():
             for p, v, g in zip(self.params, values, grads):
                 p.copy_(v)
                 p.grad = None if g is None else g.clone()
-        if opt_state is not None:
-            self.optimizer.load_state_dict(copy.deepcopy(opt_state))
+        if self.optimizer is not None:
+            self.optimizer.state.clear()
 
 
 class Editor:
@@ -299,10 +307,10 @@ class Editor:
         The loop (one place for every editor; see :data:`RETAIN_KL_CAP`): each pass measures the
         state the last update made; an update is accepted only if its total loss did not rise
         above the last accepted state's or the retain KL stays within :data:`RETAIN_KL_CAP`.
-        A rejected update is undone (``Steps.restore``: the trainable tensors, their gradients
-        and the optimizer's moments as they were before it), the lr is multiplied by
-        :data:`LR_SHRINK` and the same update is redone from the restored gradients (no extra
-        forward pass); :data:`MAX_REJECTIONS` rejections in a row end the edit at the last
+        A rejected update is undone (``Steps.restore``: the trainable tensors and their gradients
+        as they were before it; the optimizer's moments are cleared), the lr is multiplied by
+        :data:`LR_SHRINK` and the update is redone from the restored gradients (no extra forward
+        pass); :data:`MAX_REJECTIONS` rejections in a row end the edit at the last
         accepted state. A NaN/inf total after an update is a rejection; on the unedited model
         it raises :class:`EditFailed`. Early stopping (``Steps.stop``) looks at accepted states
         only, and the final state is always an accepted, measured one.

@@ -61,7 +61,7 @@ would edit every prompt of the relation at once).
 passes, as the text paper's reference code does for the deletion objectives; an explicit
 ``early_stop`` (e.g. ``"auto"``) is honoured. The editor
 loop (:meth:`defenses.editor.Editor.edit`) may still reject an update that blew up the total loss
-(restoring delta and Adam's moments and halving ``v_lr``), recorded in ``EditInfo.extra``.
+(restoring delta, clearing Adam's moments and halving ``v_lr``), recorded in ``EditInfo.extra``.
 
 **Our additions** (named in :meth:`ROME.config` and so in every run's ``editor_config``):
 ``retain_weight`` (the exact-shift retain KL, below) and ``v_exact``; ``retain_weight=0,

@@ -250,9 +250,9 @@ def _recording(monkeypatch, name):
 def test_rejected_update_is_redone_at_half_the_lr(tiny_llama, monkeypatch):
     """lr 1.0 on the tiny model: the first update raises the total (the retain KL jumps 0 ->
     0.022, more than p(answer) falls); with the KL clause switched off (cap -1) it is rejected
-    and redone from the same state and Adam moments at half the lr -- so each attempt is exactly
-    half the previous one -- until one lowers the total (the 8th, lr / 128); the edit then
-    continues from there at that lr."""
+    and redone from the same state at half the lr with fresh Adam moments -- so each attempt is
+    exactly half the previous one -- until one lowers the total (the 8th, lr / 128); the edit
+    then continues from there at that lr."""
     import defenses.editor as base
 
     monkeypatch.setattr(base, "RETAIN_KL_CAP", -1.0)
@@ -271,9 +271,35 @@ def test_rejected_update_is_redone_at_half_the_lr(tiny_llama, monkeypatch):
     assert all(b <= a for a, b in zip(info.losses, info.losses[1:]))  # cap -1: the total never rises
     first = seen[1][0] - orig[name]
     assert first.abs().max() == pytest.approx(1.0, rel=1e-3)  # Adam's first step: lr per element
-    for k in range(2, 9):  # attempt k: the first update at lr / 2^(k-1), from the restored moments
+    for k in range(2, 9):  # attempt k: the first update at lr / 2^(k-1)
         torch.testing.assert_close(seen[k][0] - orig[name], first * 0.5 ** (k - 1), rtol=1e-4, atol=1e-8)
     assert torch.equal(final, seen[-1][0])
+
+
+def test_a_rejected_later_update_is_redone_with_fresh_moments(tiny_llama, monkeypatch):
+    """The second update is rejected (a rigged rule): the weight goes back to the first update's,
+    bit for bit, and the redo is Adam's *first* step from that state's gradient g at half the lr,
+    lr/2 * g / (|g| + eps) -- the momentum of the first update is dropped (it need not point
+    downhill for the current gradient)."""
+    import defenses.editor as base
+
+    calls = []
+    monkeypatch.setattr(base, "accepted", lambda *a: calls.append(a) or len(calls) != 2)
+    lr = 1e-2
+    editor = make_editor("constrained-ft", layer=0, lr=lr, norm_bound=1.0, steps=3, early_stop=None)
+    name = editor.param_name(tiny_llama)
+    seen = _recording(monkeypatch, name)
+    sess = editor.session(tiny_llama)
+    grads = []
+    hook = sess.param.register_hook(lambda g: grads.append(g.detach().clone()))
+    info = editor.edit(sess, make_objective("fact-erasure"), _request())
+    hook.remove()
+    assert info.extra["rejected_steps"] == [2] and info.extra["lr_scale"] == 0.5 and len(seen) == 4
+    assert len(grads) == 2  # backward at passes 0 and 1 (the redo reuses pass 1's gradient)
+    w1, w3 = seen[1][0], seen[3][0]
+    torch.testing.assert_close(w3 - w1, -(lr / 2) * grads[1] / (grads[1].abs() + 1e-8), rtol=1e-4, atol=1e-9)
+    assert not torch.allclose(seen[2][0] - w1, 2 * (w3 - w1), rtol=1e-3)  # the rejected try had momentum
+    sess.restore()
 
 
 def test_max_rejections_end_the_edit_at_the_last_accepted_state(tiny_llama, monkeypatch):
