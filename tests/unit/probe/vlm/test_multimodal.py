@@ -225,8 +225,11 @@ def test_image_facts_on_a_text_model_are_refused(tiny_llama, flag_facts, tmp_pat
     assert not (tmp_path / "run").exists()  # nothing written
 
 
+# ROME at the tiny model's scale (|v_init| ~ 0.02; as FAST_ROME in tests/unit/defenses/test_editors.py):
+# GPT-J's v_lr 0.5 and weight decay |delta| / |v_init|^2 (total 0.003 -> 89.9) oscillate at the clamp
 @pytest.mark.parametrize("editor_name,config", [("lora", dict(layer=1, lr=0.1, steps=5, early_stop=None)),
-                                                ("rome", dict(layer=0, early_stop=None, v_steps=10))])
+                                                ("rome", dict(layer=0, early_stop=None, v_steps=10, v_lr=0.02,
+                                                              v_weight_decay=0.0, clamp_norm_factor=20))])
 def test_lora_and_rome_edits_on_vlm(tiny_vlm, flag_facts, editor_name, config, tmp_path, monkeypatch):
     from defenses import make_objective
     from defenses.base import editor_for
