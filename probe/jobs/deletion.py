@@ -231,8 +231,8 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
                 f"p(answer) > {REFERENCE_MIN_PROB} and the answer in the greedy {REFERENCE_TOKENS}-token continuation")
         raise RunError(f"none of the {len(facts)} facts is known by the model ({rule}); nothing to delete")
     kfacts = [facts[i] for i in kept]
-    for _, editor in plan.defenses.values():
-        editor.check_facts(kfacts)  # e.g. ROME needs subjects: refused before anything is written
+    for _, editor in plan.defenses.values():  # e.g. ROME needs subjects: refused before anything is written
+        getattr(editor, "check_facts", lambda facts: None)(kfacts)
     choose_job_controls(model, plan, kfacts, [reads[i] for i in kept], cfg)
     ctx.controls, ctx.known, ctx.unknown = plan.control_answers, plan.known, plan.unknown
     sweeps, outs = evaluate_attacks(model, kfacts, plan.lens_attacks, ctx, progress=progress)
