@@ -213,3 +213,29 @@ def counterfact_path():
     if not COUNTERFACT.is_file():
         pytest.fail(f"{COUNTERFACT} is missing: tests read CounterFact from ../shared/data")
     return COUNTERFACT
+
+
+def teach_tiny_llama(tokenizer, facts, *, name: str = "tiny-llama"):
+    """A random tiny Llama (seed 0) taught ``facts`` ("{prompt} {answer}") by 150 Adam steps (lr 3e-3,
+    one thread, seeded): a small model that knows a handful of facts, for the job tests."""
+    import probe
+
+    hf = _tiny("llama", len(tokenizer)).eval()
+    model = probe.wrap_model(hf, tokenizer, name=name)
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        enc = tokenizer([f"{f.prompt} {f.answer}" for f in facts], return_tensors="pt", padding=True)
+        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+        opt = torch.optim.Adam(hf.parameters(), lr=3e-3)
+        hf.train()
+        for _ in range(150):
+            loss = hf(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        hf.eval()
+    finally:
+        torch.set_num_threads(threads)
+    return model

@@ -55,28 +55,9 @@ COMMON = dict(attacks=ATTACKS,
 
 def taught_tiny_llama(tokenizer):
     """A random tiny Llama (seed 0) taught the facts by 150 Adam steps (seeded, one thread)."""
-    import probe
-    from conftest import _tiny
+    from conftest import teach_tiny_llama
 
-    hf = _tiny("llama", len(tokenizer)).eval()
-    m = probe.wrap_model(hf, tokenizer, name="tiny-llama")
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        enc = tokenizer([f"{f.prompt} {f.answer}" for f in FACTS], return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        opt = torch.optim.Adam(hf.parameters(), lr=3e-3)
-        hf.train()
-        for _ in range(150):
-            loss = hf(**enc, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        hf.eval()
-    finally:
-        torch.set_num_threads(threads)
-    return m
+    return teach_tiny_llama(tokenizer, FACTS)
 
 
 def legacy_retain_prompts(fact, facts, size, *, sim_frac=0.5, seed=0):

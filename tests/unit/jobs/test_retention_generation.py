@@ -42,27 +42,10 @@ PARIS = {"fr", "eiffel", "fr3"}
 @pytest.fixture(scope="module")
 def taught(tiny_tokenizer):
     """A random tiny Llama (seed 0) taught :data:`TAUGHT` by 150 Adam steps (one thread)."""
-    import probe
-    from conftest import _tiny
+    from conftest import teach_tiny_llama
 
-    hf = _tiny("llama", len(tiny_tokenizer)).eval()
-    model = probe.wrap_model(hf, tiny_tokenizer, name="tiny-llama-taught")
-    torch.manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        enc = tiny_tokenizer([f"{f.prompt} {f.answer}" for f in TAUGHT], return_tensors="pt", padding=True)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        opt = torch.optim.Adam(hf.parameters(), lr=3e-3)
-        hf.train()
-        for _ in range(150):
-            loss = hf(**enc, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        hf.eval()
-    finally:
-        torch.set_num_threads(threads)
+    model = teach_tiny_llama(tiny_tokenizer, TAUGHT, name="tiny-llama-taught")
+    hf = model.hf
     assert not hf.config.tie_word_embeddings  # the rig edits the unembedding only
     return model
 
