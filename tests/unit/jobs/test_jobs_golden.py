@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from probe.facts import Fact
 from probe.jobs import GridConfig, RunConfig, run_grid, run_main
