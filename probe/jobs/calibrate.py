@@ -52,7 +52,7 @@ from ..facts import Fact
 from ..interrupt import check as check_interrupt
 from ..jsonl import JsonlLog
 from .config import ALL_DEFENSES, JobConfig
-from .deletion import attack_context, build_plan, known_facts, measure_deletion, measure_pre
+from .deletion import attack_context, build_plan, fact_key, known_facts, measure_deletion, measure_pre
 
 #: Default damage target: mean neighborhood score at least this ...
 MIN_NEIGHBORHOOD = 0.9
@@ -188,11 +188,6 @@ def calibration_facts(items: Sequence, n: int) -> list:
     if n >= len(items):
         return list(items)
     return [items[((2 * i + 1) * len(items)) // (2 * n)] for i in range(n)]
-
-
-def fact_key(fact) -> tuple[str, str]:
-    """How calibration facts are recognised in another file: (prompt, answer), whitespace-stripped."""
-    return (str(fact.prompt).strip(), fact.answer.strip())
 
 
 @dataclass

@@ -120,6 +120,12 @@ def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str],
 # facts
 
 
+def fact_key(fact) -> tuple[str, str]:
+    """How a fact is recognised in another file (e.g. a calibration fact): (prompt, answer),
+    whitespace-stripped."""
+    return (str(fact.prompt).strip(), fact.answer.strip())
+
+
 def evenly_spaced(items: list, n: int) -> list:
     """At most ``n`` items spread evenly over ``items`` (keeps order; all of them if ``n >= len``),
     so a subset of a file sorted by relation still covers every relation."""
@@ -222,7 +228,7 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
     plan.unknown = [f for f, r in zip(facts, reads) if r.rank[-1] > UNKNOWN_RANK]
     cal_keys = {tuple(k) for k in (cfg.calibration or {}).get("facts", [])}
     if cal_keys:  # calibration facts are never evaluated (they still count for retention)
-        kept = [i for i in kept if (str(facts[i].prompt).strip(), facts[i].answer.strip()) not in cal_keys]
+        kept = [i for i in kept if fact_key(facts[i]) not in cal_keys]
         plan.n_calibration_excluded = n_known - len(kept)
     if cfg.max_facts:
         kept = evenly_spaced(kept, cfg.max_facts)
