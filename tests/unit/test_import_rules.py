@@ -148,3 +148,13 @@ def test_no_library_path_into_the_development_folder(package):
             if isinstance(node, ast.Constant) and node.value == "shared":
                 bad.append(f"{_rel(path)}:{node.lineno}: the path component 'shared'")
     assert bad == []
+
+
+def test_ray_is_imported_only_by_the_sharded_grid_inside_a_function():
+    """Ray is an optional extra: only ``probe/jobs/shard.py`` imports it, and only inside a function
+    (called when ``--workers`` / ``--ray-address`` is given), so ``import probe.jobs`` works without it."""
+    users = [_rel(p) for package in LIBRARY for p in _files(package) if "ray" in {_top(n) for n in imports_of(p)}]
+    assert users == ["probe/jobs/shard.py"]
+    tree = ast.parse((ROOT / "probe/jobs/shard.py").read_text(encoding="utf-8"))
+    top_level = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not [n for n in top_level for a in n.names if _top(getattr(n, "module", None) or a.name) == "ray"]

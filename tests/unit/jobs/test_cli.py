@@ -946,3 +946,32 @@ def test_rome_refuses_facts_without_subject_before_writing(cli, facts_file, tmp_
                        "--calibration", "none", "--known-rank", "1000", "--quiet", *extra)
     assert_input_error(rc, out, err, f"{facts_file}:1", "'subject'", "fact 'france' has no subject",
                        out_dir=tmp_path / "o")
+
+
+def test_grid_cli_on_two_ray_workers_matches_the_serial_grid(cli, facts_file, tmp_path):
+    """``--workers 2``: each Ray worker loads the model from --model itself (the CLI's factory); the
+    cells equal the serial grid's (timings aside)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each worker: the same float summation order
+    try:
+        cells = {}
+        for workers in ((), ("--workers", "2")):
+            out_dir = tmp_path / f"grid{len(workers)}"
+            rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(out_dir), "--defenses",
+                               "fact-erasure,max-entropy", "--attacks", "head-projection,pd2", "--max-facts", "2",
+                               "--random-n", "1", *workers, *RUN_FAST)
+            assert rc == 0, err
+            grid = strict_json((out_dir / "grid.json").read_text())
+            assert grid["complete"] and len(grid["cells"]) == 4
+            cells[workers] = grid["cells"]
+    finally:
+        torch.set_num_threads(threads)
+    assert cells[()] == cells[("--workers", "2")]
+
+
+def test_grid_cli_refuses_zero_workers_in_one_line(cli, facts_file, tmp_path):
+    rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(tmp_path / "g"), "--workers", "0")
+    assert rc == 2 and err.strip() == "probe-attack: error: --workers must be >= 1"
+    assert not (tmp_path / "g").exists()
