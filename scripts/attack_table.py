@@ -47,16 +47,17 @@ def table(path: Path) -> str:
     d = res.get("defense") or {}
     head = (f"{res['model']}, {res['n_facts']} facts{' (' + res['partial'] + ')' if res.get('partial') else ''}; defense {d.get('name', '—')} ({d.get('editor', '—')}); "
             f"controls: {next((a.get('control') for a in res['attacks'].values() if a.get('control')), 'none')}")
-    rows = ["| attack | B | facts (skipped) | success pre | success post | control pre | control post | excess "
+    rows = ["| attack | B | facts (skipped) | success pre | success post | control pre | control post | **excess** "
             "| hidden-only post (B) | output-only post |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, a in res["attacks"].items():
         hidden = "—" if a.get("success_hidden_post") is None else \
             f"{pct(a['success_hidden_post'])} ({a.get('budget_hidden')})"
         extra = f"; taught {pct(a['success_taught'])}" if a.get("success_taught") is not None else ""
+        prior = " (prior)" if "prior" in (a.get("control") or "") else ""
         rows.append(f"| {name} | {a['budget']} | {a['n_facts']} ({a['n_skipped']}) | {pct(a['success_pre'])} | "
-                    f"{pct(a['success_post'])} | {pct(a.get('success_control_pre'))} | "
-                    f"{pct(a.get('success_control'))}{extra} | {pct(a.get('excess'))} | {hidden} | "
+                    f"{pct(a['success_post'])} | {pct(a.get('success_control_pre'))}{prior} | "
+                    f"{pct(a.get('success_control'))}{prior}{extra} | **{pct(a.get('excess'))}** | {hidden} | "
                     f"{pct(a.get('success_output_post'))} |")
     scores = ", ".join(f"{k} {d[k]:.3f}" for k in ("rewrite_score", "paraphrase_score", "neighborhood_score",
                                                    "neighborhood_delta_acc", "random_delta_acc", "efficacy")

@@ -975,3 +975,12 @@ def test_grid_cli_refuses_zero_workers_in_one_line(cli, facts_file, tmp_path):
     rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(tmp_path / "g"), "--workers", "0")
     assert rc == 2 and err.strip() == "probe-attack: error: --workers must be >= 1"
     assert not (tmp_path / "g").exists()
+
+
+def test_grid_cli_without_ray_says_how_to_install_it_in_one_line(cli, facts_file, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
+    rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(tmp_path / "g"), "--workers", "2")
+    assert rc == 2 and err.strip() == "probe-attack: error: --workers / --ray-address need Ray: pip install 'probe-attack[ray]'"
+    assert not (tmp_path / "g").exists()
