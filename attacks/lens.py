@@ -258,14 +258,15 @@ class PD2(LensAttack):
 def attack_readout(model, prompts: Sequence[str], answers: Sequence[str], attacks: Sequence[LensAttack] = (), *,
                    lens: str = "logit", ctx: AttackContext | None = None, batch_size: int | None = None,
                    progress: bool = False, desc: str = "lens sweep",
-                   controls: Sequence[str | None] | None = None) -> list[LayerReadout]:
+                   controls: Sequence[str | None] | None = None, teacher_force: bool = True) -> list[LayerReadout]:
     """One lens sweep of ``model`` (``lens``: ``"logit"`` or ``"tuned"``) over (prompt, answer) pairs,
     scoring the given lens attacks (all of that readout) in the same pass: per-fact
     :class:`~probe.results.LayerReadout` (rank and probability of the answer's first token at every
     layer, teacher-forced answer log-probs) with ``attack_ranks`` holding each attack's
     :meth:`LensAttack.scorers` (best rank on all layers, ``@hidden`` without the output layer) and,
     for facts with a control answer (``controls``, parallel to ``prompts``), the same on the
-    control (``@control``). Shapes and units: :func:`probe.readout.lens_readout`."""
+    control (``@control``). Shapes and units: :func:`probe.readout.lens_readout` (``teacher_force``
+    too)."""
     if not prompts:
         return []
     n = model.n_layers
@@ -277,7 +278,7 @@ def attack_readout(model, prompts: Sequence[str], answers: Sequence[str], attack
         batch_size = ctx.batch_size
     scorers = {name: fn for a in attacks for name, fn in a.scorers(n).items()}
     return lens_readout(model, list(prompts), list(answers), scorers=scorers, lens=decoder, batch_size=batch_size,
-                        progress=progress, desc=desc, controls=controls)
+                        progress=progress, desc=desc, controls=controls, teacher_force=teacher_force)
 
 
 def _field(fact: Any, name: str):

@@ -107,7 +107,7 @@ def auto_batch_size(n_layers: int, vocab: int, budget_bytes: int = 96 << 20) -> 
 def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
                  scorers: Mapping[str, Scorer] | None = None, batch_size: int | None = None,
                  progress: bool = False, desc: str = "lens sweep", lens=None,
-                 controls: Sequence[str | None] | None = None) -> list[LayerReadout]:
+                 controls: Sequence[str | None] | None = None, teacher_force: bool = True) -> list[LayerReadout]:
     """Logit-lens readout of the answer at every layer, for each (prompt, answer).
 
     Args:
@@ -122,6 +122,9 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
             n_layers, vocab]`` (fp32): a :class:`probe.lens.Lens` (e.g. a
             :class:`probe.tuned_lens.TunedLens` for tuned-lens readouts) or any such callable;
             default the model's logit lens.
+        teacher_force: run ``prompt + answer[:-1]`` (default) for the full-answer log-probs; with
+            False only the prompt runs and the log-probs, exact match and token accuracy cover
+            the first answer token alone (the lens readout itself is the same).
 
     Returns:
         One :class:`~probe.results.LayerReadout` per prompt: per-layer rank (1-based) and lens
@@ -141,8 +144,10 @@ def lens_readout(model, prompts: Sequence[str], answers: Sequence[str], *,
     out: list[LayerReadout] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
         check_interrupt()
-        rows, a_ids, _ = teacher_forced_inputs(model.tokenizer, prompts[start:start + batch_size],
+        rows, a_ids, p_len = teacher_forced_inputs(model.tokenizer, prompts[start:start + batch_size],
                                                    answers[start:start + batch_size])
+        if not teacher_force:
+            rows, a_ids = [r[:n] for r, n in zip(rows, p_len)], [a[:1] for a in a_ids]
         B = len(rows)
         with torch.no_grad():
             resid, tok_lps, greedy_ok = teacher_forced(model, rows, a_ids, layers=range(n_layers))

@@ -73,3 +73,22 @@ def test_generate_batching_and_seeds(make_tiny):
     assert g == [greedy_texts(m, [p], max_new_tokens=4)[0] for p in ps]
     with pytest.raises(ValueError):
         generate(m, ps, Decoding(samples=0))
+
+
+def test_lens_readout_without_teacher_forcing_reads_the_same_lens(make_tiny):
+    """``teacher_force=False`` (the lens-sweep benchmark's same-work mode) runs only the prompt: the
+    per-layer readout and the attack scores are those of the teacher-forced sweep (the last prompt
+    token does not see the answer), and the model's log-probs cover the first answer token alone."""
+    from attacks import attack_readout, make_attack
+
+    model = make_tiny("llama")
+    prompts = ["The capital of France is", "Water is made of hydrogen and"]
+    answers = ["Paris and more", "oxygen gas"]
+    attacks = [make_attack(n, layers=[0, 1]) for n in ("head-projection", "probability-delta")]
+    tf = attack_readout(model, prompts, answers, attacks)
+    plain = attack_readout(model, prompts, answers, attacks, teacher_force=False)
+    for a, b in zip(tf, plain):
+        assert len(a.token_logprobs) > 1 and len(b.token_logprobs) == 1
+        assert b.rank == a.rank and b.attack_ranks == a.attack_ranks and b.top_token == a.top_token
+        assert b.token_logprobs[0] == pytest.approx(a.token_logprobs[0], abs=1e-5)
+        assert b.prob == pytest.approx(a.prob, rel=1e-5)
