@@ -57,6 +57,12 @@ class ConstrainedFineTune(Editor):
     #: the edit size: norm bound (and lr = bound / 2, the ratio of the tuned defaults), 25 steps
     calibration_ladder: ClassVar[tuple[dict, ...]] = tuple(
         {"norm_bound": b, "lr": b / 2} for b in (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2))
+    #: below the ladder: halve bound and lr, down to 5e-4 / 16 (Gemma-3-270M breaks the target at 5e-4)
+    calibration_max_descent: ClassVar[int] = 4
+
+    @classmethod
+    def calibration_weaker(cls, rung: dict) -> dict | None:
+        return {k: v / 2 for k, v in rung.items() if k in ("norm_bound", "lr")} or None
 
     @contextlib.contextmanager
     def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):

@@ -210,6 +210,14 @@ class Editor:
     #: settings from weakest to strongest edit, searched by ``probe-attack calibrate``
     #: (:mod:`probe.jobs.calibrate`); empty: the editor cannot be calibrated
     calibration_ladder: ClassVar[tuple[dict, ...]] = ()
+    #: When even the ladder's first rung breaks the damage target, calibration tries weaker
+    #: settings: :meth:`calibration_weaker` of the weakest measured rung, at most this many times.
+    calibration_max_descent: ClassVar[int] = 0
+
+    @classmethod
+    def calibration_weaker(cls, rung: dict) -> dict | None:
+        """A weaker setting than ``rung`` (below the ladder), or None when the editor has none."""
+        return None
 
     layer: int | None
     layer_frac: float

@@ -15,8 +15,11 @@ and clamp for ROME) whose **damage** on held-out calibration facts stays within 
 Rungs are measured weakest first with the one deletion unit of every job
 (:func:`probe.jobs.deletion.measure_deletion`: the same retain prompts, edit and scores as ``run``
 and ``grid``), and the search stops at the first rung that breaks the target (damage grows with
-the rung; the rungs after it are not measured). When even the weakest rung breaks it, the weakest
-is chosen and marked ``met = False``.
+the rung; the rungs after it are not measured). When even the ladder's weakest rung breaks it,
+editors that have weaker settings (:meth:`~defenses.editor.Editor.calibration_weaker`;
+constrained FT: bound and lr halved, up to 4 times) are measured below the ladder until one meets
+the target; if none does, the weakest measured is chosen and marked ``met = False``. Rungs are
+listed weakest first.
 
 Calibration facts are known facts with neighborhood prompts of the calibration file (default: the
 built-in facts), evenly spaced at the midpoints of ``n_facts`` intervals; ``run`` and ``grid`` leave them out of their
@@ -263,7 +266,8 @@ def calibrate(model, facts: Sequence[Fact], cfg: CalibrateConfig, *, facts_label
     for obj_name in cfg.objectives:
         objective = make_objective(obj_name, **cfg.objective_config.get(obj_name, {}))
         rungs: list[Rung] = []
-        for rung in ladder:
+
+        def measure(rung: dict) -> Rung:
             editor = editor_for(objective, cfg.editor, {**rung, **cfg.editor_config})
             editor.check(model, objective)
             editor.check_facts([f for f, _, _ in chosen])
@@ -286,9 +290,20 @@ def calibrate(model, facts: Sequence[Fact], cfg: CalibrateConfig, *, facts_label
                 units.append(unit)
             r = _rung_summary(settings, units)
             r.met = meets(r, cfg)
-            rungs.append(r)
-            if not r.met:
+            return r
+
+        for rung in ladder:  # weakest up; stop at the first rung that breaks the target
+            rungs.append(measure(rung))
+            if not rungs[-1].met:
                 break
+        below, weakest = 0, ladder[0]
+        while not rungs[0].met and below < EDITORS[cfg.editor].calibration_max_descent:
+            # even the ladder's weakest rung breaks the target: step below it until one meets it
+            weakest = EDITORS[cfg.editor].calibration_weaker(weakest)
+            if weakest is None:
+                break
+            rungs.insert(0, measure(weakest))
+            below += 1
         passing = [r for r in rungs if r.met]
         best = passing[-1] if passing else rungs[0]
         cal.objectives[obj_name] = ObjectiveCalibration(best.settings, bool(passing), rungs)

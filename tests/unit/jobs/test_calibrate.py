@@ -93,8 +93,9 @@ def test_interrupted_calibration_resumes_without_recomputing(model, ladder, tmp_
 def test_nothing_meets_an_impossible_target_then_the_weakest_is_used(model, ladder, tmp_path):
     cal = calibrate(model, FACTS, config(min_neighborhood=1.01), out=tmp_path)
     oc = cal.objectives["fact-erasure"]
-    assert not oc.met and len(oc.rungs) == 1 and oc.settings == oc.rungs[0].settings
-    assert oc.settings["norm_bound"] == 1e-7
+    # the ladder's first rung, then 4 halvings below it (constrained FT's descent); the weakest is used
+    assert not oc.met and len(oc.rungs) == 5 and oc.settings == oc.rungs[0].settings
+    assert oc.settings["norm_bound"] == pytest.approx(1e-7 / 16)
 
 
 def test_calibrated_settings_reach_the_job_and_explicit_settings_win(model, ladder, tmp_path):
@@ -148,3 +149,27 @@ def test_meets_needs_every_edit_and_both_metrics():
     assert not meets(calmod.Rung({}, n=3, neighborhood=0.89, retention_drop=0.01), cfg)
     assert not meets(calmod.Rung({}, n=3, neighborhood=0.95, retention_drop=0.03), cfg)
     assert not meets(calmod.Rung({}, n=3, neighborhood=0.95, retention_drop=None), cfg)
+
+
+def test_below_the_ladder_when_its_weakest_rung_breaks_the_target(model, monkeypatch, tmp_path):
+    """Constrained FT steps below its ladder (bound and lr halved, at most 4 times) when the first
+    rung already breaks the target (Gemma-3-270M at ±5e-4): here the ladder starts with an edit far
+    past any target, and the first halving that meets it is chosen; rungs are listed weakest first."""
+    monkeypatch.setattr(ConstrainedFineTune, "calibration_ladder", ({"norm_bound": 5.0, "lr": 0.5},))
+    monkeypatch.setattr(ConstrainedFineTune, "calibration_max_descent", 30)
+    cal = calibrate(model, FACTS, config(), out=tmp_path)
+    oc = cal.objectives["fact-erasure"]
+    bounds = [r.settings["norm_bound"] for r in oc.rungs]
+    assert bounds == sorted(bounds) and bounds[-1] == 5.0 and not oc.rungs[-1].met
+    assert all(b2 == pytest.approx(2 * b1) for b1, b2 in zip(bounds, bounds[1:]))  # halvings
+    assert oc.met and oc.rungs[0].met and not any(r.met for r in oc.rungs[1:])  # stopped at the first that meets
+    assert oc.settings == oc.rungs[0].settings
+    assert oc.settings["lr"] == pytest.approx(oc.settings["norm_bound"] / 10)
+
+
+def test_the_descent_is_bounded(model, monkeypatch, tmp_path):
+    monkeypatch.setattr(ConstrainedFineTune, "calibration_ladder", ({"norm_bound": 5.0, "lr": 0.5},))
+    cal = calibrate(model, FACTS, config(), out=tmp_path)  # 4 halvings: 0.3125 still breaks the target
+    oc = cal.objectives["fact-erasure"]
+    assert [r.settings["norm_bound"] for r in oc.rungs] == [0.3125, 0.625, 1.25, 2.5, 5.0]
+    assert not oc.met and oc.settings["norm_bound"] == 0.3125
