@@ -112,8 +112,8 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
             worker mid-item).
 
     Raises:
-        RunError: Ray is not installed, ``workers`` < 1, or one item lost its worker
-            :data:`MAX_ITEM_RETRIES` times.
+        RunError: Ray is not installed, cannot start or reach ``address``, ``workers`` < 1, or one
+            item lost its worker :data:`MAX_ITEM_RETRIES` times.
         KeyboardInterrupt: on Ctrl-C (at the next result); what finished is on disk.
     """
     from .grid import UnitContext
@@ -131,7 +131,12 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
                       configure_logging=False)
         if address is None:
             kwargs.update(num_cpus=workers or os.cpu_count() or 1, object_store_memory=256 * 1024 ** 2)
-        ray.init(address=address, **kwargs)
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            where = f"--ray-address {address}" if address else "a local Ray instance"
+            raise RunError(f"{where}: Ray could not start or connect ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
         started = True
     try:
         res = ray.cluster_resources()

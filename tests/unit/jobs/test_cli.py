@@ -984,3 +984,21 @@ def test_grid_cli_without_ray_says_how_to_install_it_in_one_line(cli, facts_file
     rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(tmp_path / "g"), "--workers", "2")
     assert rc == 2 and err.strip() == "probe-attack: error: --workers / --ray-address need Ray: pip install 'probe-attack[ray]'"
     assert not (tmp_path / "g").exists()
+
+
+def test_grid_cli_unreachable_ray_cluster_is_one_line(cli, facts_file, tmp_path, monkeypatch):
+    """An address Ray cannot reach (its own connect timeout takes minutes, so ``ray.init`` is made to
+    fail as it does then) ends in one line naming the flag, after the known-fact filter, with no
+    unit written."""
+    import ray
+
+    def unreachable(*a, **k):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to.")
+
+    monkeypatch.setattr(ray, "init", unreachable)
+    rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(tmp_path / "g"), "--ray-address",
+                       "10.0.0.1:6379", "--max-facts", "1", *RUN_FAST)
+    assert rc == 2 and err.strip() == ("probe-attack: error: --ray-address 10.0.0.1:6379: Ray could not start or "
+                                       "connect (ConnectionError: Could not find any running Ray instance. Please "
+                                       "specify the one to connect to.)")
+    assert not (tmp_path / "g" / "units.jsonl").exists() or not (tmp_path / "g" / "units.jsonl").read_text()
