@@ -113,6 +113,13 @@ class LoRA(Editor):
     calibration_ladder: ClassVar[tuple[dict, ...]] = (
         {"rank": 1, "steps": 5}, {"rank": 1, "steps": 10}, {"rank": 2, "steps": 10}, {"rank": 2, "steps": 20},
         {"rank": 4, "steps": 20}, {"rank": 8, "steps": 30})
+    #: below the ladder: the lr halved, up to 4 times (SmolLM2's empty response and error injection
+    #: break the damage target at rank 1, 5 steps)
+    calibration_max_descent: ClassVar[int] = 4
+
+    @classmethod
+    def calibration_weaker(cls, rung: dict) -> dict | None:
+        return {**rung, "lr": rung.get("lr", cls.lr) / 2}
 
     @contextlib.contextmanager
     def _run(self, session: EditSession, objective: Objective, request: DeletionRequest):

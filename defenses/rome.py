@@ -239,6 +239,12 @@ class ROME(Editor):
         {"v_steps": 5, "clamp_norm_factor": 0.5}, {"v_steps": 10, "clamp_norm_factor": 1.0},
         {"v_steps": 20, "clamp_norm_factor": 1.0}, {"v_steps": 20, "clamp_norm_factor": 2.0},
         {"v_steps": 20, "clamp_norm_factor": 4.0}, {"v_steps": 30, "clamp_norm_factor": 8.0})
+    #: below the ladder: the clamp on |delta| / |v_init| halved, up to 4 times
+    calibration_max_descent: ClassVar[int] = 4
+
+    @classmethod
+    def calibration_weaker(cls, rung: dict) -> dict | None:
+        return {**rung, "clamp_norm_factor": rung.get("clamp_norm_factor", cls.clamp_norm_factor) / 2}
     _mom2: dict = field(default_factory=dict, repr=False, compare=False)
 
     multi_fact = False  # one key/value pair per edit: refuses the all-at-once protocol

@@ -17,7 +17,7 @@ Rungs are measured weakest first with the one deletion unit of every job
 and ``grid``), and the search stops at the first rung that breaks the target (damage grows with
 the rung; the rungs after it are not measured). When even the ladder's weakest rung breaks it,
 editors that have weaker settings (:meth:`~defenses.editor.Editor.calibration_weaker`;
-constrained FT: bound and lr halved, up to 4 times) are measured below the ladder until one meets
+constrained FT: bound and lr halved; LoRA: lr halved; ROME: clamp halved; up to 4 times) are measured below the ladder until one meets
 the target; if none does, the weakest measured is chosen and marked ``met = False``. Rungs are
 listed weakest first.
 

@@ -173,3 +173,21 @@ def test_the_descent_is_bounded(model, monkeypatch, tmp_path):
     oc = cal.objectives["fact-erasure"]
     assert [r.settings["norm_bound"] for r in oc.rungs] == [0.3125, 0.625, 1.25, 2.5, 5.0]
     assert not oc.met and oc.settings["norm_bound"] == 0.3125
+
+
+@pytest.mark.parametrize("editor, knob, start, extra", [
+    ("lora", "lr", 1e-2, {"layer": 0}),
+    ("rome", "clamp_norm_factor", 0.5, {"layer": 0, "v_steps": 2, "context_prefixes": ()}),
+])
+def test_lora_and_rome_descend_below_their_ladders_too(model, tmp_path, editor, knob, start, extra):
+    """An impossible target: LoRA halves its lr and ROME its clamp below the ladder's first rung, 4
+    times, and the weakest measured setting is used (the first rung records only the ladder's keys:
+    LoRA's lr there is the default)."""
+    import dataclasses
+
+    facts = FACTS if editor == "lora" else [dataclasses.replace(f, subject=f.prompt.split()[-2]) for f in FACTS]
+    cal = calibrate(model, facts, config(editor=editor, min_neighborhood=1.01, editor_config=extra), out=tmp_path)
+    oc = cal.objectives["fact-erasure"]
+    values = [r.settings.get(knob, start) for r in oc.rungs]
+    assert values == pytest.approx([start / 16, start / 8, start / 4, start / 2, start])
+    assert not oc.met and oc.settings[knob] == pytest.approx(start / 16)
