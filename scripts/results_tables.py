@@ -38,12 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from attack_table import pct, table  # noqa: E402  (scripts/ is on the path above)
+
 DOCS = ("README.md", "docs/results.md")
 BLOCK = re.compile(r"(<!-- table: (?P<kind>[\w-]+) (?P<path>\S+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
-
-
-def pct(x) -> str:
-    return "—" if x is None else f"{100 * x:.1f}%"
 
 
 def num(x) -> str:
@@ -51,8 +49,6 @@ def num(x) -> str:
 
 
 def attacks_table(path: Path) -> str:
-    from attack_table import table
-
     res = path / "results.json"
     return table(res if res.is_file() else path)
 
@@ -121,11 +117,11 @@ def regenerate(text: str) -> str:
     return BLOCK.sub(lambda m: m.group(1) + render(m.group("kind"), m.group("path")) + "\n" + m.group(5), text)
 
 
-def stale(root: Path = ROOT) -> list[str]:
+def stale() -> list[str]:
     """``"FILE: KIND PATH"`` for each block whose text differs from its files."""
     out = []
     for doc in DOCS:
-        text = (root / doc).read_text(encoding="utf-8")
+        text = (ROOT / doc).read_text(encoding="utf-8")
         for kind, path, body, _ in blocks(text):
             if body.rstrip("\n") != render(kind, path):
                 out.append(f"{doc}: {kind} {path}")

@@ -214,8 +214,8 @@ def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units:
                 defenses, attack_names, n_known: int, n_input: int, facts_label: str, t0: float,
                 n_facts_planned: int, examples: list, order: dict[str, int]) -> GridResult:
     # fact-major, defenses in row order: the cells do not depend on the order units finished in
-    units = sorted(units, key=lambda u: (order.get(u.id, len(order)), list(defenses).index(u.defense)
-                                         if u.defense in defenses else len(defenses)))
+    row = {d: i for i, d in enumerate(defenses)}
+    units = sorted(units, key=lambda u: (order.get(u.id, len(order)), row.get(u.defense, len(row))))
     ok = [u for u in units if u.error is None]
     edit_s = [u.edit.seconds for u in ok if u.edit is not None]
     done = {(u.defense, u.id) for u in units}

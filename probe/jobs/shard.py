@@ -47,9 +47,6 @@ class GridWorker:
         self.model = model_factory()
         self.units, self.pre_ctx = unit_ctx, pre_ctx
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def pre(self, fact: Fact, read, lens_out) -> dict:
         u = self.units
         return measure_pre(self.model, fact, read, lens_out, u.plan, self.pre_ctx, u.cfg).to_json()
@@ -68,15 +65,18 @@ def copy_factory(model) -> Callable[[], Any]:
                              processor=model.processor)
 
 
-def check_ray(workers: int | None) -> None:
+def check_ray(workers: int | None):
     """Before anything is written: Ray is importable and ``workers`` (if given) is >= 1.
+
+    Returns:
+        The ``ray`` module.
 
     Raises:
         RunError: naming the flag and the fix.
     """
     if workers is not None and workers < 1:
         raise RunError("--workers must be >= 1")
-    _ray()
+    return _ray()
 
 
 def _ray():
@@ -107,7 +107,8 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
         workers: number of workers (default: 1 per GPU on CUDA, else 1 per CPU of the Ray
             instance).
         address: an existing Ray cluster to join (``ray.init(address=...)``); without it a local
-            Ray instance with ``workers`` CPUs is started and shut down at the end.
+            Ray instance with ``workers`` CPUs is started and shut down at the end. In a Ray the
+            caller started (or joined) it stays up; the workers end with this call.
         on_dispatch: called with (worker, item) when an item is handed out (tests use it to kill a
             worker mid-item).
 
@@ -118,8 +119,7 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
     """
     from .grid import UnitContext
 
-    check_ray(workers)
-    ray = _ray()
+    ray = check_ray(workers)
     if model_factory is None:
         if model is None:
             raise ValueError("run_sharded needs model_factory or model")
@@ -155,8 +155,8 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
         ready = collections.deque(("unit", fid, d) for fid in order if fid in pre_done for d in todo[fid])
         left = {fid: len(todo[fid]) for fid in order if todo[fid]}
         retries: collections.Counter = collections.Counter()
-        actors = [spawn() for _ in range(min(n, max(1, len(ready) + len(pending_pre))))]
-        idle = list(actors)
+        # workers live as long as their handles (Ray's reference counting): here, until this returns
+        idle = [spawn() for _ in range(min(n, max(1, len(ready) + len(pending_pre))))]
         inflight: dict = {}
 
         def next_item():
@@ -196,9 +196,7 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
                     raise RunError(f"{item[0]} of fact {item[1]}{' / ' + item[2] if item[0] == 'unit' else ''} "
                                    f"lost its worker {retries[item]} times; last: {type(exc).__name__}") from None
                 ray.kill(actor, no_restart=True)
-                fresh = spawn()
-                actors[actors.index(actor)] = fresh
-                idle.append(fresh)
+                idle.append(spawn())
                 (ready if item[0] == "unit" else pending_pre).appendleft(item if item[0] == "unit" else item[1])
                 continue
             except ray.exceptions.RayTaskError as exc:  # a bug in the unit: surface the original error

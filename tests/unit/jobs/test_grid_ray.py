@@ -111,3 +111,22 @@ def test_workers_must_be_positive(make_tiny, tmp_path):
     with pytest.raises(RunError, match="--workers must be >= 1"):
         run_grid(make_tiny("llama"), FACTS, tmp_path / "g", _cfg(), workers=0)
     assert not (tmp_path / "g").exists()  # refused before anything is written
+
+
+def test_in_a_ray_the_caller_started_the_workers_are_freed_and_ray_stays_up(make_tiny, serial, tmp_path):
+    """A notebook's own ``ray.init``: the grid uses it, leaves it running, and kills its workers at
+    the end (their CPUs are free again), with the serial grid's cells."""
+    import time
+
+    ref_out, ref, _ = serial
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        res = run_grid(make_tiny("llama"), FACTS, tmp_path / "g", _cfg(), workers=2)
+        assert ray.is_initialized()
+        deadline = time.time() + 30
+        while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:
+            time.sleep(0.5)
+        assert ray.available_resources().get("CPU", 0) == 2
+        assert _strip(res.to_dict()["cells"]) == _strip(ref.to_dict()["cells"])
+    finally:
+        ray.shutdown()
