@@ -14,10 +14,17 @@ GPT" (ROME), section 2.1 ("causal tracing of factual associations"):
    overwritten with its clean value; ``P_restored(l, i)[o]`` shows how much that single state
    recovers the fact. The map ``P_restored`` over (layer, position) is :attr:`CausalTrace.probs`.
 
-The restorations are batched: one nnsight trace per chunk of (layer, position) pairs, the batch
-dimension enumerating the restorations (every row carries the same corrupted embeddings; row
-``r`` overwrites its own ``(l_r, i_r)``), so all ``n_layers x T`` restorations of a short prompt
-cost a few batched forwards.
+The restorations are batched and share the corrupted run's work (issue 13; same output as one
+full forward per restoration, tested against that): one corrupted run per noise sample keeps its
+key/value cache and the residual stream at band boundaries. A restoration whose earliest state is
+at position ``i`` and layer ``l`` changes nothing before position ``i`` (causal attention) nor
+below layer ``l``, so it runs only positions ``i..T-1`` on the corrupted run's cache of the
+earlier positions, and skips (nnsight ``skip``) the layers below its band of
+``ceil(n_layers / LAYER_BANDS)`` layers, the last skipped one returning the corrupted states.
+One nnsight trace per (first position, band) group, the batch dimension enumerating that group's
+(restoration, noise sample) rows (row ``r`` overwrites its own states). On SmolLM2 this is
+>= 2x faster than full forwards (``tests/benchmarks/causal_trace.py``). A model whose forward
+takes no key/value cache runs every row over all positions.
 
 **Which model runs what** (``clean_model``): the *corrupted* forward, with the restorations,
 always runs on ``model``; the *clean* states (and ``clean_prob``) come from ``clean_model``
@@ -37,6 +44,8 @@ module corrupts token embeddings only (text prompts).
 
 from __future__ import annotations
 
+import copy
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
@@ -307,38 +316,92 @@ def _check_restorations(restorations, corrupt_positions, state_layers, row_of: d
     return corrupt
 
 
-def _restoration_plan(chunk, restorations, need_layers) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: the ``(batch rows, positions)`` to restore in this chunk of ``(restoration, sample)`` rows."""
-    plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for layer in need_layers:
-        rows, cols = [], []
-        for b, (r, _) in enumerate(chunk):
-            for lay, pos in restorations[r]:
-                if lay == layer:
-                    rows.append(b)
-                    cols.append(pos)
-        if rows:
-            plan[layer] = (torch.tensor(rows), torch.tensor(cols))
-    return plan
+#: the restorations are grouped into this many bands of layers (see :func:`restored_probs`)
+LAYER_BANDS = 6
 
 
-def _run_restored_chunk(model, ids, answer_id, chunk, plan, corrupt, noise, noise_std, clean_states,
-                        row_of) -> torch.Tensor:
-    """One nnsight trace of a chunk: noise the corrupted embeddings, restore the planned states;
-    the answer's probability per row (float64 ``[len(chunk)]``, cpu)."""
-    B = len(chunk)
-    batch = encode_ids(model, [ids] * B)
+def _cache_kwarg(model) -> str | None:
+    """Name of the forward argument taking a key/value cache (``cache`` in transformers 5,
+    ``past_key_values`` before); None when the model takes none."""
+    params = inspect.signature(model.hf.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), None)
+
+
+def _corrupted_run(model, ids, corrupt, noise, noise_std, answer_id, save_layers, cache_kw):
+    """The corrupted forward of every noise sample (``[S]`` rows): the answer's probability per
+    sample (float64 ``[S]``, cpu), the residual stream of ``save_layers`` (``{layer: [S, T, d]}``)
+    and the key/value cache (None when ``cache_kw`` is None or the model returns none)."""
+    S = noise.shape[0]
+    batch = encode_ids(model, [ids] * S)
     embed = get_attr_path(model.nn, model.arch.embed)
-    sample_idx = torch.tensor([s for _, s in chunk])
-    dev = model.device
-    with torch.no_grad(), model.nn.trace(**batch.model_inputs(), logits_to_keep=1):
+    kw = {"use_cache": True} if cache_kw else {}
+    out = None
+    with torch.no_grad(), model.nn.trace(**batch.model_inputs(), logits_to_keep=1, **kw):
         if corrupt and noise_std > 0:
             emb = embed.output
-            emb[:, corrupt] += noise[sample_idx].to(device=dev, dtype=emb.dtype)
+            emb[:, corrupt] += noise.to(device=emb.device, dtype=emb.dtype)
+        states = nnsight.save({layer: get_resid(model.layer_envoy(layer).output, S).clone() for layer in save_layers})
+        logits = model.nn.output.logits[:, -1].save()
+        if cache_kw:
+            out = model.nn.output.save()
+    cache = None
+    if out is not None:
+        cache = next((getattr(out, k, None) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None),
+                     None)
+        if cache is not None and not (hasattr(cache, "crop") and hasattr(cache, "reorder_cache")):
+            cache = None
+    return torch.softmax(logits.float(), -1)[:, answer_id].double().cpu(), dict(states), cache
+
+
+def _run_group(model, ids, answer_id, rows, restorations, start, band_start, corrupt, noise, noise_std, corrupted,
+               cache, cache_kw, clean_states, row_of) -> torch.Tensor:
+    """One nnsight trace of ``rows`` (``(restoration, sample)`` pairs) whose restorations all
+    start at position ``start`` or later and at layer ``band_start`` or later.
+
+    Positions before ``start`` are those of the corrupted run at every layer (causal attention),
+    so only ``ids[start:]`` runs, on the corrupted run's key/value cache of the earlier positions;
+    layers before ``band_start`` are those of the corrupted run at every position, so they are
+    skipped (nnsight ``skip``), layer ``band_start - 1`` returning the corrupted states. The
+    answer's probability per row (float64 ``[len(rows)]``, cpu)."""
+    T = len(ids)
+    B = len(rows)
+    dev = model.device
+    samples = torch.tensor([s for _, s in rows])
+    n = T - start
+    inputs = {"input_ids": torch.tensor([ids[start:]] * B, device=dev),
+              "attention_mask": torch.ones(B, T, dtype=torch.long, device=dev),
+              "position_ids": torch.arange(start, T, device=dev)[None].expand(B, n)}
+    kw = {}
+    if start > 0:
+        past = copy.deepcopy(cache)
+        past.crop(start - T)
+        past.reorder_cache(samples.to(dev))
+        kw = {cache_kw: past, "use_cache": True}
+    elif cache_kw:
+        kw = {"use_cache": False}
+    # per layer: the (rows, local positions, clean positions) to restore
+    plan: dict[int, tuple[list[int], list[int]]] = {}
+    for b, (r, _) in enumerate(rows):
+        for layer, pos in restorations[r]:
+            plan.setdefault(layer, ([], []))
+            plan[layer][0].append(b)
+            plan[layer][1].append(pos)
+    local = [(k, p - start) for k, p in enumerate(corrupt) if p >= start]
+    with torch.no_grad(), model.nn.trace(**inputs, logits_to_keep=1, **kw):
+        if band_start == 0:
+            if local and noise_std > 0:
+                emb = get_attr_path(model.nn, model.arch.embed).output
+                eps = noise[samples][:, [k for k, _ in local]]
+                emb[:, [p for _, p in local]] += eps.to(device=emb.device, dtype=emb.dtype)
+        else:
+            skipped = corrupted[band_start - 1][samples.to(corrupted[band_start - 1].device), start:]
+            for layer in range(band_start):
+                model.layer_envoy(layer).skip(skipped)
         for layer in sorted(plan):
-            rows, cols = plan[layer]
+            b_rows, pos = plan[layer]
             h = get_resid(model.layer_envoy(layer).output, B)
-            h[rows.to(dev), cols.to(dev)] = clean_states[row_of[layer]][cols].to(device=dev, dtype=h.dtype)
+            h[torch.tensor(b_rows, device=dev), torch.tensor(pos, device=dev) - start] = \
+                clean_states[row_of[layer]][pos].to(device=dev, dtype=h.dtype)
         logits = model.nn.output.logits[:, -1].save()
     return torch.softmax(logits.float(), -1)[:, answer_id].double().cpu()
 
@@ -384,16 +447,30 @@ def restored_probs(model, ids: Sequence[int], answer_id: int, corrupt_positions:
     d = clean_states.shape[-1]
     gen = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(samples, len(corrupt), d, generator=gen) * float(noise_std)  # [S, n_corrupt, d]
-    # rows: (restoration r, sample s) for r, s in product
-    jobs = [(r, s) for r in range(len(restorations)) for s in range(samples)]
+    width = max(1, -(-model.n_layers // LAYER_BANDS))
+
+    def band(rs) -> int:
+        return min(layer for layer, _ in rs) // width * width
+
+    save = sorted({band(rs) - 1 for rs in restorations if rs and band(rs) > 0})
+    cache_kw = _cache_kwarg(model)
+    base, corrupted, cache = _corrupted_run(model, ids, corrupt, noise, noise_std, answer_id, save, cache_kw)
     out = torch.zeros(len(restorations), dtype=torch.float64)
-    need_layers = sorted({layer for rs in restorations for layer, _ in rs})
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        plan = _restoration_plan(chunk, restorations, need_layers)
-        p = _run_restored_chunk(model, ids, answer_id, chunk, plan, corrupt, noise, noise_std, clean_states, row_of)
-        for b, (r, _) in enumerate(chunk):
-            out[r] += p[b]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for r, rs in enumerate(restorations):
+        if not rs:
+            out[r] = base.sum()
+            continue
+        start = min(p for _, p in rs) if cache is not None else 0
+        groups.setdefault((start, band(rs)), []).append(r)
+    for (start, band_start), members in sorted(groups.items()):
+        jobs = [(r, s) for r in members for s in range(samples)]
+        for k in range(0, len(jobs), batch_size):
+            rows = jobs[k:k + batch_size]
+            p = _run_group(model, ids, answer_id, rows, restorations, start, band_start, corrupt, noise, noise_std,
+                           corrupted, cache, cache_kw, clean_states, row_of)
+            for b, (r, _) in enumerate(rows):
+                out[r] += p[b]
     return (out / samples).float()
 
 

@@ -14,6 +14,7 @@ Nothing is ever downloaded.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -442,8 +443,10 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
             ``"gemma-3-270m"``; a path to a ``.gguf`` file; a local Hugging Face model directory;
             a Hugging Face id already in the local cache (never downloaded); a loaded
             ``PreTrainedModel`` (pass ``tokenizer``); an nnsight-wrapped model
-            (``nnsight.LanguageModel``/``TransformersModel``/``NNsight``); or a ProbeModel
-            (returned as is).
+            (``nnsight.LanguageModel``/``TransformersModel``/``NNsight``); a TransformerLens
+            ``TransformerBridge`` (the Hugging Face model it wraps, under HF parameter names,
+            sharing the bridge's weight tensors; its tokenizer -- which TransformerLens makes
+            prepend BOS -- unless ``tokenizer`` is given); or a ProbeModel (returned as is).
         device: torch device for the weights.
         dtype: weight dtype (``"float32"`` default, ``"bfloat16"``, ``"float16"``). Lens and loss
             arithmetic always run in fp32 regardless.
@@ -512,10 +515,59 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
     return wrap_model(model, tok, name=label, fingerprint=fp)
 
 
+def _is_bridge(obj: Any) -> bool:
+    """A TransformerLens ``TransformerBridge`` (checked by name: no TransformerLens import needed)."""
+    return any(c.__name__ == "TransformerBridge" for c in type(obj).__mro__) and hasattr(obj, "original_model")
+
+
+def _from_bridge(bridge: Any, tokenizer: Any) -> ProbeModel:
+    """The Hugging Face model a TransformerLens ``TransformerBridge`` wraps, as a plain HF model.
+
+    Booting a bridge swaps the HF model's submodules for bridge components in place (each keeps the
+    original as ``_original_component``), which renames every parameter. This rebuilds the model
+    class from its config and assigns the *same* parameter tensors under their HF names (no
+    copy), then checks that it computes the bridge's logits on a short input.
+
+    Raises:
+        ModelLoadError: no tokenizer; a parameter of the HF model is missing; the rebuilt model's
+        logits differ from the bridge's (weights processed by ``enable_compatibility_mode``, which
+        folds layer norms -- hand over the bridge before enabling it).
+    """
+    from transformers.initialization import no_init_weights
+
+    om = bridge.original_model
+    tok = tokenizer or getattr(bridge, "tokenizer", None)
+    if tok is None:
+        raise ModelLoadError("TransformerBridge: a tokenizer is required (the bridge has none)")
+    state = {k.replace("._original_component", ""): v for k, v in om.state_dict(keep_vars=True).items()}
+    with no_init_weights():
+        hf = type(om)(copy.deepcopy(om.config))
+    missing = set(hf.load_state_dict(state, assign=True, strict=False).missing_keys)
+    params = {n for n, _ in hf.named_parameters(remove_duplicate=False)}
+    arch = resolve_architecture(hf)
+    if ties_word_embeddings(hf, arch) or getattr(hf.config, "tie_word_embeddings", False):
+        hf.tie_weights()
+        missing -= {f"{arch.unembed}.weight"}
+    if missing & params:
+        raise ModelLoadError(f"TransformerBridge: parameters of the wrapped model not found: {sorted(missing & params)[:3]}")
+    hf.eval()
+    dev = get_attr_path(hf, arch.unembed).weight.device
+    probe_ids = torch.tensor([[int(i) % hf.config.get_text_config().vocab_size for i in (1, 100, 200, 300)]], device=dev)
+    with torch.no_grad():
+        ours, theirs = hf(input_ids=probe_ids).logits.float(), bridge(probe_ids).float()
+    if not torch.allclose(ours.log_softmax(-1), theirs.log_softmax(-1), atol=1e-3, rtol=1e-3):
+        raise ModelLoadError("TransformerBridge: its logits differ from the wrapped Hugging Face model's (weights "
+                             "processed by enable_compatibility_mode?); pass the bridge before enabling it")
+    name = getattr(hf.config, "_name_or_path", "") or type(hf).__name__
+    return wrap_model(hf, tok, name=name, processor=getattr(bridge, "processor", None))
+
+
 def _from_object(obj: Any, tokenizer: Any) -> ProbeModel:
-    """Accept a PreTrainedModel or an nnsight envoy wrapping one."""
+    """Accept a PreTrainedModel, an nnsight envoy wrapping one, or a TransformerLens TransformerBridge."""
     from nnsight import NNsight
 
+    if _is_bridge(obj):
+        return _from_bridge(obj, tokenizer)
     if isinstance(obj, NNsight):
         hf = getattr(obj, "_module", None) or getattr(obj, "_model", None)
         tok = tokenizer or getattr(obj, "tokenizer", None)

@@ -73,31 +73,29 @@ def bos_tokenizer(tiny_tokenizer):
 
 
 def _tiny(kind: str, vocab: int, **over):
+    """A random tiny model of ``kind``; ``over`` overrides any config field (layer counts too)."""
     import transformers as tf
 
     torch.manual_seed(0)
-    if kind == "llama":
-        cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, **over)
-        return tf.LlamaForCausalLM(cfg)
-    if kind == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
-                            eos_token_id=2, **over)
-        return tf.GPT2LMHeadModel(cfg)
-    if kind == "gemma3":
-        cfg = tf.Gemma3TextConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=1, head_dim=16,
-                                  max_position_embeddings=128, **over)
-        return tf.Gemma3ForCausalLM(cfg)
-    if kind == "gptj":
-        cfg = tf.GPTJConfig(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128,
-                            bos_token_id=1, eos_token_id=2, **over)
-        return tf.GPTJForCausalLM(cfg)
-    if kind == "neox":
-        cfg = tf.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, max_position_embeddings=128, **over)
-        return tf.GPTNeoXForCausalLM(cfg)
-    raise ValueError(kind)
+    configs = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM,
+                  dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=4, max_position_embeddings=128)),
+        "gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel,
+                 dict(n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2)),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM,
+                   dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=1, head_dim=16, max_position_embeddings=128)),
+        "gptj": (tf.GPTJConfig, tf.GPTJForCausalLM,
+                 dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=128, bos_token_id=1, eos_token_id=2)),
+        "neox": (tf.GPTNeoXConfig, tf.GPTNeoXForCausalLM,
+                 dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      max_position_embeddings=128)),
+    }
+    if kind not in configs:
+        raise ValueError(kind)
+    config_cls, model_cls, fields = configs[kind]
+    return model_cls(config_cls(vocab_size=vocab, **{**fields, **over}))
 
 
 @pytest.fixture(scope="session")

@@ -109,3 +109,36 @@ def test_last_layer_lens_is_transformer_lens_output(tl_reference, ours):
     _, lens = ours
     diff = max((lens[i, -1] - tl_final).abs().max().item() for i, (_, _, tl_final) in enumerate(tl_reference))
     assert diff <= LOGPROB_ATOL, f"last-layer lens differs from TransformerLens' logits by {diff:.2e} nats"
+
+
+def test_load_model_takes_a_transformer_bridge(smollm2, bridge, ours):
+    """A TransformerLens user hands the bridge over unchanged: ``load_model`` gives back the HF model
+    it wraps, under HF's parameter names, sharing the bridge's weight tensors (no copy), with our
+    residual stream; without ``tokenizer=`` the bridge's tokenizer (TransformerLens prepends BOS)."""
+    from probe.model import ModelLoadError
+
+    wrapped = probe.load_model(bridge, tokenizer=smollm2.tokenizer)
+    down = wrapped.module("model.layers.3.mlp.down_proj")
+    assert type(down) is torch.nn.Linear
+    orig = bridge.original_model.model.layers[3].mlp._original_component.down_proj._original_component
+    assert down.weight is orig.weight
+    resid = probe.residual_stream(wrapped, PROMPTS)
+    rel = ((resid - ours[0]).abs().amax(-1) / ours[0].abs().amax(-1).clamp(min=1.0)).max().item()
+    assert rel <= RESID_RTOL
+    with_bos = probe.load_model(bridge)
+    assert probe.tokens.tokenize(with_bos.tokenizer, PROMPTS[0]) == bridge.to_tokens(PROMPTS[0])[0].tolist()
+    assert probe.tokens.tokenize(with_bos.tokenizer, PROMPTS[0])[1:] == probe.tokens.tokenize(smollm2.tokenizer,
+                                                                                              PROMPTS[0])
+
+    # folded weights (compatibility mode) no longer compute the HF model: refused, one line
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens import TransformerBridge
+
+    src = _clean_checkpoint_dir(smollm2)
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(src, local_files_only=True)  # TransformerLens mutates the one it gets
+    folded = TransformerBridge.boot_transformers("HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=hf,
+                                                 tokenizer=tok, dtype=torch.float32, device="cpu")
+    folded.enable_compatibility_mode()
+    with pytest.raises(ModelLoadError, match="enable_compatibility_mode"):
+        probe.load_model(folded, tokenizer=smollm2.tokenizer)

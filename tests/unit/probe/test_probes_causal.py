@@ -425,3 +425,75 @@ def test_causal_trace_figure(peaky):
     assert len(causal_trace_figure(pre).data) == 1
     with pytest.raises(ValueError):
         causal_trace_figure({"probs": [[0.1, 0.2]], "tokens": ["a"], "layers": [0]})
+
+
+def _naive_restored_probs(m, ids, a, corrupt, sets, states, L, noise_std, samples, seed) -> torch.Tensor:
+    """Reference for :func:`restored_probs`: one full plain-PyTorch forward of every (set, sample)
+    row, noise added by a hook on the embedding, states overwritten by hooks on the layers."""
+    from probe.arch import get_attr_path
+
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(samples, len(corrupt), states.shape[-1], generator=gen) * noise_std
+    rows = [(r, s) for r in range(len(sets)) for s in range(samples)]
+    B = len(rows)
+    hooks = []
+
+    def add_noise(module, args, out):
+        out = out.clone()
+        out[:, corrupt] += noise[[s for _, s in rows]]
+        return out
+
+    def restore(layer):
+        def hook(module, args, out):
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            for b, (r, _) in enumerate(rows):
+                for lay, p in sets[r]:
+                    if lay == layer:
+                        h[b, p] = states[L.index(layer), p]
+            return (h,) + tuple(out[1:]) if isinstance(out, tuple) else h
+        return hook
+
+    hooks.append(get_attr_path(m.hf, m.arch.embed).register_forward_hook(add_noise))
+    for layer in L:
+        hooks.append(get_attr_path(m.hf, m.arch.layers)[layer].register_forward_hook(restore(layer)))
+    try:
+        with torch.no_grad():
+            logits = m.hf(input_ids=torch.tensor([ids] * B), use_cache=False).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    p = torch.softmax(logits.double(), -1)[:, a].view(len(sets), samples)
+    return p.mean(1).float()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3", "gptj", "neox"])
+@pytest.mark.parametrize("bands", [1, 2, 6])
+def test_restored_probs_match_full_forwards(make_tiny, monkeypatch, kind, bands):
+    """The batched restorations -- positions before a set's first position taken from the corrupted
+    run's key/value cache, layers before its band skipped -- give the probabilities of one plain
+    full forward per row, for single states, several states of one set, and sets spanning bands."""
+    import probe.causal as causal
+
+    m = make_tiny(kind, initializer_range=0.3, **({"n_layer": 5} if kind in ("gpt2", "gptj") else
+                                                     {"num_hidden_layers": 5}))
+    assert m.n_layers == 5
+    monkeypatch.setattr(causal, "LAYER_BANDS", bands)
+    groups = []  # (first position, band start) of every batched trace
+    run_group = causal._run_group
+    monkeypatch.setattr(causal, "_run_group", lambda *a, **k: groups.append(a[5:7]) or run_group(*a, **k))
+    ids = tokenize(m.tokenizer, PROMPT)
+    T = len(ids)
+    a = answer_ids(m.tokenizer, PROMPT, "Paris")[0]
+    corrupt = subject_token_positions(m.tokenizer, PROMPT, "Eiffel Tower")
+    L = list(range(5))
+    states, _ = _clean_run(m, ids, L, a)
+    sets = [[], [(0, 0)], [(2, corrupt[0])], [(4, T - 1)], [(1, T - 2), (3, corrupt[-1])], [(3, 1), (4, 2)],
+            [(layer, T - 3) for layer in L], [(0, p) for p in range(T)]]
+    got = restored_probs(m, ids, a, corrupt, sets, clean_states=states, state_layers=L, noise_std=0.7, samples=2,
+                         seed=5, batch_size=3)
+    want = _naive_restored_probs(m, ids, a, corrupt, sets, states, L, 0.7, 2, 5)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got, want)
+    assert len(set(got.tolist())) >= 5  # the sets give different probabilities: the check has teeth
+    # the short cuts were taken: later positions ran on the cache, later bands skipped layers
+    assert max(start for start, _ in groups) == T - 1
+    assert sorted({band for _, band in groups}) == {1: [0], 2: [0, 3], 6: [0, 1, 2, 3, 4]}[bands]
