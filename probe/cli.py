@@ -62,6 +62,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "subject, preamble, prefix); by default such facts are skipped and counted, since a copy of "
                         "the input is not extraction (for comparison with the papers, which keep them)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--device-map", default=None,
+                   help="spread the model over the devices with accelerate: auto, balanced, balanced_low_0 or "
+                        "sequential (decoder layers are never split) "
+                        "instead of moving it to --device; editing needs every edited weight on a device")
     p.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, float16; lens "
                                                  "and loss arithmetic always run in fp32")
     p.add_argument("--seed", type=int, default=0,
@@ -258,6 +262,10 @@ def _add_calibrate(sub) -> None:
                      help="folder for calibration.json and its unit log (default: the cache, where run and grid "
                           "find it); an interrupted calibration resumes from its log")
     cal.add_argument("--device", default="cpu")
+    cal.add_argument("--device-map", default=None,
+                   help="spread the model over the devices with accelerate: auto, balanced, balanced_low_0 or "
+                        "sequential (decoder layers are never split) "
+                        "instead of moving it to --device; editing needs every edited weight on a device")
     cal.add_argument("--dtype", default=None)
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -418,7 +426,7 @@ def _calibrate(args) -> int:
     facts = load_facts(args.facts, args.format)
     if not args.quiet:
         print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     cfg = CalibrateConfig(editor=args.editor, objectives=objectives, n_facts=args.n_facts,
                           min_neighborhood=args.min_neighborhood, max_retention_drop=args.max_retention_drop,
                           retain_size=args.retain_size, seed=args.seed, progress=not args.quiet,
@@ -572,7 +580,7 @@ def _run(args) -> int:
     progress = not args.quiet
     if progress:
         print(f"loading model {args.model or 'smollm2-135m (embedded default)'} ...", file=sys.stderr)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, device_map=args.device_map)
     from .images import is_multimodal
 
     if args.facts is None and is_multimodal(model):
@@ -604,7 +612,8 @@ def _run(args) -> int:
         if args.workers is not None or args.ray_address is not None:
             import functools
 
-            factory = functools.partial(load_model, args.model, device=args.device, dtype=args.dtype)
+            factory = functools.partial(load_model, args.model, device=args.device, dtype=args.dtype,
+                                        device_map=args.device_map)
         grid = run_grid(model, facts, args.out, gcfg, facts_label=facts_label, resume=args.resume,
                         workers=args.workers, ray_address=args.ray_address, model_factory=factory)
         print(format_grid(grid))

@@ -127,7 +127,10 @@ class ProbeModel:
 
     @property
     def device(self) -> torch.device:
-        return get_attr_path(self.hf, self.arch.unembed).weight.device
+        """Where the unembedding runs: lens and loss arithmetic (fp32) happen here, and batches are
+        placed here (accelerate's hooks move them to each layer's device under a ``device_map``).
+        An offloaded unembedding (weights on ``meta``) runs on its hook's execution device."""
+        return execution_device(get_attr_path(self.hf, self.arch.unembed))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -375,8 +378,13 @@ def clone_model(model: ProbeModel, copy_params: list[str]) -> ProbeModel:
     Args:
         copy_params: fully qualified parameter names (``model.layers.7.mlp.down_proj.weight``).
 
+    A model spread over devices (``device_map``) gives a copy with the same map: every tensor
+    stays where it is, the copied ones next to their originals.
+
     Raises:
         KeyError: a name that is not a parameter of the model.
+        ModelLoadError: the model has weights offloaded (``"disk"``/CPU offload under a
+        ``device_map``): an edited copy cannot share them.
     """
     import copy as _copy
 
@@ -387,13 +395,24 @@ def clone_model(model: ProbeModel, copy_params: list[str]) -> ProbeModel:
     missing = [n for n in copy_params if n not in state]
     if missing:
         raise KeyError(f"not parameters of the model: {missing}")
+    off = offloaded(model)
+    if off:
+        raise ModelLoadError(f"editing needs every weight on a device, but {len(off)} are offloaded (e.g. {off[0]}); "
+                             "give the device_map devices with room for the whole model (no \"disk\")")
     with no_init_weights():
         twin = type(hf)(_copy.deepcopy(hf.config))
     twin.load_state_dict({k: (v.detach().clone() if k in copy_params else v) for k, v in state.items()},
                          assign=True, strict=False)
     if ties_word_embeddings(hf, model.arch):
         twin.tie_weights()
-    twin.to(model.device).eval()
+    if getattr(hf, "hf_device_map", None) and len(set(hf.hf_device_map.values())) > 1:
+        from accelerate import dispatch_model
+
+        dispatch_model(twin, device_map=hf.hf_device_map)
+        twin.hf_device_map = hf.hf_device_map
+        twin.eval()
+    else:
+        twin.to(model.device).eval()
     return wrap_model(twin, model.tokenizer, name=model.name, fingerprint=model.fingerprint,
                       processor=model.processor)
 
@@ -410,6 +429,69 @@ def only_trainable(model: ProbeModel, params: list[torch.nn.Parameter]):
     finally:
         for p, f in flags.items():
             p.requires_grad_(f)
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """The device ``module`` computes on: its accelerate hook's ``execution_device`` when it has one
+    (a ``device_map`` with offloading), else its first parameter's device."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in [hook] + list(getattr(hook, "hooks", ()) or ()):
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return next(module.parameters()).device
+
+
+#: ``device_map`` strings understood by :func:`load_model` (accelerate's)
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def dispatch(hf_model: nn.Module, device_map: str | dict, *, offload_dir: str | Path | None = None,
+             max_memory: dict | None = None) -> dict:
+    """Spread ``hf_model`` over devices with accelerate (``infer_auto_device_map`` + ``dispatch_model``).
+
+    Args:
+        hf_model: the Hugging Face model, on the CPU.
+        device_map: one of :data:`DEVICE_MAPS` (decoder layers are never split), or an explicit
+            ``{module path: device}`` map (devices ``"cpu"``, ``"cuda:1"``, ``1``, or ``"disk"``
+            to offload).
+        offload_dir: folder for ``"disk"`` weights (default: a fresh temporary folder).
+        max_memory: accelerate's per-device budget (default: what the devices have).
+
+    Returns:
+        the device map used (also set as ``hf_model.hf_device_map``).
+
+    Raises:
+        ModelLoadError: an unknown ``device_map`` string or a module path the model lacks.
+    """
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAPS:
+            raise ModelLoadError(f"device_map {device_map!r}: use one of {', '.join(DEVICE_MAPS)} or a dict")
+        no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
+        if device_map.startswith("balanced"):
+            max_memory = get_balanced_memory(hf_model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             low_zero=device_map == "balanced_low_0")
+        dm = infer_auto_device_map(hf_model, max_memory=max_memory, no_split_module_classes=no_split)
+    else:
+        dm = dict(device_map)
+        names = {n for n, _ in hf_model.named_modules()}
+        bad = [k for k in dm if k and k not in names]
+        if bad:
+            raise ModelLoadError(f"device_map names modules the model lacks: {bad[:3]}")
+    if "disk" in dm.values() and offload_dir is None:
+        offload_dir = tempfile.mkdtemp(prefix="probe-offload-")
+    dispatch_model(hf_model, device_map=dm, offload_dir=offload_dir)
+    hf_model.hf_device_map = dm
+    return dm
+
+
+def offloaded(model) -> list[str]:
+    """Parameters of ``model`` (a ProbeModel) whose weights live off-device (``meta``: disk or CPU
+    offload under a ``device_map``); editing them in place is impossible."""
+    return [n for n, p in model.hf.named_parameters() if p.device.type == "meta"]
 
 
 def wrap_model(hf_model: nn.Module, tokenizer: Any, *, name: str = "model", fingerprint: str = "",
@@ -435,7 +517,8 @@ def wrap_model(hf_model: nn.Module, tokenizer: Any, *, name: str = "model", fing
 
 
 def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-               tokenizer: Any = None) -> ProbeModel:
+               tokenizer: Any = None, device_map: str | dict | None = None,
+               offload_dir: str | Path | None = None) -> ProbeModel:
     """Load a model for hidden-state attacks.
 
     Args:
@@ -451,6 +534,13 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
         dtype: weight dtype (``"float32"`` default, ``"bfloat16"``, ``"float16"``). Lens and loss
             arithmetic always run in fp32 regardless.
         tokenizer: tokenizer for an in-memory model (taken from the wrapper when it has one).
+        device_map: spread the model over devices with accelerate instead of moving it to
+            ``device``: ``"auto"`` (or another of :data:`DEVICE_MAPS`) or an explicit
+            ``{module path: device}`` dict, ``"disk"`` offloading to ``offload_dir``
+            (:func:`dispatch`). The model is loaded on the CPU first. Attacks, lenses and the
+            tuned lens run across devices (lens arithmetic in fp32 on the unembedding's device);
+            editing needs every edited weight on a device (not offloaded).
+        offload_dir: folder for ``"disk"`` weights of ``device_map``.
 
     Returns:
         A :class:`ProbeModel`.
@@ -462,6 +552,15 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
     """
     if isinstance(name, ProbeModel):
         return name
+    if device_map is None:
+        return _load(name, device, dtype, tokenizer)
+    model = _load(name, "cpu", dtype, tokenizer)
+    dispatch(model.hf, device_map, offload_dir=offload_dir)
+    return model
+
+
+def _load(name: Any, device: str | torch.device, dtype: str | torch.dtype | None, tokenizer: Any) -> ProbeModel:
+    """:func:`load_model` without a device map."""
     torch_dtype = _parse_dtype(dtype)
     if isinstance(name, nn.Module) or (name is not None and not isinstance(name, (str, Path))):
         return _from_object(name, tokenizer)

@@ -809,12 +809,28 @@ def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp
                                                ("--acc-tokens", "-1", "--acc-tokens must be >= 1"),
                                                ("--bb-tokens", "0", "--bb-tokens must be >= 1"),
                                                ("--gen-tokens", "-1", "--gen-tokens must be >= 0"),
-                                               ("--device", "cuda", "CUDA is not available")])
+                                               ("--device", "cuda", "CUDA is not available"),
+                                               ("--device-map", "everywhere", "device_map 'everywhere': use one of")])
 def test_bad_numeric_flags_and_device_exit_2_and_write_nothing(cli, facts_file, tmp_path, flag, value, needle):
     out_dir = tmp_path / "out"
     rc, out, err = cli("run", "--facts", str(facts_file), "--out", str(out_dir), "--known-rank", "1000", "--quiet",
                        flag, value)
     assert_input_error(rc, out, err, needle, out_dir=out_dir)
+
+
+def test_grid_with_a_device_map_gives_the_cells_of_a_plain_grid(cli, facts_file, tmp_path):
+    """``--device-map auto`` (accelerate; all on the CPU here) changes no number of a grid."""
+    cells = []
+    for extra in ([], ["--device-map", "auto"]):
+        out_dir = tmp_path / f"g{len(extra)}"
+        rc, _, err = cli("grid", "--facts", str(facts_file), "--out", str(out_dir), "--defenses", "fact-erasure",
+                         "--attacks", "head-projection", "--max-facts", "1", "--random-n", "0", *RUN_FAST, *extra)
+        assert rc == 0, err
+        units = read_jsonl(out_dir / "units.jsonl")
+        for u in units:
+            u["edit"].pop("seconds")  # wall-clock
+        cells.append(units)
+    assert cells[0] == cells[1] and cells[0]
 
 
 def test_run_and_grid_never_write_into_each_others_folders(cli, facts_file, tmp_path):
