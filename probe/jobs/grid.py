@@ -139,6 +139,11 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     evaluated = frozenset(f.id for f, _, _ in known)
     check_generation_lengths(model, [f for f, _, _ in known], cfg.gen_tokens)
     pre_ctx.deleted = evaluated
+    owns_ray = None
+    if workers is not None or ray_address is not None:
+        from .shard import connect_ray
+
+        owns_ray = connect_ray(workers, ray_address)  # an unreachable cluster: one line, nothing written
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / STAMP, json.dumps(stamp, indent=2))
     pre_log, unit_log = JsonlLog(out / PRE), JsonlLog(out / UNITS)
@@ -170,7 +175,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
 
         run_sharded(model_factory, plan, cfg, facts, known, defenses, pre_done, done_units, pre_ctx,
                     record_pre=record_pre, record_unit=record_unit, on_fact_done=write, workers=workers,
-                    address=ray_address, on_dispatch=on_dispatch, model=model)
+                    address=ray_address, on_dispatch=on_dispatch, model=model, owns_ray=owns_ray)
         return write()
 
     units_ctx = UnitContext(plan, cfg, facts, evaluated)

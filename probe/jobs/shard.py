@@ -87,11 +87,38 @@ def _ray():
     return ray
 
 
+def connect_ray(workers: int | None, address: str | None) -> bool:
+    """Start a local Ray instance (``workers`` CPUs) or join ``address``, unless Ray is already up.
+    ``grid`` calls this before it writes anything, so a cluster it cannot reach leaves no folder.
+
+    Returns:
+        True when this call started or joined Ray (the caller shuts it down), False when Ray was
+        already initialised by the caller.
+
+    Raises:
+        RunError: Ray is missing, or could not start or connect (one line naming the flag).
+    """
+    ray = check_ray(workers)
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+    if address is None:
+        kwargs.update(num_cpus=workers or os.cpu_count() or 1, object_store_memory=256 * 1024 ** 2)
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+        where = f"--ray-address {address}" if address else "a local Ray instance"
+        raise RunError(f"{where}: Ray could not start or connect ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+    return True
+
+
 def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts: Sequence[Fact], known: Sequence[tuple],
                 defenses: Sequence[str], pre_done: dict[str, PreMeasure], done_units: set, pre_ctx, *,
                 record_pre: Callable[[PreMeasure], None], record_unit: Callable[[FactResult], None],
                 on_fact_done: Callable[[], Any], workers: int | None = None, address: str | None = None,
-                on_dispatch: Callable[[Any, tuple], None] | None = None, model=None) -> None:
+                on_dispatch: Callable[[Any, tuple], None] | None = None, model=None,
+                owns_ray: bool | None = None) -> None:
     """Run every unfinished (fact, defense) unit of ``known`` (and each fact's pre measurement if
     missing) on Ray workers, recording each as it finishes.
 
@@ -111,6 +138,8 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
             caller started (or joined) it stays up; the workers end with this call.
         on_dispatch: called with (worker, item) when an item is handed out (tests use it to kill a
             worker mid-item).
+        owns_ray: Ray was already connected by :func:`connect_ray`, which returned this (True:
+            shut it down at the end); None: connect here.
 
     Raises:
         RunError: Ray is not installed, cannot start or reach ``address``, ``workers`` < 1, or one
@@ -125,19 +154,7 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
             raise ValueError("run_sharded needs model_factory or model")
         model_factory = copy_factory(model)
     cuda = model is not None and model.device.type == "cuda"
-    started = False
-    if not ray.is_initialized():
-        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR",
-                      configure_logging=False)
-        if address is None:
-            kwargs.update(num_cpus=workers or os.cpu_count() or 1, object_store_memory=256 * 1024 ** 2)
-        try:
-            ray.init(address=address, **kwargs)
-        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            where = f"--ray-address {address}" if address else "a local Ray instance"
-            raise RunError(f"{where}: Ray could not start or connect ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
-        started = True
+    started = connect_ray(workers, address) if owns_ray is None else owns_ray
     try:
         res = ray.cluster_resources()
         n = workers or max(1, int(res.get("GPU", 0) if cuda else res.get("CPU", 1)))

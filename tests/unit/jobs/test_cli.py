@@ -1004,8 +1004,8 @@ def test_grid_cli_without_ray_says_how_to_install_it_in_one_line(cli, facts_file
 
 def test_grid_cli_unreachable_ray_cluster_is_one_line(cli, facts_file, tmp_path, monkeypatch):
     """An address Ray cannot reach (its own connect timeout takes minutes, so ``ray.init`` is made to
-    fail as it does then) ends in one line naming the flag, after the known-fact filter, with no
-    unit written."""
+    fail as it does then) ends in one line naming the flag, after the known-fact filter, with
+    nothing written (no output folder)."""
     import ray
 
     def unreachable(*a, **k):
@@ -1017,4 +1017,4 @@ def test_grid_cli_unreachable_ray_cluster_is_one_line(cli, facts_file, tmp_path,
     assert rc == 2 and err.strip() == ("probe-attack: error: --ray-address 10.0.0.1:6379: Ray could not start or "
                                        "connect (ConnectionError: Could not find any running Ray instance. Please "
                                        "specify the one to connect to.)")
-    assert not (tmp_path / "g" / "units.jsonl").exists() or not (tmp_path / "g" / "units.jsonl").read_text()
+    assert not (tmp_path / "g").exists()
