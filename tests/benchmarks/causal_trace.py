@@ -38,13 +38,14 @@ import copy
 import json
 import time
 
+import torch
+
 PROMPT, ANSWER, SUBJECT = "The Eiffel Tower is located in the city of", "Paris", "The Eiffel Tower"
 WARM = ("The capital of Japan is", "Tokyo", "Japan")
 
 
-def floor_trace(model, prompt, answer, subject, samples, noise_std, seed) -> "torch.Tensor":
+def floor_trace(model, prompt, answer, subject, samples, noise_std, seed) -> torch.Tensor:
     """The plain-HF floor: ``[n_layers, T]`` restored probabilities, doing our groups' work."""
-    import torch
     from torch import nn
 
     import probe.causal as causal
@@ -120,8 +121,6 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--samples", type=int, default=10)
     args = ap.parse_args()
-
-    import torch
 
     import probe
     import probe.causal as causal
