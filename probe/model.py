@@ -386,8 +386,6 @@ def clone_model(model: ProbeModel, copy_params: list[str]) -> ProbeModel:
         ModelLoadError: the model has weights offloaded (``"disk"``/CPU offload under a
         ``device_map``): an edited copy cannot share them.
     """
-    import copy as _copy
-
     from transformers.initialization import no_init_weights
 
     hf = model.hf
@@ -400,7 +398,7 @@ def clone_model(model: ProbeModel, copy_params: list[str]) -> ProbeModel:
         raise ModelLoadError(f"editing needs every weight on a device, but {len(off)} are offloaded (e.g. {off[0]}); "
                              "give the device_map devices with room for the whole model (no \"disk\")")
     with no_init_weights():
-        twin = type(hf)(_copy.deepcopy(hf.config))
+        twin = type(hf)(copy.deepcopy(hf.config))
     twin.load_state_dict({k: (v.detach().clone() if k in copy_params else v) for k, v in state.items()},
                          assign=True, strict=False)
     if ties_word_embeddings(hf, model.arch):
