@@ -90,7 +90,29 @@ def grid_defenses_table(path: Path) -> str:
     return "\n".join([head, "", *rows])
 
 
-KINDS = {"attacks": attacks_table, "calibration": calibration_table, "grid-defenses": grid_defenses_table}
+def grid_attacks_table(path: Path) -> str:
+    """Every attack of a grid after every defense: success after the edit, its control, and the
+    excess (post - control) per cell; before-edit success in the header row."""
+    g = json.loads((path / "grid.json").read_text(encoding="utf-8"))
+    cells = {(c["defense"], c["attack"]): c for c in g["cells"]}
+    done = "complete" if g["complete"] else f"stopped early: {g['n_facts']} of {g['n_facts_planned']} planned facts"
+    head = (f"{g['model']}, editor {g['editor']}, {g['n_facts']} facts ({done}); each cell: success after the "
+            "edit / control (**excess**)")
+    rows = ["| defense | " + " | ".join(f"{a} (B={next((c['budget'] for (d, x), c in cells.items() if x == a), '—')})"
+                                         for a in g["attacks"]) + " |",
+            "|---" * (1 + len(g["attacks"])) + "|"]
+    for d in g["defenses"]:
+        row = []
+        for a in g["attacks"]:
+            c = cells.get((d, a))
+            row.append("—" if c is None else f"{pct(c['success_post'])} / {pct(c.get('success_control'))} "
+                                             f"(**{pct(c.get('excess'))}**)")
+        rows.append(f"| {d} | " + " | ".join(row) + " |")
+    return "\n".join([head, "", *rows])
+
+
+KINDS = {"attacks": attacks_table, "calibration": calibration_table, "grid-defenses": grid_defenses_table,
+         "grid-attacks": grid_attacks_table}
 
 
 def render(kind: str, path: str) -> str:
