@@ -21,7 +21,7 @@ import torch
 
 from probe.lens import lens_logits
 from probe.readout import answer_logprobs
-from probe.residual import get_resid
+from probe.residual import gather_resid, get_resid
 from probe.tokens import Batch, answer_ids, encode_ids, tokenize
 
 from .base import DeletionRequest, Objective, ObjectiveInputs
@@ -93,8 +93,8 @@ def objective_forward(model, prep: PreparedRequest, *, intervene: Callable[[Batc
     with model.nn.trace(**batch.model_inputs(), logits_to_keep=max_s):
         if intervene is not None:
             intervene(batch)
-        saved = nnsight.save([get_resid(model.layer_envoy(i).output, B)[:n_del][ridx, last].save()
-                              for i in prep.layers])
+        saved = nnsight.save([gather_resid(get_resid(model.layer_envoy(i).output, B)[:n_del], ridx, last,
+                                           last.device).save() for i in prep.layers])
         logits = model.nn.output.logits.save()  # [B, max_s, V]
     lp = torch.log_softmax(logits.float(), -1)
     seq_lps, _ = answer_logprobs(lp, prep.seq_ids)

@@ -292,7 +292,7 @@ def _clean_run(model, ids: list[int], layers: list[int], answer_id: int) -> tupl
     """Clean residual stream ``[n_layers, T, d]`` (model dtype) and the answer's probability."""
     batch = encode_ids(model, [ids])
     with torch.no_grad(), model.nn.trace(**batch.model_inputs(), logits_to_keep=1):
-        states = nnsight.save([get_resid(model.layer_envoy(layer).output, 1)[0] for layer in layers])
+        states = nnsight.save([get_resid(model.layer_envoy(layer).output, 1)[0].to(model.device) for layer in layers])
         logits = model.nn.output.logits[0, -1].save()
     prob = torch.softmax(logits.float(), -1)[answer_id]
     return torch.stack(list(states), 0), float(prob)
@@ -400,8 +400,8 @@ def _run_group(model, ids, answer_id, rows, restorations, start, band_start, cor
         for layer in sorted(plan):
             b_rows, pos = plan[layer]
             h = get_resid(model.layer_envoy(layer).output, B)
-            h[torch.tensor(b_rows, device=dev), torch.tensor(pos, device=dev) - start] = \
-                clean_states[row_of[layer]][pos].to(device=dev, dtype=h.dtype)
+            h[torch.tensor(b_rows, device=h.device), torch.tensor(pos, device=h.device) - start] = \
+                clean_states[row_of[layer]][pos].to(device=h.device, dtype=h.dtype)
         logits = model.nn.output.logits[:, -1].save()
     return torch.softmax(logits.float(), -1)[:, answer_id].double().cpu()
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .interrupt import check as check_interrupt
 from .lens import LogitLens
-from .residual import get_resid
+from .residual import gather_resid, get_resid
 from .results import LayerReadout
 from .tokens import answer_ids as _answer_ids
 from .tokens import encode_ids, tokenize
@@ -225,7 +225,8 @@ def teacher_forced(model, rows, a_ids, *, layers: Sequence[int] = ()) -> tuple[t
     last = T - a_len  # column of the last prompt token (rows end with answer[:-1])
     rows_idx = torch.arange(B, device=last.device)
     with model.nn.trace(**batch.model_inputs(), logits_to_keep=max_a):
-        saved = nnsight.save([get_resid(model.layer_envoy(i).output, B)[rows_idx, last].save() for i in layers])
+        saved = nnsight.save([gather_resid(get_resid(model.layer_envoy(i).output, B), rows_idx, last,
+                                           last.device).save() for i in layers])
         logits = model.nn.output.logits.save()  # [B, max_a, V]: positions T - max_a .. T - 1
     tok_lps, greedy_ok = answer_logprobs(torch.log_softmax(logits.float(), -1), a_ids)
     resid = torch.stack(list(saved), 1) if layers else None

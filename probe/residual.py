@@ -36,6 +36,16 @@ def get_resid(layer_output, batch_size: int | None = None) -> torch.Tensor:
     return h
 
 
+def gather_resid(h: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, device) -> torch.Tensor:
+    """``h[rows, cols]`` moved to ``device``: the indices go to ``h``'s device first, since under a
+    ``device_map`` a layer may sit on another device than the unembedding (``model.device``).
+
+    Returns:
+        ``[*rows.shape broadcast with cols.shape, d_model]`` on ``device``.
+    """
+    return h[rows.to(h.device), cols.to(h.device)].to(device)
+
+
 def normalize_layers(model, layers: int | Sequence[int] | None) -> list[int]:
     """Sorted, de-duplicated, non-negative layer indices (``None`` = all layers).
 
@@ -70,7 +80,7 @@ def capture(model, batch: Batch, layers: Sequence[int], pos_index: torch.Tensor,
             saved = []
             for layer in layers:
                 h = get_resid(model.layer_envoy(layer).output, B)
-                saved.append(h[rows, pos_index].save())
+                saved.append(gather_resid(h, rows, pos_index, pos_index.device).save())
             saved = nnsight.save(saved)
             if with_logits:
                 logits = model.nn.output.logits[rows, pos_index].save()
