@@ -348,9 +348,22 @@ def _corrupted_run(model, ids, corrupt, noise, noise_std, answer_id, save_layers
     if out is not None:
         cache = next((getattr(out, k, None) for k in ("cache", "past_key_values") if getattr(out, k, None) is not None),
                      None)
-        if cache is not None and not (hasattr(cache, "crop") and hasattr(cache, "reorder_cache")):
+        if cache is not None and not _croppable(cache):
             cache = None
     return torch.softmax(logits.float(), -1)[:, answer_id].double().cpu(), dict(states), cache
+
+
+def _croppable(cache) -> bool:
+    """Whether a copy of ``cache`` can be cut back to an earlier position (``crop``) and re-batched
+    (``reorder_cache``). A sliding-window layer that has seen its whole window, or a
+    linear-attention layer, cannot: causal tracing then runs every row over all positions."""
+    if not (hasattr(cache, "crop") and hasattr(cache, "reorder_cache")) or not getattr(cache, "is_croppable", True):
+        return False
+    try:
+        copy.deepcopy(cache).crop(-1)
+    except (RuntimeError, ValueError, NotImplementedError, AttributeError):
+        return False
+    return True
 
 
 def _run_group(model, ids, answer_id, rows, restorations, start, band_start, corrupt, noise, noise_std, corrupted,

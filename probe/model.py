@@ -460,7 +460,8 @@ def dispatch(hf_model: nn.Module, device_map: str | dict, *, offload_dir: str | 
         the device map used (also set as ``hf_model.hf_device_map``).
 
     Raises:
-        ModelLoadError: an unknown ``device_map`` string or a module path the model lacks.
+        ModelLoadError: an unknown ``device_map`` string, a module path the model lacks, or a map
+        that offloads the embedding, final norm or unembedding (checked after dispatching).
     """
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
@@ -483,6 +484,12 @@ def dispatch(hf_model: nn.Module, device_map: str | dict, *, offload_dir: str | 
         offload_dir = tempfile.mkdtemp(prefix="probe-offload-")
     dispatch_model(hf_model, device_map=dm, offload_dir=offload_dir)
     hf_model.hf_device_map = dm
+    arch = resolve_architecture(hf_model)
+    off = [path for path in (arch.embed, arch.final_norm, arch.unembed)
+           if any(p.device.type == "meta" for p in get_attr_path(hf_model, path).parameters())]
+    if off:
+        raise ModelLoadError(f"the device_map offloads {', '.join(off)}: the embedding, final norm and unembedding "
+                             "must sit on a device (the lenses read their weights); offload decoder layers only")
     return dm
 
 
@@ -647,6 +654,9 @@ def _from_bridge(bridge: Any, tokenizer: Any) -> ProbeModel:
         missing -= {f"{arch.unembed}.weight"}
     if missing & params:
         raise ModelLoadError(f"TransformerBridge: parameters of the wrapped model not found: {sorted(missing & params)[:3]}")
+    devices = {p.device for p in om.parameters()}
+    if len(devices) == 1:  # buffers the constructor made (rotary frequencies) go where the weights are
+        hf.to(devices.pop())
     hf.eval()
     dev = get_attr_path(hf, arch.unembed).weight.device
     probe_ids = torch.tensor([[int(i) % hf.config.get_text_config().vocab_size for i in (1, 100, 200, 300)]], device=dev)

@@ -144,11 +144,18 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
         from .shard import connect_ray
 
         owns_ray = connect_ray(workers, ray_address)  # an unreachable cluster: one line, nothing written
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / STAMP, json.dumps(stamp, indent=2))
-    pre_log, unit_log = JsonlLog(out / PRE), JsonlLog(out / UNITS)
-    pre_done = {r["fact_id"]: PreMeasure.from_json(r) for r in pre_log.records}
-    units = [FactResult.from_json(u) for u in unit_log.records]
+    try:  # a Ray this call started is shut down if the set-up below fails (run_sharded owns it after)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / STAMP, json.dumps(stamp, indent=2))
+        pre_log, unit_log = JsonlLog(out / PRE), JsonlLog(out / UNITS)
+        pre_done = {r["fact_id"]: PreMeasure.from_json(r) for r in pre_log.records}
+        units = [FactResult.from_json(u) for u in unit_log.records]
+    except BaseException:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+        raise
     done_units = {(u.defense, u.id) for u in units}
     say_resumed(cfg, len(done_units), len(known) * len(defenses), "(defense, fact) units")
 

@@ -149,13 +149,13 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
     from .grid import UnitContext
 
     ray = check_ray(workers)
-    if model_factory is None:
-        if model is None:
-            raise ValueError("run_sharded needs model_factory or model")
-        model_factory = copy_factory(model)
+    if model_factory is None and model is None:
+        raise ValueError("run_sharded needs model_factory or model")
     cuda = model is not None and model.device.type == "cuda"
     started = connect_ray(workers, address) if owns_ray is None else owns_ray
     try:
+        if model_factory is None:
+            model_factory = copy_factory(model)
         res = ray.cluster_resources()
         n = workers or max(1, int(res.get("GPU", 0) if cuda else res.get("CPU", 1)))
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=0)(GridWorker)

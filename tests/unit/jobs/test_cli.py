@@ -818,8 +818,14 @@ def test_bad_numeric_flags_and_device_exit_2_and_write_nothing(cli, facts_file, 
     assert_input_error(rc, out, err, needle, out_dir=out_dir)
 
 
-def test_grid_with_a_device_map_gives_the_cells_of_a_plain_grid(cli, facts_file, tmp_path):
-    """``--device-map auto`` (accelerate; all on the CPU here) changes no number of a grid."""
+def test_grid_with_a_device_map_gives_the_cells_of_a_plain_grid(cli, facts_file, tmp_path, monkeypatch):
+    """``--device-map auto`` (accelerate; all on the CPU here) reaches accelerate and changes no
+    number of a grid."""
+    import probe.model
+
+    maps = []
+    dispatch = probe.model.dispatch
+    monkeypatch.setattr(probe.model, "dispatch", lambda hf, dm, **kw: maps.append(dm) or dispatch(hf, dm, **kw))
     cells = []
     for extra in ([], ["--device-map", "auto"]):
         out_dir = tmp_path / f"g{len(extra)}"
@@ -831,6 +837,7 @@ def test_grid_with_a_device_map_gives_the_cells_of_a_plain_grid(cli, facts_file,
             u["edit"].pop("seconds")  # wall-clock
         cells.append(units)
     assert cells[0] == cells[1] and cells[0]
+    assert maps == ["auto"]
 
 
 def test_run_and_grid_never_write_into_each_others_folders(cli, facts_file, tmp_path):

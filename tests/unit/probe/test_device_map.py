@@ -91,3 +91,8 @@ def test_bad_device_maps_are_one_line_errors(tiny_tokenizer):
         dispatch(hf, "everywhere")
     with pytest.raises(ModelLoadError, match=r"modules the model lacks: \['model.layers.9'\]"):
         dispatch(hf, {"model.layers.9": "cpu"})
+    # the lenses read the unembedding's weights: it cannot be offloaded
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers": "cpu", "model.norm": "cpu",
+          "lm_head": "disk"}
+    with pytest.raises(ModelLoadError, match="offloads lm_head: the embedding, final norm and unembedding"):
+        dispatch(copy.deepcopy(hf), dm)

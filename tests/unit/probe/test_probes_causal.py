@@ -466,16 +466,23 @@ def _naive_restored_probs(m, ids, a, corrupt, sets, states, L, noise_std, sample
     return p.mean(1).float()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3", "gptj", "neox"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma3", "gptj", "neox", "gemma3-window", "llama-no-cache"])
 @pytest.mark.parametrize("bands", [1, 2, 6])
 def test_restored_probs_match_full_forwards(make_tiny, monkeypatch, kind, bands):
     """The batched restorations -- positions before a set's first position taken from the corrupted
     run's key/value cache, layers before its band skipped -- give the probabilities of one plain
-    full forward per row, for single states, several states of one set, and sets spanning bands."""
+    full forward per row, for single states, several states of one set, and sets spanning bands.
+    A sliding window shorter than the prompt (its cache cannot be cut back) and a model whose
+    forward takes no cache run every row over all positions, with the same results."""
     import probe.causal as causal
 
-    m = make_tiny(kind, initializer_range=0.3, **({"n_layer": 5} if kind in ("gpt2", "gptj") else
-                                                     {"num_hidden_layers": 5}))
+    arch = kind.split("-")[0]
+    over = {"n_layer": 5} if arch in ("gpt2", "gptj") else {"num_hidden_layers": 5}
+    if kind == "gemma3-window":
+        over.update(sliding_window=4, layer_types=["sliding_attention"] * 4 + ["full_attention"])
+    m = make_tiny(arch, initializer_range=0.3, **over)
+    if kind == "llama-no-cache":
+        monkeypatch.setattr(causal, "_cache_kwarg", lambda model: None)
     assert m.n_layers == 5
     monkeypatch.setattr(causal, "LAYER_BANDS", bands)
     groups = []  # (first position, band start) of every batched trace
@@ -494,6 +501,7 @@ def test_restored_probs_match_full_forwards(make_tiny, monkeypatch, kind, bands)
     want = _naive_restored_probs(m, ids, a, corrupt, sets, states, L, 0.7, 2, 5)
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-7), (got, want)
     assert len(set(got.tolist())) >= 5  # the sets give different probabilities: the check has teeth
-    # the short cuts were taken: later positions ran on the cache, later bands skipped layers
-    assert max(start for start, _ in groups) == T - 1
+    # the short cuts were taken: later positions ran on the cache (unless it cannot be cut back),
+    # later bands skipped layers
+    assert max(start for start, _ in groups) == (0 if kind in ("gemma3-window", "llama-no-cache") else T - 1)
     assert sorted({band for _, band in groups}) == {1: [0], 2: [0, 3], 6: [0, 1, 2, 3, 4]}[bands]
