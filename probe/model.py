@@ -544,7 +544,8 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
             ``{module path: device}`` dict, ``"disk"`` offloading to ``offload_dir``
             (:func:`dispatch`). The model is loaded on the CPU first. Attacks, lenses and the
             tuned lens run across devices (lens arithmetic in fp32 on the unembedding's device);
-            editing needs every edited weight on a device (not offloaded).
+            editing needs every weight on a device (not offloaded). A ProbeModel passed in with a
+            ``device_map`` is dispatched in place.
         offload_dir: folder for ``"disk"`` weights of ``device_map``.
 
     Returns:
@@ -556,6 +557,8 @@ def load_model(name: Any = None, device: str | torch.device = "cpu", dtype: str 
         UnsupportedArchitectureError: the architecture has no adapter.
     """
     if isinstance(name, ProbeModel):
+        if device_map is not None:
+            dispatch(name.hf, device_map, offload_dir=offload_dir)
         return name
     if device_map is None:
         return _load(name, device, dtype, tokenizer)
