@@ -152,9 +152,9 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
         units = [FactResult.from_json(u) for u in unit_log.records]
     except BaseException:
         if owns_ray:
-            import ray
+            from .shard import shutdown_ray
 
-            ray.shutdown()
+            shutdown_ray()
         raise
     done_units = {(u.defense, u.id) for u in units}
     say_resumed(cfg, len(done_units), len(known) * len(defenses), "(defense, fact) units")

@@ -113,6 +113,14 @@ def connect_ray(workers: int | None, address: str | None) -> bool:
     return True
 
 
+def shutdown_ray() -> None:
+    """Stop the Ray instance :func:`connect_ray` started (for a caller that fails before
+    :func:`run_sharded` takes it over)."""
+    import ray
+
+    ray.shutdown()
+
+
 def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts: Sequence[Fact], known: Sequence[tuple],
                 defenses: Sequence[str], pre_done: dict[str, PreMeasure], done_units: set, pre_ctx, *,
                 record_pre: Callable[[PreMeasure], None], record_unit: Callable[[FactResult], None],
