@@ -25,6 +25,14 @@ BUILTIN_DEFAULT_MAX = 30
 EXIT_INTERRUPTED = 130
 
 
+def _device_map_flag(p: argparse.ArgumentParser) -> None:
+    """``--device-map`` (run, grid, calibrate); validated by :func:`probe.model.dispatch`."""
+    p.add_argument("--device-map", default=None,
+                   help="spread the model over the devices with accelerate: auto, balanced, balanced_low_0 or "
+                        "sequential (decoder layers are never split) instead of moving it to --device; editing "
+                        "needs every edited weight on a device")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="embedded default (smollm2-135m) if omitted; also gemma-3-270m, mini-vlm (the embedded "
@@ -62,10 +70,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "subject, preamble, prefix); by default such facts are skipped and counted, since a copy of "
                         "the input is not extraction (for comparison with the papers, which keep them)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--device-map", default=None,
-                   help="spread the model over the devices with accelerate: auto, balanced, balanced_low_0 or "
-                        "sequential (decoder layers are never split) "
-                        "instead of moving it to --device; editing needs every edited weight on a device")
+    _device_map_flag(p)
     p.add_argument("--dtype", default=None, help="weights dtype: float32 (default), bfloat16, float16; lens "
                                                  "and loss arithmetic always run in fp32")
     p.add_argument("--seed", type=int, default=0,
@@ -262,10 +267,7 @@ def _add_calibrate(sub) -> None:
                      help="folder for calibration.json and its unit log (default: the cache, where run and grid "
                           "find it); an interrupted calibration resumes from its log")
     cal.add_argument("--device", default="cpu")
-    cal.add_argument("--device-map", default=None,
-                   help="spread the model over the devices with accelerate: auto, balanced, balanced_low_0 or "
-                        "sequential (decoder layers are never split) "
-                        "instead of moving it to --device; editing needs every edited weight on a device")
+    _device_map_flag(cal)
     cal.add_argument("--dtype", default=None)
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--quiet", action="store_true", help="no progress bars")

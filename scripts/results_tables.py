@@ -66,11 +66,16 @@ GRID_SCORES = (("rewrite_score", "rewrite"), ("paraphrase_score", "paraphrase"),
                ("target_rewrite_score", "target rewrite"))
 
 
-def grid_defenses_table(path: Path) -> str:
+def _grid(path: Path) -> tuple[dict, str]:
+    """A grid's ``grid.json`` and how far it got (``complete`` / ``stopped early: ...``)."""
     g = json.loads((path / "grid.json").read_text(encoding="utf-8"))
+    return g, ("complete" if g["complete"] else f"stopped early: {g['n_facts']} of {g['n_facts_planned']} planned facts")
+
+
+def grid_defenses_table(path: Path) -> str:
+    g, done = _grid(path)
     attack = g["attacks"][0]
     cells = {c["defense"]: c for c in g["cells"] if c["attack"] == attack}
-    done = "complete" if g["complete"] else f"stopped early: {g['n_facts']} of {g['n_facts_planned']} planned facts"
     cal = g.get("calibration") or {}
     setting = (f"calibrated settings (neighborhood >= {cal['min_neighborhood']}, retention drop <= "
                f"{cal['max_retention_drop']} on {cal['n_facts']} calibration facts)" if cal.get("settings")
@@ -92,10 +97,9 @@ def grid_defenses_table(path: Path) -> str:
 
 def grid_attacks_table(path: Path) -> str:
     """Every attack of a grid after every defense: success after the edit, its control, and the
-    excess (post - control) per cell; before-edit success in the header row."""
-    g = json.loads((path / "grid.json").read_text(encoding="utf-8"))
+    excess (post - control) per cell; each attack's budget in the header row."""
+    g, done = _grid(path)
     cells = {(c["defense"], c["attack"]): c for c in g["cells"]}
-    done = "complete" if g["complete"] else f"stopped early: {g['n_facts']} of {g['n_facts_planned']} planned facts"
     head = (f"{g['model']}, editor {g['editor']}, {g['n_facts']} facts ({done}); each cell: success after the "
             "edit / control (**excess**)")
     rows = ["| defense | " + " | ".join(f"{a} (B={next((c['budget'] for (d, x), c in cells.items() if x == a), '—')})"
