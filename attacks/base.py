@@ -89,6 +89,9 @@ class AttackContext:
         known: ids of the facts the *unedited* model knows (relearning draws its data from them).
         unknown: facts the unedited model never knew (answer's first token at rank > 100 at the
             output): the relearning control (:attr:`AttackOutcome.taught`).
+        extra: built-in facts that top up ``facts`` where the file's other facts are too few for a
+            use (:mod:`probe.pool`): relearning data, probe training data; their known / never-known
+            status is in ``known`` / ``unknown``. Empty for large files.
     """
 
     facts: Sequence[Any] = ()
@@ -100,6 +103,7 @@ class AttackContext:
     controls: dict = field(default_factory=dict)
     known: frozenset = frozenset()
     unknown: Sequence[Any] = ()
+    extra: Sequence[Any] = ()
 
 
 class Attack:
@@ -122,6 +126,10 @@ class Attack:
     #: what the attack's control is when it is not the fact's control answer (the linear probe:
     #: ``"relation prior"``); None = the control answers of :attr:`AttackContext.controls`.
     control_kind: ClassVar[str | None] = None
+
+    def check_facts(self, model, facts: Sequence[Any]) -> None:
+        """Refuse, before any output is written, facts this attack could not run on (default:
+        none). Raises :class:`probe.errors.InputError` naming the fact's file, line and field."""
 
     def budget(self, n_layers: int) -> int:  # pragma: no cover - abstract
         """Candidate-set size B (samples for blackbox attacks, tokens for rank-based ones)."""

@@ -200,6 +200,28 @@ class SamplingAttack(Attack):
         control answer, or None) on the same samples."""
         return self._attack(model, fact, self.prompts(fact), seed, control)
 
+    def check_facts(self, model, facts: Sequence) -> None:
+        """Every attack prompt of every fact plus ``max_new_tokens`` fits the model's context.
+
+        Raises:
+            PromptTooLongError: naming the fact's file, line and field ``prompt``, the attack and
+                the token counts.
+        """
+        from probe.errors import PromptTooLongError
+        from probe.tokens import tokenize
+
+        limit = getattr(model, "context_length", None)
+        if limit is None or not hasattr(self, "prompts") or isinstance(self, _ImageAttack):
+            return
+        for f in facts:
+            for p in self.prompts(f):
+                n = len(tokenize(model.tokenizer, str(p)))
+                if n + self.max_new_tokens > limit:
+                    file, line = f.where()
+                    raise PromptTooLongError(f"{self.name}: an attack prompt of {n} tokens plus {self.max_new_tokens} "
+                                             f"sampled (--bb-tokens) exceeds the model's context of {limit}",
+                                             file=file, line=line, field="prompt")
+
     def _attack(self, model, fact, prompts: Sequence[str], seed: int, control: str | None,
                 details: dict | None = None) -> AttackOutcome:
         """Skip rule, sampling, and scoring of the answer and the control on the same samples."""

@@ -67,7 +67,8 @@ import numpy as np
 
 from probe.layers import resolve_layers, spread_layers
 from probe.matching import answer_matches
-from probe.probes import LayerProbes, evenly_capped, fact_relations, prior_order, train_probes
+from probe.pool import FILE, PROBE_MIN, TOPPED_UP, PoolUse
+from probe.probes import ANY_RELATION, LayerProbes, evenly_capped, fact_relations, prior_order, train_probes
 
 from .base import Attack, AttackContext, AttackOutcome, register
 
@@ -134,15 +135,30 @@ class LinearProbeAttack(Attack):
         return f"answer has < {self.min_examples} training examples"
 
     def training_pool(self, relation: str, attacked: Sequence[Any], ctx: AttackContext) -> list[Any]:
-        """The facts the probes of ``relation`` train on: ``ctx.facts`` of that relation minus
-        ``ctx.deleted`` minus ``attacked``, at most ``max_train`` of them (evenly spaced).
+        """The facts the probes of ``relation`` train on (:meth:`training_data`)."""
+        return self.training_data(relation, attacked, ctx)[0]
+
+    def training_data(self, relation: str, attacked: Sequence[Any], ctx: AttackContext) -> tuple[list[Any], PoolUse]:
+        """The facts the probes of ``relation`` train on and where they came from: ``ctx.facts`` of
+        that relation minus ``ctx.deleted`` minus ``attacked`` (one at a time: every other fact of
+        the file), at most ``max_train`` of them (evenly spaced); when those are fewer than
+        :data:`probe.pool.PROBE_MIN`, topped up with the built-in facts of ``ctx.extra`` of the same
+        relation (all of them for :data:`probe.probes.ANY_RELATION`) up to ``max_train`` in all --
+        text facts only (a built-in text prompt is no training example for an image fact).
 
         With no relation on any fact of ``ctx.facts`` and ``attacked``, every fact belongs to
         :data:`probe.probes.ANY_RELATION`."""
         excluded = frozenset(ctx.deleted) | frozenset(str(f.id) for f in attacked)
         rels, _ = fact_relations(list(ctx.facts) + list(attacked))
-        pool = [f for f, r in zip(ctx.facts, rels) if r == relation and str(f.id) not in excluded]
-        return evenly_capped(pool, self.max_train)
+        pool = evenly_capped([f for f, r in zip(ctx.facts, rels) if r == relation and str(f.id) not in excluded],
+                             self.max_train)
+        text = not any(getattr(f, "has_image", False) for f in [*pool, *attacked])
+        extra = [g for g in ctx.extra if text and (relation == ANY_RELATION or g.relation == relation)]
+        if len(pool) >= PROBE_MIN or not extra:
+            return pool, PoolUse(FILE, len(pool))
+        room = None if self.max_train is None else self.max_train - len(pool)
+        pool = pool + (evenly_capped(extra, room) if room is None or room > 0 else [])
+        return pool, PoolUse(TOPPED_UP, len(pool))
 
     def _hidden(self, model, facts: Sequence[Any], layers: list[int], ctx: AttackContext) -> np.ndarray:
         """Residual streams ``[n, len(layers), d_model]`` of ``facts`` on ``model``, read once per
@@ -195,14 +211,14 @@ class LinearProbeAttack(Attack):
         out: list[AttackOutcome | None] = [None] * len(facts)
         for rel in sorted({r for r in rels if r is not None}):
             idx = [i for i, r in enumerate(rels) if r == rel]
-            pool = self.training_pool(rel, facts, ctx)
+            pool, use = self.training_data(rel, facts, ctx)
             entry = self._probes(model, rel, pool, train_layers, ctx)
             probes: LayerProbes | None = entry["probes"]
             classes = set(probes.classes) if probes is not None else set()
             scored = [i for i in idx if str(facts[i].answer).strip() in classes]
             for i in idx:
                 if i not in scored:
-                    out[i] = AttackOutcome.skip(budget, self.skip_reason)
+                    out[i] = AttackOutcome.skip(budget, self.skip_reason, {"relation": rel, "pool": use.to_json()})
             if not scored:
                 continue
             X = self._hidden(model, [facts[i] for i in scored], train_layers, ctx)
@@ -229,6 +245,7 @@ class LinearProbeAttack(Attack):
                     "answer_in_prompt": answer_matches(str(f.prompt), answers[row]),
                     "fit_seconds": round(probes.fit_seconds, 3),
                     "read_seconds": round(entry["read_seconds"], 3),
+                    "pool": use.to_json(),
                     "cached_probes": entry["cached"],
                 }
                 if note:

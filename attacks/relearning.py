@@ -28,7 +28,9 @@ after :meth:`Relearning.run`, and its ``requires_grad`` flags are restored):
    * ``"unrelated"`` (default): facts of ``ctx.facts`` whose id is in ``ctx.known`` (facts the
      unedited model knows; if ``ctx.known`` is empty, all of ``ctx.facts``, recorded as
      ``relearn_pool``), minus ``ctx.deleted``, the fact itself and the facts of
-     ``ctx.unknown``; drawn with ``random.Random(fact_seed(seed, "relearning", fact.id))``.
+     ``ctx.unknown``; drawn with ``random.Random(fact_seed(seed, "relearning", fact.id))``. When
+     the file gives fewer than ``n_examples`` usable pairs, the built-in facts the unedited model
+     knows (``ctx.extra``) top them up (:mod:`probe.pool`; ``details["pool"]`` says which).
    * ``"neighborhood"``: the first ``n_examples`` usable items of the fact's neighbourhood.
 
    Either way a pair is dropped (:func:`contamination`) when its prompt is the fact's prompt, a
@@ -85,6 +87,7 @@ from probe.arch import mlp_linear_paths
 from probe.interrupt import check as check_interrupt
 from probe.matching import answer_matches, normalize_answer
 from probe.model import clone_model, only_trainable, wrap_model
+from probe.pool import FILE, PoolUse, draw, is_builtin
 from probe.readout import teacher_forced, teacher_forced_inputs
 from probe.seeds import fact_rng, fact_seed
 
@@ -152,11 +155,14 @@ class RelearnData:
         pairs: ``(prompt, answer)`` pairs (prompts may be :class:`probe.images.ImagePrompt`).
         pool: ``"known"``, ``"all facts (ctx.known empty)"`` or ``"neighborhood"``.
         excluded: candidate pairs dropped by :func:`contamination`.
+        use: the file's facts alone, or topped up with the built-in ones (``ctx.extra``) because the
+            file gave fewer than ``n_examples`` usable pairs (:class:`probe.pool.PoolUse`).
     """
 
     pairs: list[tuple[Any, str]]
     pool: str
     excluded: int = 0
+    use: PoolUse | None = None
 
 
 @register("relearning")
@@ -242,18 +248,21 @@ class Relearning(Attack):
         control = ctx.controls.get(fact.id)
         if self.data == "neighborhood":
             cands = [(n.get("prompt", ""), n.get("answer", "")) for n in fact.neighborhood]
-            pool = "neighborhood"
-        else:
-            skip = set(ctx.deleted) | {fact.id} | {u.id for u in ctx.unknown}
-            known = ctx.known
-            pool = "known" if known else "all facts (ctx.known empty)"
-            cands = [(f.prompt, f.answer) for f in ctx.facts if f.id not in skip and (not known or f.id in known)]
-        ok = [(p, a) for p, a in cands if contamination(fact, control, p, a) is None]
-        if self.data == "neighborhood":
-            pairs = ok[: self.n_examples]
-        else:
-            pairs = random.Random(seed).sample(ok, min(self.n_examples, len(ok)))
-        return RelearnData(pairs=pairs, pool=pool, excluded=len(cands) - len(ok))
+            ok = [(p, a) for p, a in cands if contamination(fact, control, p, a) is None]
+            return RelearnData(pairs=ok[: self.n_examples], pool="neighborhood", excluded=len(cands) - len(ok),
+                               use=PoolUse(FILE, len(ok)))
+        skip = set(ctx.deleted) | {fact.id} | {u.id for u in ctx.unknown}
+        known = ctx.known
+        pool = "known" if known else "all facts (ctx.known empty)"
+
+        def usable(src):
+            cands = [(f.prompt, f.answer) for f in src if f.id not in skip and (not known or f.id in known)]
+            return cands, [(p, a) for p, a in cands if contamination(fact, control, p, a) is None]
+
+        cands, ok = usable(ctx.facts)
+        x_cands, x_ok = usable(ctx.extra) if len(ok) < self.n_examples else ([], [])
+        pairs, use = draw(ok, x_ok, self.n_examples, random.Random(seed))
+        return RelearnData(pairs=pairs, pool=pool, excluded=len(cands) + len(x_cands) - len(ok) - len(x_ok), use=use)
 
     def unknown_sample(self, fact, ctx: AttackContext) -> list:
         """Up to ``n_unknown`` facts of ``ctx.unknown`` (seeded per fact) whose answer differs from
@@ -262,7 +271,8 @@ class Relearning(Attack):
         pool = [u for u in ctx.unknown if u.id != fact.id and _norm(u.answer) != ans]
         if not pool or self.n_unknown == 0:
             return []
-        return fact_rng(ctx.seed, UNKNOWN_SAMPLE, fact.id).sample(pool, min(self.n_unknown, len(pool)))
+        return draw([u for u in pool if not is_builtin(u)], [u for u in pool if is_builtin(u)], self.n_unknown,
+                    fact_rng(ctx.seed, UNKNOWN_SAMPLE, fact.id))[0]
 
     # -- training --------------------------------------------------------------------------
     def relearn(self, adapted, params: list[torch.nn.Parameter], pairs: list[tuple[Any, str]]) -> list[float]:
@@ -365,7 +375,8 @@ class Relearning(Attack):
             if not d.pairs:
                 what = "neighbourhood" if self.data == "neighborhood" else "unrelated facts"
                 out.append(AttackOutcome.skip(budget, f"no relearning data: no usable {what} "
-                                                      f"({d.excluded} excluded as contaminated)"))
+                                                      f"({d.excluded} excluded as contaminated)",
+                                              {"pool": d.use.to_json() if d.use else None}))
                 continue
             control = ctx.controls.get(fact.id)
             with torch.random.fork_rng(devices=devices), self._adapter(clone, targets, seed) as (adapted, params,
@@ -394,6 +405,7 @@ class Relearning(Attack):
                          "relearn_params": n_params, "relearn_modules": rel_modules,
                          "relearn_layers": list(range(n_layers)), "relearn_data": [p for p, _ in d.pairs],
                          "relearn_answers": [a for _, a in d.pairs], "relearn_pool": d.pool,
+                         "pool": d.use.to_json() if d.use else None,
                          "relearn_excluded": d.excluded,
                          "taught_before": sum(r <= self.k for r in t_before) / len(t_before) if t_before else None,
                          "taught_ranks": rest, "taught_ranks_before": t_before, "unknown_ids": [u.id for u in us]}))

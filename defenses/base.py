@@ -124,11 +124,15 @@ class Objective:
         cli_name: the registered name.
         target_kind: ``None`` (erasure of the answer) or ``"target"`` (make ``request.targets``
             likely: empty response, error injection).
+        target_from_pool: the target is another fact's answer (error injection).
         stop_below: default early-stopping threshold on the loss (None: run every step).
     """
 
     cli_name = "objective"
     target_kind: str | None = None
+    #: the target is drawn from other facts' answers (error injection), so its pool is recorded
+    #: (:mod:`probe.pool`)
+    target_from_pool: bool = False
     stop_below: float | None = None
     #: per editor name, the editor settings this objective needs to reach its purpose (tuned on
     #: SmolLM2, see the README); the user's explicit settings override them.

@@ -89,6 +89,7 @@ class ErrorInjection(Objective):
 
     seed: int = 0
     target_kind = "target"
+    target_from_pool = True
     stop_below = 0.1
     editor_defaults = {"constrained-ft": {"norm_bound": 5e-3, "lr": 2.5e-3}}
 

@@ -681,7 +681,22 @@ def format_table(result) -> str:
             v = d.get(k)
             if isinstance(v, (int, float)):
                 lines.append(f"  {k:30s} {v:.3f}{_denominator(d, k)}")
+    note = pool_note((result.meta or {}).get("pools"))
+    if note:
+        lines += ["", note]
     return "\n".join(lines)
+
+
+def pool_note(pools: dict | None) -> str:
+    """One line naming the metrics and attacks whose pool of other facts was topped up with the
+    built-in facts (the file gave too few, :mod:`probe.pool`), with the units it happened in; ``""``
+    when none was."""
+    from .pool import TOPPED_UP
+
+    parts = [f"{name} {rec[TOPPED_UP]}" for kind in ("metrics", "attacks")
+             for name, rec in sorted(((pools or {}).get(kind) or {}).items()) if rec.get(TOPPED_UP)]
+    return ("pools topped up with the built-in facts (the file's other facts were too few; units): " + ", ".join(parts)
+            if parts else "")
 
 
 def _denominator(scores: dict, key: str) -> str:
@@ -750,6 +765,9 @@ def format_grid(grid) -> str:
     lines += ["", "gen / genPara: greedy continuations of the prompt / paraphrases that no longer contain the answer, "
               "over those that did before the edit; retΔ: drop of first-token top-1 accuracy on every other known "
               "fact (retention_drop)"]
+    note = pool_note(grid.get("pools"))
+    if note:
+        lines += [note]
     return "\n".join(lines)
 
 

@@ -136,9 +136,10 @@ class AttackOutcome:
         return None if d is None else _from_dict(cls, d)
 
     @classmethod
-    def skip(cls, budget: int, reason: str) -> "AttackOutcome":
-        """An outcome for a fact the attack cannot run on (not a failure of the attack)."""
-        return cls(success=False, budget=budget, skipped=reason)
+    def skip(cls, budget: int, reason: str, details: dict | None = None) -> "AttackOutcome":
+        """An outcome for a fact the attack cannot run on (not a failure of the attack); ``details``
+        may say why (e.g. the pool it had, :mod:`probe.pool`)."""
+        return cls(success=False, budget=budget, skipped=reason, details=dict(details or {}))
 
 
 @dataclass
@@ -303,6 +304,8 @@ class PreMeasure:
         generation: whether the unedited model's greedy continuation (``gen_tokens`` tokens) of
             the prompt, then of each paraphrase, contains the answer
             (:func:`defenses.evaluate.generation_hits`); None when not measured (``gen_tokens=0``).
+        random_pool: where the random Δ-Acc facts came from (:class:`probe.pool.PoolUse` as JSON:
+            ``{"source": "file" | "file + built-in", "size": n}``).
     """
 
     fact_id: str
@@ -313,6 +316,7 @@ class PreMeasure:
     random_acc: list[bool] = field(default_factory=list)
     text_readout: LayerReadout | None = None
     generation: list[bool] | None = None
+    random_pool: dict | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -323,7 +327,8 @@ class PreMeasure:
         return cls(d["fact_id"], LayerReadout.from_json(d["readout"]),
                    {k: AttackOutcome.from_json(v) for k, v in d.get("outcomes", {}).items()},
                    FactProbs.from_json(d["probs"]), list(d.get("random_ids", [])), list(d.get("random_acc", [])),
-                   LayerReadout.from_json(d.get("text_readout")), None if gen is None else [bool(x) for x in gen])
+                   LayerReadout.from_json(d.get("text_readout")), None if gen is None else [bool(x) for x in gen],
+                   d.get("random_pool"))
 
 
 @dataclass
@@ -334,7 +339,11 @@ class FactResult:
     the edit failed (``error`` says why; the fact is counted in ``n_failed`` and left out of every
     score). ``outcomes[attack] = {"pre": AttackOutcome, "post": AttackOutcome | None}``.
     ``control`` is the fact's control answer (scored by every attack next to ``answer``) and
-    ``control_source`` where it was drawn from (``"relation"`` or ``"any-relation"``).
+    ``control_source`` where it was drawn from (``"relation"``, ``"any-relation"``, or
+    ``"built-in"``: a built-in fact's answer, the file having none that qualifies).
+    ``pools`` says which pool of other facts each metric of the unit drew from
+    (:mod:`probe.pool`): ``{"control" | "retain" | "target" | "random" | "retention": {"source":
+    "file" | "file + built-in", "size": n}}``.
     """
 
     id: str
@@ -352,6 +361,7 @@ class FactResult:
     control: str | None = None
     control_source: str | None = None
     relation: str | None = None
+    pools: dict[str, dict] | None = None
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -367,7 +377,8 @@ class FactResult:
                    outcomes={k: {ph: AttackOutcome.from_json(o) for ph, o in v.items()}
                              for k, v in (d.get("outcomes") or {}).items()},
                    modal=ModalReadout.from_json(d.get("modal")), defense=d.get("defense"), error=d.get("error"),
-                   control=d.get("control"), control_source=d.get("control_source"), relation=d.get("relation"))
+                   control=d.get("control"), control_source=d.get("control_source"), relation=d.get("relation"),
+                   pools=d.get("pools"))
 
 
 @dataclass
@@ -555,6 +566,8 @@ class GridResult:
         complete: every planned (defense, fact) unit is finished.
         calibration: the matched-damage calibration in use (:func:`probe.jobs.calibrate.calibration_meta`),
             None when each defense ran at its built-in settings.
+        pools: which pool of other facts each metric and attack drew from, counted over the units
+            (:func:`probe.pool.pool_summary`).
     """
 
     model: str
@@ -577,6 +590,7 @@ class GridResult:
     per_layer_text: dict | None = None
     image_examples: list | None = None
     calibration: dict | None = None
+    pools: dict | None = None
 
     def to_dict(self) -> dict:
         """The ``grid.json`` content."""

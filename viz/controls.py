@@ -83,6 +83,9 @@ def control_legend_html(summaries: Iterable[Any], edited: bool = True) -> str:
         extra += (" <i>any-relation</i>: the facts file has no relations, or no other answer of the fact's "
                   "relation passed the tests, so the control is another fact's answer of any relation (a weaker "
                   "control).")
+    if any("built-in" in s for s in srcs):
+        extra += (" <i>built-in</i>: no answer of the facts file qualified (e.g. a file of one fact), so the "
+                  "control is a built-in fact's answer, of the same relation name when there is one.")
     if "relation prior" in srcs:
         extra += (" <i>relation prior</i> (linear probe): the control is the probe's answer-frequency baseline "
                   "of the relation, not a control answer.")

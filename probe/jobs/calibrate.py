@@ -48,12 +48,12 @@ from tqdm.auto import tqdm
 from defenses import make_objective
 from defenses.base import EDITORS, editor_for
 from defenses.metrics import mean
-from defenses.retain import retain_prompts
 
 from ..atomic import write_text_atomic
 from ..facts import Fact
 from ..interrupt import check as check_interrupt
 from ..jsonl import JsonlLog
+from ..pool import extra_facts
 from .config import ALL_DEFENSES, JobConfig
 from .deletion import attack_context, build_plan, fact_key, known_facts, measure_deletion, measure_pre
 
@@ -249,7 +249,7 @@ def calibrate(model, facts: Sequence[Fact], cfg: CalibrateConfig, *, facts_label
         raise ValueError(f"editor {cfg.editor} has no calibration ladder")
     out = Path(out) if out is not None else calibration_dir(model, cfg.editor)
     plan = build_plan(model, cfg.attacks, [], cfg)
-    plan.pool = list(facts)
+    plan.pool, plan.extra = list(facts), extra_facts(facts)
     ctx = attack_context(plan, [], cfg)
     known, _ = known_facts(model, facts, plan, cfg, ctx, progress=cfg.progress, desc="known-fact filter")
     chosen = calibration_facts([k for k in known if k[0].neighborhood], cfg.n_facts)
@@ -282,10 +282,9 @@ def calibrate(model, facts: Sequence[Fact], cfg: CalibrateConfig, *, facts_label
                     continue
                 if fact.id not in pres:
                     pres[fact.id] = measure_pre(model, fact, read, lens_out, rplan, ctx, cfg)
-                retain = retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
-                unit = measure_deletion(model, [fact], [pres[fact.id]], obj_name, rplan,
-                                        objective.request(fact, facts, retain), cfg,
-                                        ctx_for=lambda: attack_context(rplan, ctx.deleted, cfg))[0]
+                request, pools = rplan.request_for(objective, fact, cfg)
+                unit = measure_deletion(model, [fact], [pres[fact.id]], obj_name, rplan, request, cfg,
+                                        ctx_for=lambda: attack_context(rplan, ctx.deleted, cfg), pools=pools)[0]
                 log.append({"objective": obj_name, "settings": settings, "unit": unit.to_json()})
                 units.append(unit)
             r = _rung_summary(settings, units)

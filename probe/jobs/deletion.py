@@ -20,12 +20,14 @@ from typing import Any, Callable, Sequence
 from attacks import AttackContext, LensAttack, attack_readout, evaluate_attacks, make_attack
 from defenses import EditFailed, make_objective
 from defenses.base import editor_for
+from defenses.retain import retain_prompts
 from defenses.evaluate import (deletion_scores, fact_probs, generation_hits, generation_scores, output_ranks,
                                random_accuracy, retention_scores, target_probs, target_scores)
 
 from ..controls import Control, choose_controls
 from ..facts import Fact
 from ..images import text_form
+from ..pool import BUILTIN_PREFIX, FILE, RETENTION_MIN, TOPPED_UP, PoolUse, draw, top_up
 from ..results import AttackOutcome, DeletionScores, FactResult, LayerReadout, ModalReadout, PreMeasure
 from ..seeds import RANDOM_ACC, fact_rng
 from ..tokens import answer_ids as _answer_ids
@@ -39,10 +41,14 @@ class Plan:
         attacks: attack objects (every registered kind, in the user's order).
         defenses: defense name -> ``(objective, editor)``.
         pool: every fact of the file (retain prompts, random Δ-Acc, distractors, attacker data).
+        extra: the built-in facts that top the pool up where the file's other facts are too few
+            for a use (:mod:`probe.pool`; empty for files of :data:`probe.pool.EXTRA_BELOW` facts or
+            more); never deleted or evaluated.
         controls: fact id -> :class:`probe.controls.Control` of every attacked fact (set by
             :func:`known_facts` / :func:`choose_job_controls`).
-        known: ids of the facts the unedited model knows (before ``max_facts``).
-        known_top1: the same facts, in file order -> whether the answer's first token is the unedited
+        known: ids of the facts the unedited model knows (before ``max_facts``; ``extra`` facts
+            included).
+        known_top1: the same facts, in file order (then ``extra``) -> whether the answer's first token is the unedited
             model's top-1 output (the known-fact filter's sweep): the retention's "before"
             (:func:`retention`).
         unknown: facts the unedited model never knew (answer's first token at rank >
@@ -53,6 +59,7 @@ class Plan:
     attacks: list
     defenses: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     pool: list[Fact] = field(default_factory=list)
+    extra: list[Fact] = field(default_factory=list)
     controls: dict[str, Control] = field(default_factory=dict)
     known: frozenset = frozenset()
     known_top1: dict[str, bool] = field(default_factory=dict)
@@ -63,6 +70,44 @@ class Plan:
     def control_answers(self) -> dict[str, str]:
         """Fact id -> control answer (what :attr:`attacks.AttackContext.controls` holds)."""
         return {k: c.answer for k, c in self.controls.items()}
+
+    @property
+    def by_id(self) -> dict[str, Fact]:
+        """Fact id -> fact, over the pool and its top-up."""
+        return {f.id: f for f in [*self.pool, *self.extra]}
+
+    def others(self, fact: Fact, need: int, keep: Callable[[Fact], bool] = lambda g: True) -> tuple[list[Fact], PoolUse]:
+        """The pool of ``fact`` for one use (:func:`probe.pool.top_up`): every other fact of the file
+        that ``keep`` accepts, then the ``extra`` facts it accepts when those are fewer than ``need``."""
+        return top_up([g for g in self.pool if g.id != fact.id and keep(g)],
+                      [g for g in self.extra if keep(g)], need)
+
+    def target_pool(self, fact: Fact) -> tuple[list[Fact], PoolUse]:
+        """The facts whose answers an error-injection target of ``fact`` is drawn from: the file's
+        other facts with another answer, topped up with the built-in ones when there is none."""
+        own = fact.answer.strip().lower()
+        return self.others(fact, 1, lambda g: g.answer.strip().lower() != own)
+
+    def retain_for(self, fact: Fact, cfg) -> tuple[list[str], PoolUse]:
+        """Leak-free retain prompts of ``fact`` (:func:`defenses.retain.retain_prompts`): from the
+        file's other facts, then from the built-in facts for the part the file cannot fill."""
+        got = retain_prompts(fact, self.pool, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
+        if len(got) >= cfg.retain_size or not self.extra:
+            return got, PoolUse(FILE, len(got))
+        more = retain_prompts(fact, [*self.pool, *self.extra], cfg.retain_size + len(got),
+                              sim_frac=cfg.retain_similar, seed=cfg.seed)
+        got += [p for p in more if p not in got][:cfg.retain_size - len(got)]
+        return got, PoolUse(TOPPED_UP, len(got))
+
+    def request_for(self, objective, fact: Fact, cfg):
+        """The one-at-a-time :class:`~defenses.base.DeletionRequest` of ``fact`` (retain prompts and
+        target from its pool) and the pools it used: ``(request, {"retain": ..., "target": ...})``."""
+        retain, r_use = self.retain_for(fact, cfg)
+        tpool, t_use = self.target_pool(fact)
+        uses = {"retain": r_use.to_json()}
+        if objective.target_from_pool:
+            uses["target"] = t_use.to_json()
+        return objective.request(fact, tpool, retain), uses
 
     @property
     def lens_attacks(self) -> list:
@@ -88,7 +133,7 @@ def attack_context(plan: Plan, deleted, cfg):
     per-state cache."""
     return AttackContext(facts=plan.pool, deleted=frozenset(deleted), seed=cfg.seed, cache={},
                          batch_size=cfg.batch_size, controls=plan.control_answers,
-                         known=plan.known, unknown=list(plan.unknown))
+                         known=plan.known, unknown=list(plan.unknown), extra=list(plan.extra))
 
 
 def build_plan(model, attack_names: Sequence[str], defense_names: Sequence[str], cfg, *,
@@ -134,11 +179,13 @@ def evenly_spaced(items: list, n: int) -> list:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
-def random_facts_for(fact: Fact, pool: Sequence[Fact], n: int, seed: int) -> list[Fact]:
-    """``n`` other facts (never ``fact``), seeded by the fact id, for the random Δ-Acc."""
+def random_facts_for(fact: Fact, pool: Sequence[Fact], n: int, seed: int,
+                     extra: Sequence[Fact] = ()) -> tuple[list[Fact], PoolUse]:
+    """``n`` other facts (never ``fact``), seeded by the fact id, for the random Δ-Acc: drawn from
+    the file's other facts ``pool``, topped up from ``extra`` when those are fewer than ``n``
+    (:func:`probe.pool.draw`)."""
     others = [g for g in pool if g.id != fact.id]
-    rng = fact_rng(seed, RANDOM_ACC, fact.id)
-    return rng.sample(others, min(n, len(others)))
+    return draw(others, extra, n, fact_rng(seed, RANDOM_ACC, fact.id))
 
 
 def text_readouts(model, facts: Sequence[Fact], *, batch_size: int | None = None) -> list[LayerReadout | None]:
@@ -197,13 +244,15 @@ def choose_job_controls(model, plan: Plan, facts: Sequence[Fact], reads: Sequenc
         InputError: an attacked fact's relation has a single fact in the file.
     """
     top = {f.id: r.top_token for f, r in zip(facts, reads)} if reads is not None else None
-    plan.controls = choose_controls(facts, plan.pool, model.tokenizer, seed=cfg.seed, top_tokens=top)
+    plan.controls = choose_controls(facts, plan.pool, model.tokenizer, seed=cfg.seed, top_tokens=top,
+                                    extra=plan.extra)
 
 
 def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress: bool = False,
                 desc: str = "known-fact filter") -> tuple[list[tuple[Fact, LayerReadout, dict[str, AttackOutcome]]], int]:
     """The known-fact filter: one logit-lens sweep of the unedited model over every fact
-    (:func:`is_known`), then at most ``cfg.max_facts`` known facts, evenly spaced; their controls
+    (:func:`is_known`; the built-in top-up ``plan.extra`` is swept with them, never kept), then at
+    most ``cfg.max_facts`` known facts of the file, evenly spaced; their controls
     (:func:`choose_job_controls`), and one sweep of the kept facts scoring every lens attack on the
     answer and the control. Sets ``plan.known``, ``plan.known_top1``, ``plan.unknown``,
     ``plan.controls`` and the same in ``ctx``.
@@ -218,14 +267,16 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
 
     from .output import RunError
 
-    reads = attack_readout(model, [f.prompt for f in facts], [f.answer for f in facts], [], ctx=ctx,
+    swept = [*facts, *plan.extra]
+    reads = attack_readout(model, [f.prompt for f in swept], [f.answer for f in swept], [], ctx=ctx,
                            progress=progress, desc=desc)
-    known = is_known(model, facts, reads, cfg)
-    kept = [i for i, k in enumerate(known) if k]
+    known = is_known(model, swept, reads, cfg)
+    plan.known = frozenset(f.id for f, k in zip(swept, known) if k)
+    plan.known_top1 = {f.id: r.rank[-1] == 1 for f, r, k in zip(swept, reads, known) if k}
+    plan.unknown = [f for f, r in zip(swept, reads) if r.rank[-1] > UNKNOWN_RANK]
+    reads = reads[:len(facts)]
+    kept = [i for i, k in enumerate(known[:len(facts)]) if k]
     n_known = len(kept)
-    plan.known = frozenset(facts[i].id for i in kept)
-    plan.known_top1 = {facts[i].id: reads[i].rank[-1] == 1 for i in kept}
-    plan.unknown = [f for f, r in zip(facts, reads) if r.rank[-1] > UNKNOWN_RANK]
     cal_keys = {tuple(k) for k in (cfg.calibration or {}).get("facts", [])}
     if cal_keys:  # calibration facts are never evaluated (they still count for retention)
         kept = [i for i in kept if fact_key(facts[i]) not in cal_keys]
@@ -239,8 +290,10 @@ def known_facts(model, facts: Sequence[Fact], plan: Plan, cfg, ctx, *, progress:
     kfacts = [facts[i] for i in kept]
     for _, editor in plan.defenses.values():  # e.g. ROME needs subjects: refused before anything is written
         getattr(editor, "check_facts", lambda facts: None)(kfacts)
+    for a in plan.attacks:  # e.g. a jailbreak preamble that leaves no room in the context
+        a.check_facts(model, kfacts)
     choose_job_controls(model, plan, kfacts, [reads[i] for i in kept], cfg)
-    ctx.controls, ctx.known, ctx.unknown = plan.control_answers, plan.known, plan.unknown
+    ctx.controls, ctx.known, ctx.unknown, ctx.extra = plan.control_answers, plan.known, plan.unknown, plan.extra
     sweeps, outs = evaluate_attacks(model, kfacts, plan.lens_attacks, ctx, progress=progress)
     return [(f, sweeps["logit"][j], {a: o[j] for a, o in outs.items()}) for j, f in enumerate(kfacts)], n_known
 
@@ -261,24 +314,33 @@ def measure_pre(model, fact: Fact, readout: LayerReadout, lens_outcomes: dict[st
     for a in plan.other_attacks:
         outcomes[a.name] = a.run(model, [fact], ctx)[0]
     probs = fact_probs(model, [fact], max_new_tokens=cfg.acc_tokens)[0]
-    rand = random_facts_for(fact, plan.pool, cfg.random_n, cfg.seed)
+    rand, use = random_facts_for(fact, plan.pool, cfg.random_n, cfg.seed, plan.extra)
     gen = generation_hits(model, [fact], max_new_tokens=cfg.gen_tokens)[0] if cfg.gen_tokens else None
     return PreMeasure(fact.id, readout, {a.name: outcomes[a.name] for a in plan.attacks}, probs,
                       [g.id for g in rand], random_accuracy(model, rand, max_new_tokens=cfg.acc_tokens),
-                      text_readouts(model, [fact])[0], gen)
+                      text_readouts(model, [fact])[0], gen, use.to_json())
 
 
-def retention(edited, plan: Plan, deleted: Sequence[str], by_id: dict[str, Fact], cfg) -> dict:
-    """Retention scores of one edit (:func:`defenses.evaluate.retention_scores`): first-token top-1
-    accuracy on every fact of ``plan.known_top1`` except the ``deleted`` ids, before (from the
-    known-fact filter's sweep) and after (one batched output sweep of ``edited``,
-    :func:`defenses.evaluate.output_ranks`); empty when no such fact is left."""
+def retention_ids(plan: Plan, deleted: Sequence[str]) -> tuple[list[str], PoolUse]:
+    """The facts the retention of one edit is measured on: every known fact of the file except the
+    ``deleted`` ids, topped up with the known built-in facts when those are fewer than
+    :data:`probe.pool.RETENTION_MIN` (:func:`probe.pool.top_up`)."""
     deleted = set(deleted)
     ids = [k for k in plan.known_top1 if k not in deleted]
+    return top_up([k for k in ids if not k.startswith(BUILTIN_PREFIX)],
+                  [k for k in ids if k.startswith(BUILTIN_PREFIX)], RETENTION_MIN)
+
+
+def retention(edited, plan: Plan, deleted: Sequence[str], by_id: dict[str, Fact], cfg) -> tuple[dict, PoolUse]:
+    """Retention scores of one edit (:func:`defenses.evaluate.retention_scores`): first-token top-1
+    accuracy on the facts of :func:`retention_ids`, before (from the known-fact filter's sweep) and
+    after (one batched output sweep of ``edited``, :func:`defenses.evaluate.output_ranks`); empty
+    scores when no such fact is left. Returns ``(scores, PoolUse)``."""
+    ids, use = retention_ids(plan, deleted)
     if not ids:
-        return {}
+        return {}, use
     post = output_ranks(edited, [by_id[k] for k in ids], batch_size=cfg.batch_size or 32)
-    return retention_scores([plan.known_top1[k] for k in ids], [r == 1 for r in post])
+    return retention_scores([plan.known_top1[k] for k in ids], [r == 1 for r in post]), use
 
 
 def check_generation_lengths(model, facts: Sequence[Fact], gen_tokens: int) -> None:
@@ -305,7 +367,7 @@ def check_generation_lengths(model, facts: Sequence[Fact], gen_tokens: int) -> N
 
 def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], defense: str, plan: Plan, request,
                      cfg, *, ctx_for: Callable[[], Any], during_edit: Callable[[Any, Fact], None] | None = None,
-                     by_id: dict[str, Fact] | None = None) -> list[FactResult]:
+                     by_id: dict[str, Fact] | None = None, pools: dict | None = None) -> list[FactResult]:
     """Delete ``facts`` with one edit (``request``; one fact for the one-at-a-time protocol) by
     ``defense`` from a fresh copy of ``model``, then measure every attack and every score on the
     edited model -- including the retention on every other known fact (:func:`retention`, one
@@ -317,6 +379,8 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
         ctx_for: a fresh :class:`attacks.AttackContext` for the edited model state.
         during_edit: called with (edited model, fact) for each fact while the edit is applied
             (e.g. causal traces).
+        pools: the pools ``request`` drew from (:meth:`Plan.request_for`), recorded on every
+            result next to the control's, the random Δ-Acc's and the retention's.
 
     Returns:
         One :class:`FactResult` per fact; on a failed edit each has ``error`` set and no post
@@ -324,16 +388,19 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
     """
 
     objective, editor = plan.defenses[defense]
-    by_id = by_id or {f.id: f for f in plan.pool}
-    targets = [objective.target_for(f, plan.pool) for f in facts]
+    by_id = by_id or plan.by_id
+    targets = [objective.target_for(f, plan.target_pool(f)[0]) for f in facts]
     t_pre = [target_probs(model, f, t) if t else None for f, t in zip(facts, targets)]
     a_ids = [_answer_ids(model.tokenizer, f.prompt, f.answer) for f in facts]
 
     def base(i: int, f: Fact) -> FactResult:
         c = plan.controls.get(f.id)
+        uses = {**(pools or {}), "random": pres[i].random_pool}
+        if c is not None:
+            uses["control"] = c.pool.to_json()
         return FactResult(f.id, str(f.prompt), f.answer, a_ids[i], pres[i].readout, defense=defense,
                           control=c.answer if c else None, control_source=c.source if c else None,
-                          relation=f.relation)
+                          relation=f.relation, pools={k: v for k, v in sorted(uses.items()) if v})
 
     with contextlib.ExitStack() as stack:
         try:
@@ -352,7 +419,7 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
         rand_post = [random_accuracy(edited, [by_id[g] for g in p.random_ids], max_new_tokens=cfg.acc_tokens)
                      for p in pres]
         t_post = [target_probs(edited, f, t) if t else None for f, t in zip(facts, targets)]
-        kept = retention(edited, plan, [f.id for f in facts], by_id, cfg)
+        kept, kept_use = retention(edited, plan, [f.id for f in facts], by_id, cfg)
         gen_idx = [i for i, p in enumerate(pres) if p.generation is not None] if cfg.gen_tokens else []
         gen_post = dict(zip(gen_idx, generation_hits(edited, [facts[i] for i in gen_idx],
                                                      max_new_tokens=cfg.gen_tokens) if gen_idx else []))
@@ -373,6 +440,7 @@ def measure_deletion(model, facts: Sequence[Fact], pres: Sequence[PreMeasure], d
         if i in gen_post:
             s.update(generation_scores(pres[i].generation, gen_post[i]))
         r = base(i, f)
+        r.pools = {**(r.pools or {}), "retention": kept_use.to_json()}
         r.post, r.scores, r.edit = post, DeletionScores(**s), info
         r.outcomes = {a.name: {"pre": pres[i].outcomes.get(a.name), "post": post_out[a.name][i]} for a in plan.attacks}
         if pres[i].text_readout is not None:

@@ -30,7 +30,6 @@ import torch
 from tqdm.auto import tqdm
 
 from attacks import summarize
-from defenses.retain import retain_prompts
 from viz.grid import write_grid_report
 
 from ..atomic import write_text_atomic
@@ -44,6 +43,7 @@ from .config import GridConfig, resolve_names
 from .deletion import (Plan, attack_context, build_plan, check_generation_lengths, image_examples, known_facts,
                        measure_deletion, measure_pre)
 from ..jsonl import JsonlLog
+from ..pool import extra_facts, pool_summary
 from .output import check_output, say_resumed
 
 PRE = "pre.jsonl"
@@ -124,7 +124,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
     defenses = resolve_names(cfg.defenses, "defense")
     attack_names = resolve_names(cfg.attacks, "attack")
     plan = build_plan(model, attack_names, defenses, cfg)
-    plan.pool = facts
+    plan.pool, plan.extra = facts, extra_facts(facts)
     check_lengths(model, facts)
     stamp = {"command": "grid", "model": model.name, "model_fingerprint": model.fingerprint, "facts": facts_label,
              **{k: v for k, v in asdict(cfg).items() if k not in ("progress", "defenses")},
@@ -136,9 +136,8 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
 
     pre_ctx = attack_context(plan, [], cfg)
     known, n_known = known_facts(model, facts, plan, cfg, pre_ctx, progress=cfg.progress)
-    evaluated = frozenset(f.id for f, _, _ in known)
     check_generation_lengths(model, [f for f, _, _ in known], cfg.gen_tokens)
-    pre_ctx.deleted = evaluated
+    # one at a time: each attack leaves out only the fact it attacks (leave-one-out pools)
     owns_ray = None
     if workers is not None or ray_address is not None:
         from .shard import connect_ray
@@ -185,7 +184,7 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
                     address=ray_address, on_dispatch=on_dispatch, model=model, owns_ray=owns_ray)
         return write()
 
-    units_ctx = UnitContext(plan, cfg, facts, evaluated)
+    units_ctx = UnitContext(plan, cfg)
     result = None
     # Fact-major order, so a grid stopped early still covers every defense (on fewer facts).
     for fact, read, lens_out in tqdm(known, desc="facts (all defenses)", disable=not cfg.progress):
@@ -204,22 +203,23 @@ def run_grid(model, facts: Sequence[Fact], out: str | Path, cfg: GridConfig, *, 
 
 class UnitContext:
     """What one (fact, defense) unit of the grid needs besides the model: the plan (after the
-    known-fact filter), the settings, every fact of the file and the ids of the evaluated facts.
+    known-fact filter) and the settings.
     The serial loop and every Ray worker (:mod:`.shard`) run units through :meth:`unit`, so a unit's
     result does not depend on where it runs."""
 
-    def __init__(self, plan: Plan, cfg: GridConfig, facts: Sequence[Fact], evaluated: frozenset):
-        self.plan, self.cfg, self.facts, self.evaluated = plan, cfg, list(facts), evaluated
-        self.by_id = {f.id: f for f in self.facts}
+    def __init__(self, plan: Plan, cfg: GridConfig):
+        self.plan, self.cfg = plan, cfg
+        self.by_id = plan.by_id
 
     def unit(self, model, fact: Fact, pre: PreMeasure, defense: str) -> FactResult:
         """Delete ``fact`` with ``defense`` from a fresh copy of ``model`` and measure every attack
         and score (:func:`~.deletion.measure_deletion`); a failed edit comes back with ``error``."""
         cfg, plan = self.cfg, self.plan
         objective, _ = plan.defenses[defense]
-        retain = retain_prompts(fact, self.facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
-        return measure_deletion(model, [fact], [pre], defense, plan, objective.request(fact, self.facts, retain), cfg,
-                                ctx_for=lambda: attack_context(plan, self.evaluated, cfg), by_id=self.by_id)[0]
+        request, pools = plan.request_for(objective, fact, cfg)
+        return measure_deletion(model, [fact], [pre], defense, plan, request, cfg,
+                                ctx_for=lambda: attack_context(plan, [fact.id], cfg), by_id=self.by_id,
+                                pools=pools)[0]
 
 
 def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units: list[FactResult], cfg: GridConfig,
@@ -241,7 +241,7 @@ def _write_grid(out: Path, model, plan: Plan, pre: dict[str, PreMeasure], units:
         complete=all((d, f) in done for d in defenses for f in pre) and len(pre) == n_facts_planned,
         mean_edit_seconds=round(sum(edit_s) / len(edit_s), 2) if edit_s else None,
         seconds_this_session=round(time.time() - t0, 1), seed=cfg.seed, image_examples=examples or None,
-        calibration=calibration_meta(cfg, plan))
+        calibration=calibration_meta(cfg, plan), pools=pool_summary(ok))
     if any(p.text_readout is not None for p in pre.values()):
         res.per_layer_text = per_layer({k: p.text_readout for k, p in pre.items()},
                                        [(u.defense, u.modal.text_post if u.modal else None) for u in ok],

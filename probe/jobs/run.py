@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from attacks import evaluate_attacks, summarize
 from defenses import DeletionRequest
-from defenses.retain import pool_for, retain_prompts
+from defenses.retain import pool_for
 from viz.layers import causal_trace_figure
 from viz.report import write_report
 
@@ -38,6 +38,7 @@ from .config import RunConfig
 from .deletion import (Plan, attack_context, build_plan, check_generation_lengths, choose_job_controls, evenly_spaced,
                        image_examples, known_facts, measure_deletion, measure_pre, text_readouts)
 from ..jsonl import JsonlLog, read_jsonl
+from ..pool import draw, extra_facts, pool_summary
 from .output import check_output, say_resumed
 
 PER_FACT = "per_fact.jsonl"
@@ -136,8 +137,11 @@ def run_attack(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *,
     facts = attach_images(model, facts)
     plan = build_plan(model, cfg.attacks, [], cfg)
     plan.pool = list(facts)
+    plan.extra = extra_facts(plan.pool)  # the model may have had every fact deleted: attackers train on none
     facts = evenly_spaced(list(facts), cfg.max_facts) if cfg.max_facts else list(facts)
     check_lengths(model, facts)
+    for a in plan.attacks:
+        a.check_facts(model, facts)
     choose_job_controls(model, plan, facts, None, cfg)
     stamp = _stamp(model, facts_label, cfg, "attack")
     check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",),
@@ -191,7 +195,7 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
         raise InputError(f"unknown protocol {cfg.protocol!r}; use one-at-a-time or all-at-once", field="protocol")
     facts = list(attach_images(model, facts))
     plan = build_plan(model, cfg.attacks, [cfg.defense], cfg, protocol=cfg.protocol)
-    plan.pool = facts
+    plan.pool, plan.extra = facts, extra_facts(facts)
     check_lengths(model, facts)
     stamp = _stamp(model, facts_label, cfg, "run")
     check_output(out, "run", stamp, resume, stamp_file=RUN_STAMP, ignore=("started",),
@@ -203,7 +207,11 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
                                  desc="known-fact filter")
     evaluated = [f.id for f, _, _ in known]
     check_generation_lengths(model, [f for f, _, _ in known], cfg.gen_tokens)
-    pre_ctx.deleted = frozenset(evaluated)  # the unedited model's scratch space, shared by every fact
+    # The unedited model's scratch space, shared by every fact. One at a time, a fact's attackers may
+    # train on every other fact of the file (leave-one-out: each attack leaves out the fact it
+    # attacks); all at once, never on a fact the edit deletes.
+    one = cfg.protocol == "one-at-a-time"
+    pre_ctx.deleted = frozenset() if one else frozenset(evaluated)
     embed_std = causal_setup(model, [f for f, _, _ in known], cfg.causal_traces)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / RUN_STAMP, json.dumps(stamp, indent=2))
@@ -219,25 +227,24 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             causal_log.append(trace_fact(model, edited, fact, embed_std, seed=cfg.seed))
             n_traced[0] += 1
 
-    def ctx_post():
-        return attack_context(plan, evaluated, cfg)
+    def ctx_post(fact=None):
+        return attack_context(plan, [fact.id] if fact is not None else evaluated, cfg)
 
     objective, _ = plan.defenses[cfg.defense]
-    if cfg.protocol == "one-at-a-time":
-
+    if one:
         for fact, read, lens_out in tqdm(todo, desc=f"{cfg.defense} (per fact)", disable=not cfg.progress):
             check_interrupt()
             pre = measure_pre(model, fact, read, lens_out, plan, pre_ctx, cfg)
-            retain = retain_prompts(fact, facts, cfg.retain_size, sim_frac=cfg.retain_similar, seed=cfg.seed)
-            res = measure_deletion(model, [fact], [pre], cfg.defense, plan, objective.request(fact, facts, retain),
-                                   cfg, ctx_for=ctx_post, during_edit=trace)[0]
+            request, pools = plan.request_for(objective, fact, cfg)
+            res = measure_deletion(model, [fact], [pre], cfg.defense, plan, request, cfg,
+                                   ctx_for=lambda: ctx_post(fact), during_edit=trace, pools=pools)[0]
             if res.error:
                 tqdm.write(f"probe-attack: fact {fact.id}: {res.error}; recorded as failed")
             log.append(res.to_json())
     elif todo:
         pres = [measure_pre(model, f, r, lo, plan, pre_ctx, cfg) for f, r, lo in todo]
         req_facts = [f for f, _, _ in todo]
-        request = all_at_once_request(objective, req_facts, facts, set(evaluated), cfg)
+        request = all_at_once_request(objective, req_facts, plan, set(evaluated), cfg)
         log.append(*[r.to_json() for r in measure_deletion(model, req_facts, pres, cfg.defense, plan, request, cfg,
                                                           ctx_for=ctx_post, during_edit=trace)])
 
@@ -251,21 +258,26 @@ def run_main(model, facts: Sequence[Fact], out: str | Path, cfg: RunConfig, *, f
             "known_filter": {"rule": cfg.known, "max_rank": cfg.known_rank, "n_known": n_known, "n_used": len(known),
                              "n_never_known": len(plan.unknown)},
             "controls": control_label(plan.controls), "seed": cfg.seed,
-            "calibration": calibration_meta(cfg, plan),
+            "calibration": calibration_meta(cfg, plan), "pools": pool_summary(ordered),
             "seconds": round(time.time() - t0, 1), "files": {"per_fact": PER_FACT, "report": REPORT},
             "image_examples": image_examples([f for f, _, _ in known])}
     return finish(summarize_run(model, ordered, plan, defense, meta), out)
 
 
-def all_at_once_request(objective, req_facts: Sequence[Fact], facts: Sequence[Fact], evaluated: set[str], cfg):
+def all_at_once_request(objective, req_facts: Sequence[Fact], plan: Plan, evaluated: set[str], cfg):
     """One :class:`~defenses.base.DeletionRequest` deleting every fact of ``req_facts`` in one edit;
     retain prompts: ``retain_size`` prompts of facts that are not evaluated and leak none of the
-    deleted facts (:meth:`defenses.retain.RetainPool.leak_free_all`), drawn with the run's seed."""
+    deleted facts (:meth:`defenses.retain.RetainPool.leak_free_all`), drawn with the run's seed
+    from the file's facts, topped up from the built-in facts (``plan.extra``) when the file has
+    too few; targets from each fact's pool (:meth:`~.deletion.Plan.target_pool`)."""
 
+    rng = random.Random(cfg.seed)
+    facts = [*plan.pool, *plan.extra]
     free = set(pool_for(facts).leak_free_all(req_facts))
-    pool = sorted({g.prompt for g in facts if g.id not in evaluated} & free)
-    retain = random.Random(cfg.seed).sample(pool, min(cfg.retain_size, len(pool)))
-    reqs = [objective.request(f, facts, []) for f in req_facts]
+    file_p = sorted({g.prompt for g in plan.pool if g.id not in evaluated} & free)
+    extra_p = sorted({g.prompt for g in plan.extra} & free - set(file_p))
+    retain, _ = draw(file_p, extra_p, cfg.retain_size, rng)
+    reqs = [objective.request(f, plan.target_pool(f)[0], []) for f in req_facts]
     return DeletionRequest(
         [p for r in reqs for p in r.prompts], [a for r in reqs for a in r.answers], retain,
         targets=[t for r in reqs for t in r.targets] if reqs[0].targets is not None else None,

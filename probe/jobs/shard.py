@@ -168,7 +168,7 @@ def run_sharded(model_factory: Callable[[], Any] | None, plan: Plan, cfg, facts:
         n = workers or max(1, int(res.get("GPU", 0) if cuda else res.get("CPU", 1)))
         actor_cls = ray.remote(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=0)(GridWorker)
         # shipped once to the object store; Ray hands each new worker the stored copies
-        refs = [ray.put(x) for x in (model_factory, UnitContext(plan, cfg, facts, pre_ctx.deleted), pre_ctx)]
+        refs = [ray.put(x) for x in (model_factory, UnitContext(plan, cfg), pre_ctx)]
 
         def spawn():
             return actor_cls.remote(*refs, 1)

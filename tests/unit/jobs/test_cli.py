@@ -489,13 +489,19 @@ def test_retention_and_generation_scores_reach_results_tables_and_reports(cli, f
     assert rc == 0, err
     d = strict_json((out_dir / "results.json").read_text())["defense"]
     recs = read_jsonl(out_dir / "per_fact.jsonl")
-    # every fact is known at --known-rank 1000: each edit is scored on the 4 other facts
-    assert d["retention_n"] == 4 and all(r["scores"]["retention_n"] == 4 for r in recs)
+    # every fact is known at --known-rank 1000: each edit is scored on the 4 other facts, topped up
+    # (fewer than 50) with the built-in facts not in the file (all known here; probe.pool)
+    from probe.pool import extra_facts
+
+    n_ret = 4 + len(extra_facts(probe.facts.load_jsonl(facts_file)))
+    assert n_ret == 4 + 198  # "The capital of France is Paris" is a built-in fact too
+    assert d["retention_n"] == n_ret and all(r["scores"]["retention_n"] == n_ret for r in recs)
     assert d["retention_drop"] == pytest.approx(d["retention_acc_pre"] - d["retention_acc_post"])
     assert d["retention_drop"] == pytest.approx(sum(r["scores"]["retention_drop"] for r in recs) / 2)
     assert d["generation_acc_pre"] in (0.0, 0.5, 1.0) and json.loads((out_dir / "run.json").read_text())["gen_tokens"] == 3
     line = next(x for x in out.splitlines() if x.strip().startswith("retention_drop"))
-    assert line.split()[1] == f"{d['retention_drop']:.3f}" and "on 4 other known facts" in line
+    assert line.split()[1] == f"{d['retention_drop']:.3f}" and f"on {n_ret} other known facts" in line
+    assert "pools topped up with the built-in facts" in out and "retention 2" in out
     assert "retention_drop" in (out_dir / "report.html").read_text()
 
     grid_dir = tmp_path / "grid"
@@ -504,7 +510,7 @@ def test_retention_and_generation_scores_reach_results_tables_and_reports(cli, f
                        *RUN_FAST)
     assert rc == 0, err
     cell = strict_json((grid_dir / "grid.json").read_text())["cells"][0]
-    assert cell["retention_n"] == 4 and cell["generation_efficacy"] is None and cell["generation_acc_pre"] is None
+    assert cell["retention_n"] == n_ret and cell["generation_efficacy"] is None and cell["generation_acc_pre"] is None
     head = next(x for x in out.splitlines() if x.startswith("defense ") and "rewrite" in x)
     assert head.split() == ["defense", "rewrite", "gen", "paraphr", "genPara", "neighb", "nΔAcc", "rΔAcc", "retΔ",
                             "target", "failed"]
@@ -793,9 +799,11 @@ def test_run_report_shows_tuned_lens_probe_and_causal_traces(cli, model_dir, tmp
     assert rc == 0, err
     res = strict_json((out_dir / "results.json").read_text())
     assert res["attacks"]["tuned-lens"]["budget"] == 8
-    # the probe trains on the 2 facts not deleted: no answer has 2 training examples -> both skipped, counted
+    # the probe trains on the file's 3 other facts (leave-one-out), topped up with the built-in facts
+    # (fewer than 32): "Paris" then has 2 training examples (f3 and the built-in France fact) and is
+    # scored; "Tokyo" (f1) has one and is skipped, counted
     lp = res["attacks"]["linear-probe"]
-    assert (lp["n_facts"], lp["n_skipped"], lp["control"]) == (0, 2, None)
+    assert (lp["n_facts"], lp["n_skipped"], lp["control"]) == (1, 1, "relation prior")
     rec = read_jsonl(out_dir / "per_fact.jsonl")[0]
     assert len(rec["outcomes"]["tuned-lens"]["post"]["layer_ranks"]) == 2
     traces = read_jsonl(out_dir / "causal_traces.jsonl")
@@ -1020,7 +1028,7 @@ def test_grid_cli_unreachable_ray_cluster_is_one_line(cli, facts_file, tmp_path,
 
     monkeypatch.setattr(ray, "init", unreachable)
     rc, out, err = cli("grid", "--facts", str(facts_file), "--out", str(tmp_path / "g"), "--ray-address",
-                       "10.0.0.1:6379", "--max-facts", "1", *RUN_FAST)
+                       "10.0.0.1:6379", "--max-facts", "1", "--attacks", "head-projection", *RUN_FAST)
     assert rc == 2 and err.strip() == ("probe-attack: error: --ray-address 10.0.0.1:6379: Ray could not start or "
                                        "connect (ConnectionError: Could not find any running Ray instance. Please "
                                        "specify the one to connect to.)")

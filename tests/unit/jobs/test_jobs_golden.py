@@ -10,7 +10,8 @@ The error-injection target of a fact without ``alt_answer`` used to share its ra
 the retain-prompt draw (``"{seed}:{fact_id}"``); it now has its own (:mod:`probe.seeds`), so the
 comparison runs with the old key for that one draw. Issue 12 made the retain prompts leak-free
 (:mod:`defenses.retain`), a change of the loop's *input*; the comparison runs with the selection
-the golden file was written with.
+the golden file was written with. Issue 17 changed the linear probe's training pool
+(leave-one-out), so its cells are compared between run and grid only, like relearning's.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ FACTS = [
 ATTACKS = ["head-projection", "probability-delta", "pd2", "question-rephrase", "relearning", "linear-probe"]
 DEFENSES = ["fact-erasure", "error-injection", "head-projection", "empty-response"]
 #: attacks rebuilt since the golden file was written (issue 11 item 6: relearning is LoRA on every
-#: layer's MLP), so their cells are not compared with it; run and grid must still agree on them
-REBUILT = {"relearning"}
+#: layer's MLP; issue 17: one fact at a time, the linear probe trains on every other fact of the
+#: file, leave-one-out, where it used to leave out every evaluated fact), so their cells are not
+#: compared with it; run and grid must still agree on them
+REBUILT = {"relearning", "linear-probe"}
 # the code before skipped no fact whose answer is in the attack's input ("fr": "Paris is the capital of")
 COMMON = dict(attacks=ATTACKS,
               attack_config={"question-rephrase": {"max_new_tokens": 4, "skip_answer_in_input": False}},
@@ -86,15 +89,15 @@ def legacy_retain_prompts(fact, facts, size, *, sim_frac=0.5, seed=0):
 def jobs(tiny_tokenizer, tmp_path_factory):
     import defenses.editor
     from probe import seeds
-    from probe.jobs import grid as grid_mod, run as run_mod
+    from probe.jobs import deletion as deletion_mod
 
     model = taught_tiny_llama(tiny_tokenizer)
     out = tmp_path_factory.mktemp("jobs")
     legacy = dict(seeds._LEGACY_KEYS)
     seeds._LEGACY_KEYS[seeds.ERROR_TARGET] = "{seed}:{fact_id}"  # the draw before it got its own stream
     mp = pytest.MonkeyPatch()
-    for mod in (grid_mod, run_mod):  # the golden numbers' retain prompts (inputs of the loop, not the loop)
-        mp.setattr(mod, "retain_prompts", legacy_retain_prompts)
+    # the golden numbers' retain prompts (inputs of the loop, not the loop)
+    mp.setattr(deletion_mod, "retain_prompts", legacy_retain_prompts)
     # the golden edits predate stable updates (issue 12 item 2): with lr 5e-2 two of them have a
     # retain KL of 2.3-2.4 nats, which the loop now rejects; an infinite cap accepts every finite
     # update, i.e. the loop as it was (its extra measuring pass changes no weight)
