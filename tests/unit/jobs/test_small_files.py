@@ -205,28 +205,58 @@ def test_an_attack_prompt_too_long_for_the_context_is_refused_up_front(cli, tmp_
     assert not out.exists() and stdout == ""
 
 
-@pytest.mark.parametrize("n", [1, 2])
-def test_image_attacks_run_on_a_file_of_n_image_facts(tiny_vlm, tmp_path_factory, tmp_path, n):
-    """Image facts: the image attacks, the probe and relearning on 1 and 2 flag facts (the probe's
-    top-up is text facts, never used for an image fact: skipped and counted)."""
+@pytest.fixture(scope="module")
+def flags30(tmp_path_factory):
+    """30 built-in flag image facts (capital relation), rendered small, as loaded from disk."""
     from probe.facts import load_facts
-    from probe.jobs import RunConfig, run_main
+    from probe.vlm.flags import COUNTRIES
     from probe.vlm.image_facts import write_builtin_image_facts
 
-    path = write_builtin_image_facts(tmp_path_factory.mktemp("flags") / "set", countries=["France", "Japan"],
-                                     relations=("capital",), n_per_strength=1, n_neighborhood_images=1)
-    facts = load_facts(str(path))[:n]
+    path = write_builtin_image_facts(tmp_path_factory.mktemp("flags") / "set", countries=[c.name for c in COUNTRIES[:30]],
+                                     relations=("capital",), n_per_strength=1, n_neighborhood_images=1, size=32)
+    return load_facts(str(path))
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 30])
+def test_image_attacks_and_every_defense_run_on_a_file_of_n_image_facts(tiny_vlm, flags30, tmp_path, n):
+    """Image facts: the image attacks, the probe and relearning x every defense on files of 1, 2, 5
+    and 30 flag facts (of the 30, three are deleted, to keep the test short; the pools are the
+    whole file's). The probe's top-up is text facts, never used for an image fact."""
+    from probe.jobs import GridConfig, run_grid
+
     attacks = ["head-projection", "image-rephrase", "multimodal-rephrase", "linear-probe", "relearning"]
-    cfg = RunConfig(attacks=attacks, known_rank=10**6, progress=False, acc_tokens=2, gen_tokens=2,
-                    editor_config={"steps": 2},
-                    attack_config={"image-rephrase": {"max_new_tokens": 2}, "multimodal-rephrase": {"max_new_tokens": 2},
-                                   "relearning": {"epochs": 1}})
-    res = run_main(tiny_vlm, facts, tmp_path / "run", cfg, facts_label="flags")
-    assert res.n_facts == n and res.defense["n_failed"] == 0
-    for a in attacks:
-        s = res.attacks[a]
-        assert s.n_facts + s.n_skipped == n, a
-    assert res.attacks["image-rephrase"].n_skipped == 0 and res.attacks["relearning"].n_skipped == 0
-    lp = [f.outcomes["linear-probe"]["post"] for f in res.facts]
-    assert all(o.skipped == "answer has < 2 training examples" and o.details["pool"]["source"] == FILE for o in lp)
-    assert all(f.pools["control"]["source"] == (TOPPED_UP if n == 1 else FILE) for f in res.facts)
+    # of a file of 30, three facts are deleted (evenly spaced); the pools are the 30-fact file's
+    cfg = GridConfig(defenses=DEFENSES, attacks=attacks, known_rank=10**6, progress=False, acc_tokens=2,
+                     max_facts=3 if n == 30 else None,
+                     gen_tokens=2, editor_config={"steps": 2},
+                     attack_config={"image-rephrase": {"max_new_tokens": 2}, "multimodal-rephrase": {"max_new_tokens": 2},
+                                    "relearning": {"epochs": 1}})
+    grid = run_grid(tiny_vlm, flags30[:n], tmp_path / "grid", cfg, facts_label="flags").to_dict()
+    k = min(n, 3) if n == 30 else n
+    assert grid["complete"] and grid["n_facts"] == k
+    units = units_of(tmp_path / "grid")
+    assert len(units) == k * len(DEFENSES) and not [u["error"] for u in units if u["error"]]
+    for c in grid["cells"]:
+        assert c["n_facts"] + c["n_skipped"] == k, c
+    assert all(not u["outcomes"][a]["post"]["skipped"] for u in units for a in ("image-rephrase", "relearning"))
+    lp = [u["outcomes"]["linear-probe"]["post"] for u in units]
+    assert all(o["details"]["pool"]["source"] == FILE for o in lp)  # image facts: no text top-up
+    if n < 5:  # each capital once: no answer has 2 training examples
+        assert all(o["skipped"] == "answer has < 2 training examples" for o in lp)
+    assert all(u["pools"]["control"]["source"] == (TOPPED_UP if n == 1 else FILE) for u in units)
+
+
+@pytest.mark.parametrize("editor", ["lora", "rome"])
+def test_the_other_editors_delete_the_only_fact_of_a_file(cli, tmp_path, editor):
+    """LoRA and ROME on a file of one fact: their retain prompts and the error-injection target come
+    from the built-in facts; the edit runs and is scored."""
+    path = write_facts(tmp_path / "one.jsonl", user_facts(1))
+    out = tmp_path / "run"
+    i = FAST.index("--steps")
+    fast = FAST[:i] + FAST[i + 2:] if editor == "rome" else FAST  # ROME has v* steps, no --steps
+    rc, _, err = cli("run", "--facts", str(path), "--out", str(out), "--attacks", "head-projection,relearning",
+                     "--defense", "error-injection", "--editor", editor, *fast)
+    assert rc == 0, err
+    fact = json.loads((out / "per_fact.jsonl").read_text().splitlines()[0])
+    assert fact["error"] is None and fact["edit"]["max_abs_change"] > 0
+    assert fact["pools"]["retain"] == {"source": TOPPED_UP, "size": 4} and fact["pools"]["target"]["source"] == TOPPED_UP
