@@ -67,7 +67,7 @@ import numpy as np
 
 from probe.layers import resolve_layers, spread_layers
 from probe.matching import answer_matches
-from probe.pool import FILE, PROBE_MIN, TOPPED_UP, PoolUse
+from probe.pool import PROBE_MIN, PoolUse, top_up
 from probe.probes import ANY_RELATION, LayerProbes, evenly_capped, fact_relations, prior_order, train_probes
 
 from .base import Attack, AttackContext, AttackOutcome, register
@@ -154,11 +154,8 @@ class LinearProbeAttack(Attack):
                              self.max_train)
         text = not any(getattr(f, "has_image", False) for f in [*pool, *attacked])
         extra = [g for g in ctx.extra if text and (relation == ANY_RELATION or g.relation == relation)]
-        if len(pool) >= PROBE_MIN or not extra:
-            return pool, PoolUse(FILE, len(pool))
-        room = None if self.max_train is None else self.max_train - len(pool)
-        pool = pool + (evenly_capped(extra, room) if room is None or room > 0 else [])
-        return pool, PoolUse(TOPPED_UP, len(pool))
+        room = None if self.max_train is None else max(0, self.max_train - len(pool))
+        return top_up(pool, evenly_capped(extra, room) if room != 0 else [], PROBE_MIN)
 
     def _hidden(self, model, facts: Sequence[Any], layers: list[int], ctx: AttackContext) -> np.ndarray:
         """Residual streams ``[n, len(layers), d_model]`` of ``facts`` on ``model``, read once per

@@ -76,17 +76,12 @@ class Plan:
         """Fact id -> fact, over the pool and its top-up."""
         return {f.id: f for f in [*self.pool, *self.extra]}
 
-    def others(self, fact: Fact, need: int, keep: Callable[[Fact], bool] = lambda g: True) -> tuple[list[Fact], PoolUse]:
-        """The pool of ``fact`` for one use (:func:`probe.pool.top_up`): every other fact of the file
-        that ``keep`` accepts, then the ``extra`` facts it accepts when those are fewer than ``need``."""
-        return top_up([g for g in self.pool if g.id != fact.id and keep(g)],
-                      [g for g in self.extra if keep(g)], need)
-
     def target_pool(self, fact: Fact) -> tuple[list[Fact], PoolUse]:
         """The facts whose answers an error-injection target of ``fact`` is drawn from: the file's
         other facts with another answer, topped up with the built-in ones when there is none."""
         own = fact.answer.strip().lower()
-        return self.others(fact, 1, lambda g: g.answer.strip().lower() != own)
+        return top_up([g for g in self.pool if g.id != fact.id and g.answer.strip().lower() != own],
+                      [g for g in self.extra if g.answer.strip().lower() != own], 1)
 
     def retain_for(self, fact: Fact, cfg) -> tuple[list[str], PoolUse]:
         """Leak-free retain prompts of ``fact`` (:func:`defenses.retain.retain_prompts`): from the
